@@ -1,0 +1,144 @@
+"""``train(cfg)``: build everything from config, fit, test with the best checkpoint, save.
+
+A plain function (no ``@hydra.main``) so tests and sweeps can call it with any composed config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from ae_lightning.config import validate_config
+from ae_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# `${ae_pid:}` in run folder names keeps runs that start in the same second apart.
+OmegaConf.register_new_resolver("ae_pid", lambda: str(os.getpid()), use_cache=True, replace=True)
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate each ``_target_`` entry of a name -> config mapping (None entries skipped)."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def flat_hyperparameters(cfg: DictConfig) -> dict[str, Any]:
+    """The knobs worth comparing across runs, flattened for TensorBoard's HParams tab."""
+    model = cfg.model
+    optimizer = model.get("optimizer") or {}
+    return {
+        "model": str(model.get("_target_", "")).rsplit(".", 1)[-1],
+        "hidden": str(list(model.get("hidden") or [])),
+        "bottleneck": int(cfg.bottleneck),
+        "activation": str(model.get("activation")),
+        "lr": float(optimizer.get("lr", float("nan"))),
+        "weight_decay": float(optimizer.get("weight_decay") or 0.0),
+        "batch_size": int(cfg.data.batch_size),
+        "max_epochs": int(cfg.trainer.max_epochs),
+        "seed": int(cfg.seed),
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically: a reader never sees half a file, a crash never leaves one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]) -> pl.Trainer:
+    """The Trainer from ``cfg.trainer``, showing a progress bar only if one was configured."""
+    has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_progress_bar=has_bar
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one autoencoder as ``cfg`` says; return the metrics in ``metrics.json``."""
+    validate_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"The run folder {run_dir} cannot be created ({err.strerror}): point the logs "
+            "elsewhere with AE_LOGS_DIR=/writable/folder or hydra.run.dir=/writable/folder."
+        ) from None
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # fails fast, before any model is built, if MNIST is missing
+    model = instantiate(cfg.model, _convert_="all")
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer = build_trainer(cfg, callbacks, loggers)
+    log.info("Run folder: %s", run_dir.resolve())
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_time = time.perf_counter() - start
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    test_ckpt = None  # without a checkpoint callback: test the weights in memory
+    if checkpoint is not None:
+        wanted = (
+            checkpoint.best_model_path if cfg.test_ckpt == "best" else checkpoint.last_model_path
+        )
+        test_ckpt = wanted or None
+    (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+
+    metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        metrics["best_val/mse"] = float(checkpoint.best_model_score)
+    metrics.update(
+        epochs=trainer.current_epoch,
+        global_step=trainer.global_step,
+        train_time_s=round(train_time, 3),
+        num_parameters=model.num_parameters,
+        bottleneck=model.bottleneck,
+        test_checkpoint=str(test_ckpt or "in-memory"),
+    )
+    write_json(run_dir / "metrics.json", metrics)
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):  # HParams tab: knobs beside final metrics
+            logger.log_hyperparams(flat_hyperparameters(cfg), metrics=numeric)
+        else:
+            logger.log_hyperparams(flat_hyperparameters(cfg))
+        logger.save()
+    log.info("Test metrics: %s", {k: v for k, v in metrics.items() if k.startswith("test/")})
+    return metrics
+
+
+def run_cli(cfg: DictConfig) -> float:
+    """Entry-point body: train, print the result; bad input exits 2 with one sentence."""
+    try:
+        metrics = train(cfg)
+    except UserError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(
+        "test/mse {:.5f}  ({} epochs, {:.1f} s)  -> {}".format(
+            metrics["test/mse"], metrics["epochs"], metrics["train_time_s"], cfg.run_dir
+        ),
+        flush=True,
+    )
+    return metrics.get("best_val/mse", metrics["test/mse"])

@@ -1,0 +1,83 @@
+"""`python train.py ...` as users type it, in a subprocess."""
+
+import json
+import re
+
+from conftest import run_train_cli, tiny_overrides
+
+
+def only_child(folder):
+    (child,) = [p for p in folder.iterdir() if p.is_dir()]
+    return child
+
+
+def assert_run_contract(run_dir):
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_documented_command_on_real_mnist(mnist_root, tmp_path):
+    """`python train.py model=hidden1024 bottleneck=10`, cut to 300 batches."""
+    result = run_train_cli(
+        [
+            "model=hidden1024",
+            "bottleneck=10",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=300",
+            f"data.root={mnist_root}",
+        ],
+        logs=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_child(tmp_path / "runs")
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d+_.*bottleneck=10.*model=hidden1024.*", run_dir.name
+    )
+    metrics = assert_run_contract(run_dir)
+    assert metrics["test/mse"] < 0.0675  # better than predicting the mean image
+    assert f"test/mse {metrics['test/mse']:.5f}" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_multirun_leaves_one_folder_per_job(tiny_root, tmp_path):
+    result = run_train_cli(["-m", "bottleneck=2,3", *tiny_overrides(tiny_root)], logs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = only_child(tmp_path / "multiruns")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1"]
+    assert [assert_run_contract(j)["bottleneck"] for j in jobs] == [2, 3]
+
+
+def test_two_runs_started_together_get_their_own_folders(tiny_root, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import PROJECT
+
+    args = [
+        sys.executable,
+        str(PROJECT / "train.py"),
+        *tiny_overrides(tiny_root),
+        "logger=none",
+        "callbacks=none",
+    ]
+    env = {"AE_LOGS_DIR": str(tmp_path)}
+    import os
+
+    procs = [
+        subprocess.Popen(
+            args,
+            env={**os.environ, **env},
+            cwd=PROJECT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "metrics.json").is_file() for r in runs)

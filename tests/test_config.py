@@ -1,0 +1,53 @@
+"""Every option of every config group composes, validates and instantiates."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from pytorch_lightning import Trainer
+
+from ae_lightning.config import validate_config
+from ae_lightning.data import MNISTDataModule
+from ae_lightning.module import Autoencoder
+from ae_lightning.train import _instantiate_group
+from conftest import CONF, compose_cfg
+
+GROUPS = ["model", "data", "trainer", "callbacks", "logger", "experiment"]
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_instantiates(group, option, tmp_path):
+    cfg = compose_cfg([f"{group}={option}"], run_dir=tmp_path)
+    validate_config(cfg)
+    assert isinstance(instantiate(cfg.data), MNISTDataModule)
+    model = instantiate(cfg.model, _convert_="all")
+    assert isinstance(model, Autoencoder) and model.bottleneck == cfg.bottleneck
+    trainer_cfg = cfg.trainer
+    if trainer_cfg.accelerator == "gpu" and not torch.cuda.is_available():
+        trainer_cfg = compose_cfg(
+            [f"{group}={option}", "trainer.accelerator=cpu"], tmp_path
+        ).trainer
+    assert isinstance(instantiate(trainer_cfg, logger=False), Trainer)
+    _instantiate_group(cfg.callbacks)
+    _instantiate_group(cfg.logger)
+
+
+def test_the_documented_command_line_composes_as_written(tmp_path):
+    cfg = compose_cfg(["model=hidden1024", "bottleneck=10"], run_dir=tmp_path)
+    model = instantiate(cfg.model, _convert_="all")
+    assert model.bottleneck == 10 and model.hparams["hidden"] == [1024]
+    assert model.encode.__self__.encoder.to_latent[0].out_features == 1024
+
+
+def test_hidden_sizes_from_the_command_line(tmp_path):
+    cfg = compose_cfg(["model=deep", "model.hidden=[256,64]", "bottleneck=5"], run_dir=tmp_path)
+    model = instantiate(cfg.model, _convert_="all")
+    assert model.hparams["hidden"] == [256, 64] and model.bottleneck == 5
+
+
+def test_optimizer_is_a_partial_completed_by_the_module(tmp_path):
+    cfg = compose_cfg(
+        ["model.optimizer.lr=0.01", "model.optimizer.weight_decay=0"], run_dir=tmp_path
+    )
+    optimizer = instantiate(cfg.model, _convert_="all").configure_optimizers()
+    assert optimizer.defaults["lr"] == 0.01 and optimizer.defaults["weight_decay"] == 0

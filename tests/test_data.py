@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from ae_lightning.data import EpochPermutation, MNISTDataModule, MNISTNotFoundError, load_mnist
+from conftest import TINY_TEST, TINY_TRAIN
+
+
+def test_tiny_idx_files_load_through_torchvision(tiny_root):
+    images, labels = load_mnist(tiny_root, train=True, download=False)
+    assert images.shape == (TINY_TRAIN, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (TINY_TRAIN,) and set(labels.tolist()) <= set(range(10))
+    test_images, _ = load_mnist(tiny_root, train=False, download=False)
+    assert test_images.shape == (TINY_TEST, 28, 28)
+
+
+def test_split_is_seeded_disjoint_and_keeps_the_official_test_set(tiny_root):
+    dm = MNISTDataModule(root=str(tiny_root), val_size=100, batch_size=32, download=False)
+    dm.setup()
+    train, val = dm.split("train")[0], dm.split("val")[0]
+    assert len(train) == TINY_TRAIN - 100 and len(val) == 100
+    assert len(dm.split("test")[0]) == TINY_TEST
+    again = MNISTDataModule(root=str(tiny_root), val_size=100, seed=123, download=False)
+    torch.testing.assert_close(again.split("val")[0], val)  # `seed` does not move the split
+    flat = lambda t: {bytes(row.numpy()) for row in t.flatten(1)}  # noqa: E731
+    assert not flat(train) & flat(val)
+
+
+def test_batches_cover_an_epoch_and_become_unit_floats(tiny_root):
+    dm = MNISTDataModule(root=str(tiny_root), val_size=100, batch_size=64, download=False)
+    dm.setup()
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == 8  # 500 = 7 x 64 + 52, last partial batch kept
+    assert batches[-1][0].shape == (500 - 7 * 64, 28, 28)
+    assert sum(len(b[1]) for b in batches) == 500
+    x, y = dm.on_after_batch_transfer(batches[0], 0)
+    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0 and y.dtype == torch.int64
+    dm.drop_last = True
+    assert len(dm.train_dataloader()) == 7
+
+
+def test_each_epoch_has_its_own_reproducible_order():
+    sampler = EpochPermutation(100, seed=7, shuffle=True)
+    first = sampler.indices(torch.device("cpu")).clone()
+    sampler.set_epoch(1)
+    second = sampler.indices(torch.device("cpu"))
+    assert sorted(first.tolist()) == list(range(100)) and not torch.equal(first, second)
+    sampler.set_epoch(0)
+    assert torch.equal(sampler.indices(torch.device("cpu")), first)
+
+
+def test_ranks_get_disjoint_equal_shards_of_each_epoch():
+    shards = [EpochPermutation(103, seed=1, shuffle=True, rank=r, world_size=2) for r in (0, 1)]
+    for shard in shards:
+        shard.set_epoch(3)
+    a, b = (set(s.indices(torch.device("cpu")).tolist()) for s in shards)
+    assert len(a) == len(b) == 51 and not a & b
+
+
+def test_missing_data_offline_names_the_folder_and_the_fixes(tmp_path):
+    with pytest.raises(MNISTNotFoundError) as err:
+        load_mnist(tmp_path / "nowhere", train=True, download=False)
+    message = str(err.value)
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message
+    assert "data.root=" in message and "AE_DATA_ROOT" in message
+
+
+def test_real_mnist_loads_in_memory(mnist_root):
+    dm = MNISTDataModule(root=str(mnist_root), download=False)
+    dm.setup()
+    assert len(dm.split("train")[0]) == 55_000 and len(dm.split("val")[0]) == 5_000
+    test_images, test_labels = dm.split("test")
+    assert test_images.shape == (10_000, 28, 28) and test_images.dtype == torch.uint8
+    assert test_labels[:5].tolist() == [7, 2, 1, 0, 4]  # the official test set, in order

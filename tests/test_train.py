@@ -1,0 +1,62 @@
+"""End-to-end `train(cfg)` on tiny IDX data with the real Trainer and loggers."""
+
+import json
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ae_lightning.module import Autoencoder
+from ae_lightning.train import train
+from conftest import compose_cfg, tiny_overrides
+
+
+def test_train_writes_the_run_contract_and_returns_metrics(tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), "model=hidden1024", "bottleneck=3", "trainer.max_epochs=2"],
+        run_dir=run_dir,
+    )
+    metrics = train(cfg)
+
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert 0 < metrics["test/mse"] < 0.2 and metrics["epochs"] == 2 and metrics["bottleneck"] == 3
+    assert metrics["test_checkpoint"].endswith("best.ckpt")
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    best = run_dir / "checkpoints" / "best.ckpt"
+    restored = Autoencoder.load_from_checkpoint(best, map_location="cpu")
+    assert restored.bottleneck == 3 and restored.hparams["hidden"] == [1024]
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/mse", "val/mse", "test/mse"} <= set(scalars)
+    val = [e.value for e in events.Scalars("val/mse")]
+    assert len(val) == 2 and val[-1] < val[0]  # it learned something
+
+
+def test_training_is_reproducible_with_a_seed(tiny_root, tmp_path):
+    runs = [
+        train(
+            compose_cfg(
+                [*tiny_overrides(tiny_root), "seed=3", "logger=none", "callbacks=none"],
+                run_dir=tmp_path / name,
+            )
+        )
+        for name in ("a", "b")
+    ]
+    assert runs[0]["test/mse"] == runs[1]["test/mse"]
+
+
+def test_csv_logger_option(tiny_root, tmp_path):
+    train(compose_cfg([*tiny_overrides(tiny_root), "logger=csv"], run_dir=tmp_path))
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/mse" in header and "val/mse" in header
+
+
+def test_runs_on_the_gpu_when_there_is_one(tiny_root, tmp_path):
+    if not torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("no CUDA device here")
+    cfg = compose_cfg([*tiny_overrides(tiny_root), "trainer.accelerator=gpu"], run_dir=tmp_path)
+    assert train(cfg)["test/mse"] < 0.2

@@ -1,0 +1,20 @@
+"""Train one MLP autoencoder on MNIST: `python train.py model=hidden1024 bottleneck=10`."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("AE_PROJECT_DIR", str(Path(__file__).resolve().parent))  # data/ beside us
+
+from ae_lightning.train import run_cli  # noqa: E402  (registers the run-folder resolver)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    return run_cli(cfg)
+
+
+if __name__ == "__main__":
+    main()
