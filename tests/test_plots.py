@@ -1,0 +1,71 @@
+"""Each plot function returns a Figure with the expected axes and artists."""
+
+import numpy as np
+import torch
+from matplotlib.collections import PathCollection
+from matplotlib.figure import Figure
+
+from ae_lightning.plots import (
+    interpolation_figure,
+    manifold_figure,
+    reconstructions_figure,
+    render_rgb,
+    samples_figure,
+    scatter_figure,
+    tile,
+)
+
+IMAGES = torch.rand(64, 1, 28, 28)
+
+
+def images_on(ax):
+    return [a.get_array() for a in ax.get_images()]
+
+
+def test_scatter_has_ten_digit_groups_a_legend_and_equal_axes():
+    points, labels = torch.randn(300, 2), torch.arange(300) % 10
+    fig = scatter_figure(points, labels, "title", ("a", "b"))
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    ax = fig.axes[0]
+    groups = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert len(groups) == 10 and sum(len(c.get_offsets()) for c in groups) == 300
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [str(d) for d in range(10)]
+    assert ax.get_aspect() == 1.0 and ax.get_xlabel() == "a"
+
+
+def test_scatter_panels_side_by_side():
+    fig = scatter_figure(torch.randn(3, 100, 2), torch.arange(100) % 10, "t", ax_titles="xyz")
+    assert [ax.get_title() for ax in fig.axes] == ["x", "y", "z"]
+
+
+def test_reconstructions_are_two_8x8_grids_on_a_fixed_grey_scale():
+    fig = reconstructions_figure(IMAGES, IMAGES.flip(0), "t")
+    assert [ax.get_title() for ax in fig.axes] == ["test images", "reconstructions"]
+    for ax in fig.axes:
+        (array,) = images_on(ax)
+        assert array.shape == (8 * 30 + 2, 8 * 30 + 2)  # 8 tiles of 28 px + 2 px gutters
+        assert ax.get_images()[0].get_clim() == (0.0, 1.0)
+
+
+def test_interpolation_rows_are_labelled():
+    rows = [torch.rand(11, 1, 28, 28), torch.rand(11, 1, 28, 28)]
+    fig = interpolation_figure(rows, ["latent", "pixels"], "t")
+    assert [ax.get_ylabel() for ax in fig.axes] == ["latent", "pixels"]
+    assert images_on(fig.axes[0])[0].shape[1] == 11 * 30 + 2
+
+
+def test_samples_grid_and_manifold_axes():
+    assert len(samples_figure(IMAGES, "t").axes) == 1
+    xs, ys = torch.linspace(-2, 2, 4), torch.linspace(3, -3, 4)
+    fig = manifold_figure(torch.rand(16, 1, 28, 28), xs, ys, "t")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "z[0]" and ax.get_ylabel() == "z[1]"
+    assert [t.get_text() for t in ax.get_yticklabels()][0] == "3"
+
+
+def test_tiles_keep_pixel_values_and_render_to_rgb():
+    white = torch.ones(4, 1, 28, 28)
+    grid = tile(white, nrow=2)
+    assert grid[2:30, 2:30].min() == 1.0  # a tile is copied untouched
+    rgb = render_rgb(reconstructions_figure(white, white, "t"))
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
