@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("AE_PROJECT_DIR", str(Path(__file__).resolve().parent))  # data/ beside us
 
-from ae_lightning.train import run_cli  # noqa: E402  (registers the run-folder resolver)
+from ae_lightning.train import ensure_writable_logs, run_cli  # noqa: E402  (+ resolvers)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,4 +17,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    ensure_writable_logs()
     main()

@@ -70,4 +70,4 @@ def test_module_encode_decode_forward_and_hparams():
     assert model.hparams["bottleneck"] == 4 and list(model.hparams["hidden"]) == [16]
     optimizer = model.configure_optimizers()
     assert isinstance(optimizer, torch.optim.Adam)
-    assert optimizer.defaults["lr"] == 1e-3 and optimizer.defaults["weight_decay"] == 1e-5
+    assert optimizer.defaults["lr"] == 1e-3 and optimizer.defaults["weight_decay"] == 0

@@ -75,6 +75,33 @@ class EpochSummary(Callback):
         print("  ".join(parts), flush=True)
 
 
+class EpochTimer(Callback):
+    """Wall time of each training epoch (its validation and checkpointing included).
+
+    Logged as ``time/epoch_s``; ``train()`` copies the list into ``metrics.json``. On a GPU
+    it waits for queued kernels once per epoch so the time is real.
+    """
+
+    def __init__(self) -> None:
+        self.epoch_times: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(pl_module)
+        seconds = time.perf_counter() - self._start
+        self.epoch_times.append(seconds)
+        for logger in trainer.loggers:
+            logger.log_metrics({"time/epoch_s": seconds}, step=trainer.global_step)
+
+    @staticmethod
+    def _sync(pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+
 # --- figures ----------------------------------------------------------------------------
 
 

@@ -51,7 +51,7 @@ def validate_config(cfg: DictConfig) -> None:
             if not _is_int(size) or size < 1:
                 raise UserError(
                     f"model.{key}={list(sizes)} has the size {size!r}: every layer size must be "
-                    f"a positive whole number, e.g. model.{key}=[1024]."
+                    f"a positive whole number; use e.g. model.{key}=[1024]."
                 )
 
     optimizer = model.get("optimizer") or {}

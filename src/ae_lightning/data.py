@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,11 +21,16 @@ from torchvision.datasets import MNIST
 from ae_lightning.errors import UserError
 
 DATA_ENV_VAR = "AE_DATA_ROOT"
+IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # uint8, 3-D / 1-D
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class MNISTNotFoundError(UserError):
     """MNIST is neither in the data folder nor downloadable."""
+
+
+class MNISTFileError(UserError):
+    """An MNIST file is there but unreadable, not IDX, or truncated."""
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -40,6 +46,11 @@ def load_mnist(root: str | os.PathLike, train: bool, download: bool = True) -> B
     """
     root = Path(root).expanduser()
     raw = root / "MNIST" / "raw"
+    prefix = "train" if train else "t10k"
+    for kind, magic in (("images-idx3", IDX_IMAGES), ("labels-idx1", IDX_LABELS)):
+        path = raw / f"{prefix}-{kind}-ubyte"
+        if path.exists() or path.is_symlink():
+            check_idx_file(path, magic)
     try:
         dataset = MNIST(str(root), train=train, download=False)
     except RuntimeError:
@@ -53,6 +64,40 @@ def load_mnist(root: str | os.PathLike, train: bool, download: bool = True) -> B
             reason = f"the download failed ({type(err).__name__})"
             raise MNISTNotFoundError(_not_found_message(raw, reason)) from None
     return dataset.data, dataset.targets
+
+
+def check_idx_file(path: Path, magic: int) -> None:
+    """Raise one clear sentence if ``path`` is unreadable, not IDX, or cut short."""
+    fix = (
+        f"delete it and run again to re-download, or point data.root (or {DATA_ENV_VAR}) "
+        "at a good copy"
+    )
+    try:
+        with open(path, "rb") as f:
+            header = f.read(4)
+            found = int.from_bytes(header, "big") if len(header) == 4 else None
+            if found != magic:
+                shown = "nothing" if found is None else f"0x{found:08x}"
+                raise MNISTFileError(
+                    f"MNIST file {path} is not an IDX file of this kind (magic number {shown}, "
+                    f"expected 0x{magic:08x}): {fix}."
+                )
+            ndim = magic & 0xFF
+            dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+    except OSError as err:
+        raise MNISTFileError(
+            f"MNIST file {path} cannot be read ({err.strerror or type(err).__name__}): make it "
+            f"a readable file or point data.root (or {DATA_ENV_VAR}) at a readable copy."
+        ) from None
+    except struct.error:
+        raise MNISTFileError(f"MNIST file {path} ends inside its header: {fix}.") from None
+    expected = 4 + 4 * len(dims) + math.prod(dims)
+    actual = path.stat().st_size
+    if actual != expected:
+        raise MNISTFileError(
+            f"MNIST file {path} has {actual} bytes but its header {list(dims)} promises "
+            f"{expected} (truncated or corrupted): {fix}."
+        )
 
 
 def _not_found_message(raw: Path, reason: str) -> str:

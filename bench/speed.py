@@ -1,0 +1,279 @@
+"""Epoch time, side by side in one process: reference pipeline, plain loop, this framework.
+
+(a) reference: torchvision MNIST with per-sample ToTensor + Normalize, a shuffled
+    DataLoader with 4 workers, and a plain training loop (the reference notebook's pipeline);
+(b) plain: a hand-written PyTorch loop over uint8 tensors on the device (the hardware
+    reference: what the maths costs with no framework around it);
+(c) framework: `ae_lightning.train.train(cfg)` with default settings, figures off.
+
+All three train the same architecture with Adam (lr 1e-3, weight decay 1e-5) on the same
+55k training images. Each reports the median of the epochs after the first (warm-up) one.
+
+    python bench/speed.py --device cpu --json speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
+from torchvision.datasets import MNIST
+
+from ae_lightning.data import MNISTDataModule
+from ae_lightning.nets import build_encoder_decoder
+from ae_lightning.train import train
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+MODELS = {"linear": [], "hidden1024": [1024]}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Peak RSS of this process (polled every 20 ms) and, on CUDA, peak allocated memory."""
+    result: dict[str, float] = {}
+    process, stop, peak = psutil.Process(), threading.Event(), [0]
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            stop.wait(0.02)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["peak_rss_mb"] = round(peak[0] / 2**20, 1)
+        if device.type == "cuda":
+            result["cuda_max_allocated_mb"] = round(
+                torch.cuda.max_memory_allocated(device) / 2**20, 1
+            )
+
+
+def make_model(hidden: list[int], bottleneck: int, device: torch.device) -> torch.nn.Module:
+    encoder, decoder = build_encoder_decoder(bottleneck, hidden)
+    return torch.nn.Sequential(encoder, decoder).to(device)
+
+
+def make_adam(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    # Fused Adam on the GPU: the fastest plain-PyTorch optimiser step there is.
+    return torch.optim.Adam(
+        model.parameters(), lr=1e-3, weight_decay=1e-5, fused=device.type == "cuda"
+    )
+
+
+def timed_epochs(run_epoch: Callable[[], None], epochs: int, device: torch.device) -> list[float]:
+    times = []
+    for _ in range(epochs):
+        sync(device)
+        start = time.perf_counter()
+        run_epoch()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def reference_pipeline(args, hidden, train_indices, device) -> list[float]:
+    """(a) Per-sample PIL -> ToTensor -> Normalize, DataLoader with workers, plain loop."""
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]
+    )
+    dataset = Subset(MNIST(args.data_root, train=True, transform=transform), train_indices)
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.reference_workers
+    )
+    model = make_model(hidden, args.bottleneck, device)
+    optimizer = make_adam(model, device)
+
+    def epoch() -> None:
+        for x, _ in loader:
+            x = x.to(device)
+            loss = F.mse_loss(model(x), x)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return timed_epochs(epoch, args.epochs, device)
+
+
+def plain_loop(args, hidden, images_u8, device) -> list[float]:
+    """(b) uint8 tensors on the device, a device-side permutation, slicing, a plain loop."""
+    images = images_u8.to(device)
+    model = make_model(hidden, args.bottleneck, device)
+    optimizer = make_adam(model, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    n, batch = len(images), args.batch_size
+
+    def epoch() -> None:
+        order = torch.randperm(n, device=device, generator=generator)
+        shuffled = images[order]
+        for start in range(0, n, batch):
+            x = shuffled[start : start + batch].unsqueeze(1).float().div_(255)
+            loss = F.mse_loss(model(x), x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return timed_epochs(epoch, args.epochs, device)
+
+
+def framework(args, model_name, run_dir) -> list[float]:
+    """(c) `train(cfg)` as `python train.py` runs it: default config, figure callbacks off."""
+    overrides = [
+        f"model={model_name}",
+        f"bottleneck={args.bottleneck}",
+        "callbacks=none",
+        f"trainer.max_epochs={args.epochs}",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        f"data.root={args.data_root}",
+        "data.download=false",
+        f"data.batch_size={args.batch_size}",
+        f"data.val_size={args.val_size}",
+        f"run_dir={run_dir}",
+    ]
+    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return train(cfg)["epoch_times_s"]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.machine(),
+    ) if Path("/proc/cpuinfo").exists() else platform.machine()  # fmt: skip
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def steady(times: list[float]) -> float:
+    """Median of the epochs after the warm-up one."""
+    return statistics.median(times[1:])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=4, help="incl. 1 warm-up epoch (min 2)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--bottleneck", type=int, default=2)
+    parser.add_argument("--reference-workers", type=int, default=4)
+    parser.add_argument(
+        "--data-root",
+        default=os.environ.get("AE_DATA_ROOT", str(PROJECT / "data")),
+        help="torchvision-layout MNIST root (default: $AE_DATA_ROOT or data/)",
+    )
+    parser.add_argument("--val-size", type=int, default=5000, help="held out, as data.val_size")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error(f"--epochs {args.epochs}: need at least 2 (one warm-up, one measured)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible here; use --device cpu")
+    device = torch.device(args.device)
+    # Importing Lightning sets this, which makes every Adam step query NVML; a plain
+    # script would not have it, so neither does the plain loop here.
+    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+
+    datamodule = MNISTDataModule(root=args.data_root, val_size=args.val_size, download=False)
+    datamodule.setup()
+    train_images = datamodule.split("train")[0]
+    # The same training images as indices into torchvision's dataset, for the reference.
+    total = len(train_images) + args.val_size
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(datamodule.split_seed))
+    train_indices = order[args.val_size :].tolist()
+    n = len(train_images)
+
+    results: dict = {
+        "device": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "train_images": n,
+        "models": {},
+    }
+    for name in args.models:
+        hidden = MODELS[name]
+        row: dict = {}
+        with peak_memory(device) as memory:
+            reference = reference_pipeline(args, hidden, train_indices, device)
+        row["reference_peak_rss_mb"] = memory["peak_rss_mb"]
+        with peak_memory(device) as memory:
+            plain = plain_loop(args, hidden, train_images, device)
+        with tempfile.TemporaryDirectory() as run_dir, peak_memory(device) as fw_memory:
+            ours = framework(args, name, run_dir)
+        row.update(
+            reference_epoch_s=round(steady(reference), 4),
+            plain_epoch_s=round(steady(plain), 4),
+            framework_epoch_s=round(steady(ours), 4),
+            reference_epochs_s=[round(t, 4) for t in reference],
+            plain_epochs_s=[round(t, 4) for t in plain],
+            framework_epochs_s=[round(t, 4) for t in ours],
+            plain_peak_rss_mb=memory["peak_rss_mb"],
+            peak_rss_mb=fw_memory["peak_rss_mb"],
+        )
+        if "cuda_max_allocated_mb" in fw_memory:
+            row["cuda_max_allocated_mb"] = fw_memory["cuda_max_allocated_mb"]
+        row["framework_vs_plain"] = round(row["framework_epoch_s"] / row["plain_epoch_s"], 3)
+        row["speedup_vs_reference"] = round(row["reference_epoch_s"] / row["framework_epoch_s"], 2)
+        for key in ("reference", "plain", "framework"):
+            row[f"{key}_samples_per_s"] = round(n / row[f"{key}_epoch_s"])
+        results["models"][name] = row
+
+    print(markdown_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    lines = [
+        f"device: {results['device']}, batch {results['batch_size']}, "
+        f"{results['train_images']} images, "
+        f"median of {results['epochs'] - 1} epochs after 1 warm-up",
+        "",
+        "| model | reference s/epoch | plain s/epoch | framework s/epoch "
+        "| framework / plain | reference / framework | framework samples/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results["models"].items():
+        lines.append(
+            f"| {name} | {row['reference_epoch_s']:.3f} | {row['plain_epoch_s']:.3f} "
+            f"| {row['framework_epoch_s']:.3f} | {row['framework_vs_plain']:.2f} "
+            f"| {row['speedup_vs_reference']:.1f} | {row['framework_samples_per_s']} "
+            f"| {row['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The benchmarks run end to end on tiny data and write well-formed results (no timings)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import PROJECT
+
+SPEED_KEYS = {
+    "reference_epoch_s", "plain_epoch_s", "framework_epoch_s", "framework_vs_plain",
+    "speedup_vs_reference", "peak_rss_mb",
+}  # fmt: skip
+
+
+def run_bench(script, *args):
+    result = subprocess.run(
+        [sys.executable, str(PROJECT / "bench" / script), *args],
+        capture_output=True, text=True, timeout=600, cwd=PROJECT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_speed_benchmark_writes_json_for_each_model(tiny_root, tmp_path):
+    out = tmp_path / "speed.json"
+    result = run_bench(
+        "speed.py", "--device", "cpu", "--epochs", "2", "--batch-size", "50", "--val-size", "100",
+        "--reference-workers", "1", "--data-root", str(tiny_root), "--json", str(out),
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert set(data["models"]) == {"linear", "hidden1024"} and data["train_images"] == 500
+    for name, row in data["models"].items():
+        assert set(row) >= SPEED_KEYS, name
+        assert all(row[key] > 0 for key in SPEED_KEYS)
+        assert len(row["framework_epochs_s"]) == 2
+        ratio = row["framework_epoch_s"] / row["plain_epoch_s"]
+        assert abs(row["framework_vs_plain"] - ratio) < 0.01
+    assert "| hidden1024 |" in result.stdout
+
+
+def test_speed_benchmark_refuses_a_missing_gpu_or_too_few_epochs(tiny_root):
+    result = subprocess.run(
+        [sys.executable, str(PROJECT / "bench" / "speed.py"), "--epochs", "1"],
+        capture_output=True, text=True, cwd=PROJECT,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--epochs 1" in result.stderr
+
+
+def test_quality_benchmark_reports_each_model_beside_pca(tiny_root, tmp_path):
+    out, table = tmp_path / "quality.json", tmp_path / "quality.md"
+    run_bench(
+        "quality.py", "--epochs", "1", "--batch-size", "50", "--val-size", "100",
+        "--data-root", str(tiny_root), "--json", str(out), "--markdown", str(table),
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["models"]
+    assert [(r["model"], r["bottleneck"]) for r in rows] == [
+        ("linear", 2), ("hidden1024", 2), ("hidden1024", 10),
+    ]  # fmt: skip
+    for row in rows:
+        assert 0 < row["test_mse"] < 0.5 and 0 < row["pca_test_mse"] < 0.5
+    assert rows[2]["pca_test_mse"] < rows[0]["pca_test_mse"]  # more components, less error
+    assert "| hidden1024 | 10 |" in table.read_text()
