@@ -45,13 +45,14 @@ def decode_codes(
 def interpolate(z_start: torch.Tensor, z_end: torch.Tensor, steps: int) -> torch.Tensor:
     """``steps`` codes on the straight line from ``z_start`` to ``z_end`` (both included)."""
     assert steps >= 2, f"an interpolation needs at least 2 steps, got {steps}"
-    t = torch.linspace(0.0, 1.0, steps, dtype=z_start.dtype).unsqueeze(1)  # (S, 1)
-    return (1 - t) * z_start.unsqueeze(0) + t * z_end.unsqueeze(0)  # (S, z)
+    t = torch.linspace(0.0, 1.0, steps, dtype=z_start.dtype, device=z_start.device).unsqueeze(1)
+    return (1 - t) * z_start.unsqueeze(0) + t * z_end.unsqueeze(0)  # (S, 1) -> (S, z)
 
 
 def crossfade(x_start: torch.Tensor, x_end: torch.Tensor, steps: int) -> torch.Tensor:
     """The pixel-space blend of two images, for contrast with the latent interpolation."""
-    t = torch.linspace(0.0, 1.0, steps, dtype=x_start.dtype).view(-1, *([1] * x_start.dim()))
+    t = torch.linspace(0.0, 1.0, steps, dtype=x_start.dtype, device=x_start.device)
+    t = t.view(-1, *([1] * x_start.dim()))  # (S, 1, 1, 1)
     return (1 - t) * x_start.unsqueeze(0) + t * x_end.unsqueeze(0)  # (S, *image)
 
 
