@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from ae_lightning.callbacks import EpochTimer
+from ae_lightning.checkpointing import AtomicCheckpointIO
 from ae_lightning.config import validate_config
 from ae_lightning.errors import UserError
 
@@ -29,6 +33,16 @@ NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 # `${ae_pid:}` in run folder names keeps runs that start in the same second apart.
 OmegaConf.register_new_resolver("ae_pid", lambda: str(os.getpid()), use_cache=True, replace=True)
+
+
+def _resume_or(resume: str | None, default: str, resumed: str | None = None) -> str:
+    """``${ae_resume_or:${resume},A[,B]}``: A normally; when resuming, the folder (or B)."""
+    if resume is None:
+        return default
+    return resumed if resumed is not None else str(resume)
+
+
+OmegaConf.register_new_resolver("ae_resume_or", _resume_or, replace=True)
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -66,7 +80,11 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]
     """The Trainer from ``cfg.trainer``, showing a progress bar only if one was configured."""
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_progress_bar=has_bar
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_progress_bar=has_bar,
+        plugins=[AtomicCheckpointIO()],
     )
     if trainer.world_size == 1:
         # Lightning sets this so that device checks cannot poison a later fork; with it set,
@@ -74,6 +92,35 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]
         # forks nothing, so plain CUDA checks are safe and cheaper.
         os.environ.pop(NVML_CHECK, None)
     return trainer
+
+
+def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
+    """The checkpoint ``fit`` continues from: ``resume``'s last.ckpt, ``ckpt_path``, or none.
+
+    Refuses, in one sentence, a missing file or a checkpoint of another architecture.
+    """
+    if cfg.get("resume"):
+        path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+        hint = f"resume={cfg.resume} needs {path}"
+    elif cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        hint = f"ckpt_path={cfg.ckpt_path}"
+    else:
+        return None
+    if not path.is_file():
+        raise UserError(
+            f"{hint}, which does not exist: point it at a run folder (or .ckpt file) that "
+            "finished at least one epoch."
+        )
+    saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    for key in ("bottleneck", "hidden", "decoder_hidden", "activation"):
+        if key in saved and saved[key] != model.hparams.get(key):
+            raise UserError(
+                f"{path} was trained with {key}={saved[key]!r} but this config has "
+                f"{key}={model.hparams.get(key)!r}: repeat the run's original overrides "
+                f"(see its .hydra/overrides.yaml)."
+            )
+    return str(path)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -98,7 +145,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("Run folder: %s", run_dir.resolve())
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, model))
     train_time = time.perf_counter() - start
     if trainer.interrupted:
         raise KeyboardInterrupt
@@ -154,12 +201,28 @@ def ensure_writable_logs() -> None:
         sys.exit(2)
 
 
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def run_cli(cfg: DictConfig) -> float:
-    """Entry-point body: train, print the result; bad input exits 2 with one sentence."""
+    """Entry-point body: train and print the result.
+
+    Bad input exits 2 with one sentence. In a sweep, a failing job writes ``failed.json``
+    (its error line) into its folder and the sweep goes on with the next job.
+    """
     try:
         metrics = train(cfg)
-    except UserError as err:
+    except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if in_multirun():
+            line = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            log.exception("Job failed; the sweep goes on: %s", line)
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(cfg.run_dir) / "failed.json", {"status": "failed", "error": line})
+            return float("nan")
+        if not isinstance(err, UserError):
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
