@@ -47,9 +47,14 @@ def test_multirun_leaves_one_folder_per_job(tiny_root, tmp_path):
     result = run_train_cli(["-m", "bottleneck=2,3", *tiny_overrides(tiny_root)], logs=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = only_child(tmp_path / "multiruns")
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1"]
     assert [assert_run_contract(j)["bottleneck"] for j in jobs] == [2, 3]
+    # The sweep callback compared the jobs when the multirun ended.
+    summary = (sweep / "summary.md").read_text()
+    assert "| bottleneck=2 | ok |" in summary and "| bottleneck=3 | ok |" in summary
+    for name in ("scatter", "reconstructions", "interpolation", "samples"):
+        assert (sweep / "comparison" / f"{name}.png").is_file()
 
 
 def test_two_runs_started_together_get_their_own_folders(tiny_root, tmp_path):

@@ -21,6 +21,9 @@ def test_train_writes_the_run_contract_and_returns_metrics(tiny_root, tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     assert 0 < metrics["test/mse"] < 0.2 and metrics["epochs"] == 2 and metrics["bottleneck"] == 3
     assert metrics["test_checkpoint"].endswith("best.ckpt")
+    assert 0.1 < metrics["test/knn_acc"] <= 1 and 0.1 < metrics["test/probe_acc"] <= 1
+    per_digit = [metrics[f"test/mse_digit{d}"] for d in range(10)]
+    assert min(per_digit) < metrics["test/mse"] < max(per_digit)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     best = run_dir / "checkpoints" / "best.ckpt"
     restored = Autoencoder.load_from_checkpoint(best, map_location="cpu")

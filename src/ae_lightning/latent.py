@@ -166,3 +166,79 @@ def manifold_grid(
     ys = torch.linspace(y_hi, y_lo, n)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1), xs, ys
+
+
+# --- latent-quality metrics: how well the unsupervised codes separate the digits -----------
+
+
+def knn_accuracy(
+    train_codes: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_codes: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 5,
+) -> float:
+    """Share of test codes whose k nearest training codes vote for the right digit."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    knn = KNeighborsClassifier(n_neighbors=k).fit(train_codes.numpy(), train_labels.numpy())
+    return float(knn.score(test_codes.numpy(), test_labels.numpy()))
+
+
+def probe_accuracy(
+    train_codes: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_codes: torch.Tensor,
+    test_labels: torch.Tensor,
+) -> float:
+    """Test accuracy of a logistic regression fitted on standardised training codes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    probe.fit(train_codes.numpy(), train_labels.numpy())
+    return float(probe.score(test_codes.numpy(), test_labels.numpy()))
+
+
+def per_digit_mse(squared_errors: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """Mean per-pixel squared error of each digit's images; ``squared_errors`` is ``(N,)``."""
+    return {int(d): float(squared_errors[labels == d].mean()) for d in labels.unique(sorted=True)}
+
+
+@torch.no_grad()
+def latent_quality(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    train_set: tuple[torch.Tensor, torch.Tensor],
+    test_set: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device | str = "cpu",
+    max_train: int = 20_000,
+    batch_size: int = 2000,
+) -> dict[str, float]:
+    """kNN (k=5) and linear-probe digit accuracy of the codes, and the test MSE per digit.
+
+    Labels are used only here, after training: they measure how well the bottleneck
+    separates digits it was never told about. ``max_train`` training codes fit the probes.
+    """
+    (train_images, train_labels), (test_images, test_labels) = train_set, test_set
+    train_codes = encode_images(encode, train_images[:max_train], batch_size, device)
+    train_labels = train_labels[:max_train].cpu()
+    test_codes = encode_images(encode, test_images, batch_size, device)
+    errors = torch.cat(
+        [
+            (decode(encode(x)) - x).square().flatten(1).mean(1).cpu()
+            for x in (
+                to_unit_float(test_images[i : i + batch_size].to(device))
+                for i in range(0, len(test_images), batch_size)
+            )
+        ]
+    )
+    test_labels = test_labels.cpu()
+    metrics = {
+        "test/knn_acc": knn_accuracy(train_codes, train_labels, test_codes, test_labels),
+        "test/probe_acc": probe_accuracy(train_codes, train_labels, test_codes, test_labels),
+    }
+    for digit, mse in per_digit_mse(errors, test_labels).items():
+        metrics[f"test/mse_digit{digit}"] = mse
+    return metrics

@@ -27,6 +27,7 @@ from ae_lightning.callbacks import EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO
 from ae_lightning.config import validate_config
 from ae_lightning.errors import UserError
+from ae_lightning.latent import latent_quality
 
 log = logging.getLogger(__name__)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -160,6 +161,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
 
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
+    if trainer.is_global_zero and cfg.get("latent_metrics", True):
+        model.eval()
+        quality = latent_quality(
+            model.encode, model.decode, datamodule.split("train"), datamodule.split("test"),
+            device=model.device,
+        )  # fmt: skip
+        metrics.update(quality)
+        for logger in trainer.loggers:
+            logger.log_metrics(quality, step=trainer.global_step)
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics["best_val/mse"] = float(checkpoint.best_model_score)
     metrics.update(
@@ -181,7 +191,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else:
             logger.log_hyperparams(flat_hyperparameters(cfg))
         logger.save()
-    log.info("Test metrics: %s", {k: v for k, v in metrics.items() if k.startswith("test/")})
+    shown = ("test/mse", "test/knn_acc", "test/probe_acc")
+    log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})
     return metrics
 
 

@@ -1,0 +1,74 @@
+"""`ae-compare` on real (tiny) runs: figures, summary tables, failed runs as rows."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ae_lightning.compare import compare
+from ae_lightning.errors import UserError
+from conftest import run_train_cli, tiny_overrides
+
+FIGURES = ["scatter", "reconstructions", "interpolation", "samples"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_root, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("compare_logs")
+    for bottleneck in (2, 3):
+        result = run_train_cli(
+            [*tiny_overrides(tiny_root), f"bottleneck={bottleneck}", "callbacks=none",
+             "trainer.max_epochs=2", "hydra.callbacks.sweep_summary.enabled=false"],
+            logs=logs,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    return sorted((logs / "runs").iterdir())
+
+
+def test_compare_writes_every_figure_and_a_summary_matching_metrics(two_runs, tmp_path):
+    out = compare(two_runs, tmp_path / "cmp")
+    for name in FIGURES:
+        image = matplotlib.image.imread(out / f"{name}.png")
+        assert image.shape[0] > 200 and image.shape[1] > 300
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(row["status"] == "ok" for row in rows)
+    for row in rows:
+        metrics = json.loads((tmp_path.parent / row["path"] / "metrics.json").read_text())
+        assert float(row["test/mse"]) == pytest.approx(metrics["test/mse"])
+        assert row["run"] in ("bottleneck=2", "bottleneck=3")
+    assert float(rows[0]["test/mse"]) <= float(rows[1]["test/mse"])  # sorted by test MSE
+    assert "| bottleneck=" in (out / "summary.md").read_text()
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {f"comparison/{name}" for name in FIGURES} <= set(events.Tags()["images"])
+
+
+def test_failed_and_checkpointless_runs_are_rows_not_crashes(two_runs, tmp_path):
+    broken = tmp_path / "broken_run"
+    shutil.copytree(two_runs[0], broken)
+    shutil.rmtree(broken / "checkpoints")
+    (broken / "metrics.json").unlink()
+    out = compare([two_runs[1], broken], tmp_path / "cmp")
+    with open(out / "summary.csv") as f:
+        rows = {row["path"]: row for row in csv.DictReader(f)}
+    assert rows[str(broken)]["status"] == "failed"
+    assert "no checkpoint" in rows[str(broken)]["error"]
+    assert rows[str(two_runs[1])]["status"] == "ok"
+    assert (out / "scatter.png").is_file()
+
+
+def test_a_folder_without_runs_is_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="No run folders"):
+        compare([tmp_path])
+    result = subprocess.run(
+        [sys.executable, "-m", "ae_lightning.compare", str(tmp_path)], capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("error: No run folders")
+    assert "Traceback" not in result.stderr
