@@ -50,8 +50,9 @@ def test_reconstructions_are_two_8x8_grids_on_a_fixed_grey_scale():
 def test_interpolation_rows_are_labelled():
     rows = [torch.rand(11, 1, 28, 28), torch.rand(11, 1, 28, 28)]
     fig = interpolation_figure(rows, ["latent", "pixels"], "t")
-    assert [ax.get_ylabel() for ax in fig.axes] == ["latent", "pixels"]
-    assert images_on(fig.axes[0])[0].shape[1] == 11 * 30 + 2
+    label_axes, image_axes = fig.axes[0::2], fig.axes[1::2]
+    assert [ax.texts[0].get_text() for ax in label_axes] == ["latent", "pixels"]
+    assert images_on(image_axes[0])[0].shape[1] == 11 * 30 + 2
 
 
 def test_samples_grid_and_manifold_axes():

@@ -176,7 +176,7 @@ def _figures(
     rows.append(crossfade(ends[0], ends[1], 11))
     figures["interpolation"] = interpolation_figure(
         rows,
-        [_wrap(name) for name in names] + ["pixel\ncross-fade"],
+        [_wrap(_short(name)) for name in names] + ["pixel\ncross-fade"],
         f"Interpolation between test #{first} (a {int(test_labels[first])}) and "
         f"#{second} (a {int(test_labels[second])})",
     )
@@ -191,7 +191,12 @@ def _figures(
     return figures
 
 
-def _wrap(text: str, width: int = 18) -> str:
+def _short(label: str) -> str:
+    """``model=hidden1024 bottleneck=10`` -> ``hidden1024 z=10``, for narrow row labels."""
+    return label.replace("model=", "").replace("bottleneck=", "z=")
+
+
+def _wrap(text: str, width: int = 14) -> str:
     words, lines = text.split(), [""]
     for word in words:
         if lines[-1] and len(lines[-1]) + len(word) + 1 > width:

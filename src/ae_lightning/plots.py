@@ -109,11 +109,15 @@ def interpolation_figure(
 ) -> Figure:
     """One row of images per interpolation (latent rows first, the pixel cross-fade last)."""
     steps = len(rows[0])
-    fig = Figure(figsize=(0.85 * steps + 2.2, 1.0 * len(rows) + 0.7), layout="constrained")
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for ax, images, name in zip(axes, rows, row_names, strict=True):
+    fig = Figure(figsize=(0.85 * steps + 1.6, 1.0 * len(rows) + 0.7), layout="constrained")
+    # A label column of its own: the layout engine sizes it, so long names are never cut.
+    grid = fig.subplots(len(rows), 2, squeeze=False, width_ratios=[1.4, 0.85 * steps])
+    for (label_ax, ax), images, name in zip(grid, rows, row_names, strict=True):
+        label_ax.axis("off")
+        label_ax.text(1.0, 0.5, name, ha="right", va="center", fontsize=9,
+                      transform=label_ax.transAxes)  # fmt: skip
         _show(ax, tile(images, nrow=steps))
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    axes = grid[:, 1]
     axes[-1].set_xlabel("start  →  end  (interpolation weight 0 … 1)", fontsize=9)
     fig.suptitle(title, fontsize=10)
     return fig
