@@ -1,6 +1,7 @@
 """End-to-end `train(cfg)` on tiny IDX data with the real Trainer and loggers."""
 
 import json
+import traceback
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -69,3 +70,25 @@ def test_runs_on_the_gpu_when_there_is_one(tiny_root, tmp_path):
     metrics = train(cfg)
     assert metrics["test/mse"] < 0.1  # learned on the GPU (1 epoch on the CPU: ~0.09)
     assert len(list((tmp_path / "figures").glob("*.png"))) == 5  # every figure drawn on CUDA
+
+
+def test_training_steps_never_wait_for_the_device(tiny_root, tmp_path, monkeypatch):
+    """No `.item()` per step: each is a host-device sync that stalls a GPU pipeline."""
+    calls = []
+    original = torch.Tensor.item
+
+    def counting_item(self):
+        # Adam's CPU path reads its own CPU step counter: no device involved, not counted.
+        if not any("torch/optim" in frame.filename for frame in traceback.extract_stack()):
+            calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), "data.batch_size=5", "callbacks=none", "logger=none",
+         "latent_metrics=false"],
+        run_dir=tmp_path,
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["global_step"] == 100
+    assert len(calls) < 20, f"{len(calls)} .item() calls in 100 steps"

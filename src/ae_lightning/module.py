@@ -98,7 +98,9 @@ class Autoencoder(pl.LightningModule):
             loss,
             on_step=training,
             on_epoch=not training,
-            prog_bar=True,
+            # Progress-bar metrics are turned into Python floats at every step (a host-device
+            # sync on a GPU), so only the once-per-epoch val/test values go there.
+            prog_bar=not training,
             batch_size=x.shape[0],
             sync_dist=not training,
         )
