@@ -86,3 +86,17 @@ def test_two_runs_started_together_get_their_own_folders(tiny_root, tmp_path):
     assert all(p.wait(timeout=300) == 0 for p in procs)
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all((r / "metrics.json").is_file() for r in runs)
+
+
+def test_two_process_ddp_on_cpu_trains_into_one_run_folder(tiny_root, tmp_path):
+    """`trainer=ddp` with the in-memory loader: each rank takes its own shard (gloo, CPU)."""
+    result = run_train_cli(
+        ["trainer=ddp", *tiny_overrides(tiny_root), "callbacks=none", "trainer.max_epochs=2"],
+        logs=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_child(tmp_path / "runs")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # 500 images, 2 ranks x 250, batches of 50: 5 optimizer steps a rank per epoch.
+    assert metrics["epochs"] == 2 and metrics["global_step"] == 10
+    assert result.stdout.count("test/mse ") == 1  # printed by rank zero only

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning.callbacks import EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO
@@ -183,7 +184,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
     if timer is not None:
         metrics["epoch_times_s"] = [round(t, 4) for t in timer.epoch_times]
-    write_json(run_dir / "metrics.json", metrics)
+    if trainer.is_global_zero:  # under DDP every rank returns the same metrics
+        write_json(run_dir / "metrics.json", metrics)
     numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):  # HParams tab: knobs beside final metrics
@@ -237,10 +239,11 @@ def run_cli(cfg: DictConfig) -> float:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    print(
-        "test/mse {:.5f}  ({} epochs, {:.1f} s)  -> {}".format(
-            metrics["test/mse"], metrics["epochs"], metrics["train_time_s"], cfg.run_dir
-        ),
-        flush=True,
-    )
+    if rank_zero_only.rank == 0:
+        print(
+            "test/mse {:.5f}  ({} epochs, {:.1f} s)  -> {}".format(
+                metrics["test/mse"], metrics["epochs"], metrics["train_time_s"], cfg.run_dir
+            ),
+            flush=True,
+        )
     return metrics.get("best_val/mse", metrics["test/mse"])
