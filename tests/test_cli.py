@@ -100,3 +100,30 @@ def test_two_process_ddp_on_cpu_trains_into_one_run_folder(tiny_root, tmp_path):
     # 500 images, 2 ranks x 250, batches of 50: 5 optimizer steps a rank per epoch.
     assert metrics["epochs"] == 2 and metrics["global_step"] == 10
     assert result.stdout.count("test/mse ") == 1  # printed by rank zero only
+
+
+def test_cluster_and_parallel_launcher_configs_compose():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    for launcher, target in (("slurm", "SlurmLauncher"), ("local_parallel", "JoblibLauncher")):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(
+                config_name="train", overrides=[f"hydra/launcher={launcher}"],
+                return_hydra_config=True,
+            )  # fmt: skip
+        assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_submitit_local_multirun_completes(tiny_root, tmp_path):
+    result = run_train_cli(
+        ["-m", "hydra/launcher=submitit_local", "bottleneck=2,3", *tiny_overrides(tiny_root),
+         "callbacks=none"],
+        logs=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = only_child(tmp_path / "multiruns")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [json.loads((j / "metrics.json").read_text())["bottleneck"] for j in jobs] == [2, 3]
+    assert (sweep / "summary.md").is_file()
