@@ -91,12 +91,16 @@ def compose_cfg(overrides: Sequence[str] = (), run_dir: Path | None = None) -> D
 
 
 def run_train_cli(
-    args: Sequence[str], logs: Path, env: dict[str, str] | None = None, timeout: int = 600
+    args: Sequence[str],
+    logs: Path,
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
+    script: str = "train.py",
 ) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` as a user runs it, with runs written under ``logs``."""
+    """`python train.py ARGS` (or another entry script) as a user runs it, logs in ``logs``."""
     full_env = {**os.environ, "AE_LOGS_DIR": str(logs), "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, str(PROJECT / "train.py"), *args],
+        [sys.executable, str(PROJECT / script), *args],
         cwd=PROJECT,
         env=full_env,
         capture_output=True,

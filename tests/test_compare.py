@@ -72,3 +72,32 @@ def test_a_folder_without_runs_is_one_sentence(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("error: No run folders")
     assert "Traceback" not in result.stderr
+
+
+def test_eval_retests_a_checkpoint_into_a_new_run_folder(two_runs, tiny_root, tmp_path):
+    run = two_runs[1]
+    expected = json.loads((run / "metrics.json").read_text())
+    result = run_train_cli(
+        [f"ckpt_path={run}/checkpoints/best.ckpt", *tiny_overrides(tiny_root)],
+        logs=tmp_path, script="eval.py",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (eval_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["test/mse"] == pytest.approx(expected["test/mse"], abs=1e-7)
+    assert metrics["bottleneck"] == expected["bottleneck"] == 3 and metrics["epochs"] == 2
+    assert {p.stem for p in (eval_dir / "figures").glob("*.png")} == set(FIGURES)
+
+
+def test_eval_refuses_a_missing_or_foreign_checkpoint(tiny_root, tmp_path):
+    missing = run_train_cli(["ckpt_path=/nowhere/best.ckpt"], logs=tmp_path, script="eval.py")
+    assert missing.returncode == 2 and "ckpt_path=/nowhere/best.ckpt does not exist" in (
+        missing.stderr
+    )
+    foreign = tmp_path / "foreign.ckpt"
+    foreign.write_bytes(b"not a checkpoint")
+    result = run_train_cli(
+        [f"ckpt_path={foreign}", *tiny_overrides(tiny_root)], logs=tmp_path, script="eval.py"
+    )
+    assert result.returncode == 2 and "is not an ae-lightning checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr + missing.stderr

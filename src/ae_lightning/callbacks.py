@@ -159,7 +159,8 @@ class FigureCallback(Callback):
         checkpoint = trainer.checkpoint_callback
         score = getattr(checkpoint, "best_model_score", None)
         where = f"best checkpoint, val/mse {float(score):.4f}" if score is not None else "final"
-        title = f"{describe(pl_module)} · {trainer.current_epoch} epochs ({where})"
+        epochs = getattr(pl_module, "trained_epochs", trainer.current_epoch)
+        title = f"{describe(pl_module)} · {epochs} epochs ({where})"
         self._emit(trainer, pl_module, title, final=True)
 
     @rank_zero_only

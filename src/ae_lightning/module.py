@@ -53,6 +53,7 @@ class Autoencoder(pl.LightningModule):
         self.scheduler_factory = scheduler
         self._val_constant_mse: list[torch.Tensor] = []
         self._stuck_since: float | None = None  # last epoch's val/mse, less a hair
+        self.trained_epochs = 0  # epochs behind the weights, restored from checkpoints
 
     @property
     def bottleneck(self) -> int:
@@ -126,6 +127,13 @@ class Autoencoder(pl.LightningModule):
         """
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
+
+    def on_train_epoch_end(self) -> None:
+        self.trained_epochs = self.current_epoch + 1
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints are written at the end of epoch `epoch` (0-based) validation.
+        self.trained_epochs = checkpoint.get("epoch", -1) + 1
 
     def on_validation_epoch_start(self) -> None:
         self._val_constant_mse = []

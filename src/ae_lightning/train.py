@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ae_lightning.checkpointing import AtomicCheckpointIO
 from ae_lightning.config import validate_config
 from ae_lightning.errors import UserError
 from ae_lightning.latent import latent_quality
+from ae_lightning.module import Autoencoder
 
 log = logging.getLogger(__name__)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -54,15 +56,18 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def flat_hyperparameters(cfg: DictConfig) -> dict[str, Any]:
-    """The knobs worth comparing across runs, flattened for TensorBoard's HParams tab."""
-    model = cfg.model
-    optimizer = model.get("optimizer") or {}
+def flat_hyperparameters(cfg: DictConfig, model: Autoencoder) -> dict[str, Any]:
+    """The knobs worth comparing across runs, flattened for TensorBoard's HParams tab.
+
+    The architecture is read off the model, so an evaluated checkpoint reports its own.
+    """
+    hidden = list(model.hparams.get("hidden") or [])
+    optimizer = cfg.model.get("optimizer") or {}
     return {
-        "model": str(model.get("_target_", "")).rsplit(".", 1)[-1],
-        "hidden": str(list(model.get("hidden") or [])),
-        "bottleneck": int(cfg.bottleneck),
-        "activation": str(model.get("activation")),
+        "model": "-".join(str(size) for size in [784, *hidden, model.bottleneck]),
+        "hidden": str(hidden),
+        "bottleneck": int(model.bottleneck),
+        "activation": str(model.hparams.get("activation")),
         "lr": float(optimizer.get("lr", float("nan"))),
         "weight_decay": float(optimizer.get("weight_decay") or 0.0),
         "batch_size": int(cfg.data.batch_size),
@@ -125,8 +130,8 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
     return str(path)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one autoencoder as ``cfg`` says; return the metrics in ``metrics.json``."""
+def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
+    """Checks, the run folder, seeds and the data: everything that can fail before training."""
     validate_config(cfg)
     run_dir = Path(cfg.run_dir)
     try:
@@ -137,14 +142,51 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "elsewhere with AE_LOGS_DIR=/writable/folder or hydra.run.dir=/writable/folder."
         ) from None
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # fails fast, before any model is built, if MNIST is missing
+    log.info("Run folder: %s", run_dir.resolve())
+    return run_dir, datamodule
+
+
+def _record(
+    cfg: DictConfig,
+    run_dir: Path,
+    trainer: pl.Trainer,
+    model: Autoencoder,
+    datamodule: pl.LightningDataModule,
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """Add the latent-quality metrics, write metrics.json and the HParams record."""
+    if trainer.is_global_zero and cfg.get("latent_metrics", True):
+        model.eval()
+        quality = latent_quality(
+            model.encode, model.decode, datamodule.split("train"), datamodule.split("test"),
+            device=model.device,
+        )  # fmt: skip
+        metrics.update(quality)
+        for logger in trainer.loggers:
+            logger.log_metrics(quality, step=trainer.global_step)
+    metrics.update(num_parameters=model.num_parameters, bottleneck=model.bottleneck)
+    if trainer.is_global_zero:  # under DDP every rank returns the same metrics
+        write_json(run_dir / "metrics.json", metrics)
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):  # HParams tab: knobs beside final metrics
+            logger.log_hyperparams(flat_hyperparameters(cfg, model), metrics=numeric)
+        else:
+            logger.log_hyperparams(flat_hyperparameters(cfg, model))
+        logger.save()
+    shown = ("test/mse", "test/knn_acc", "test/probe_acc")
+    log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one autoencoder as ``cfg`` says; return the metrics in ``metrics.json``."""
+    run_dir, datamodule = _prepare_run(cfg)
     model = instantiate(cfg.model, _convert_="all")
     callbacks = _instantiate_group(cfg.get("callbacks"))
-    loggers = _instantiate_group(cfg.get("logger"))
-    trainer = build_trainer(cfg, callbacks, loggers)
-    log.info("Run folder: %s", run_dir.resolve())
+    trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
 
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, model))
@@ -162,40 +204,52 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
 
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
-    if trainer.is_global_zero and cfg.get("latent_metrics", True):
-        model.eval()
-        quality = latent_quality(
-            model.encode, model.decode, datamodule.split("train"), datamodule.split("test"),
-            device=model.device,
-        )  # fmt: skip
-        metrics.update(quality)
-        for logger in trainer.loggers:
-            logger.log_metrics(quality, step=trainer.global_step)
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics["best_val/mse"] = float(checkpoint.best_model_score)
     metrics.update(
         epochs=trainer.current_epoch,
         global_step=trainer.global_step,
         train_time_s=round(train_time, 3),
-        num_parameters=model.num_parameters,
-        bottleneck=model.bottleneck,
         test_checkpoint=str(test_ckpt or "in-memory"),
     )
     timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
     if timer is not None:
         metrics["epoch_times_s"] = [round(t, 4) for t in timer.epoch_times]
-    if trainer.is_global_zero:  # under DDP every rank returns the same metrics
-        write_json(run_dir / "metrics.json", metrics)
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):  # HParams tab: knobs beside final metrics
-            logger.log_hyperparams(flat_hyperparameters(cfg), metrics=numeric)
-        else:
-            logger.log_hyperparams(flat_hyperparameters(cfg))
-        logger.save()
-    shown = ("test/mse", "test/knn_acc", "test/probe_acc")
-    log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})
-    return metrics
+    return _record(cfg, run_dir, trainer, model, datamodule, metrics)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Test metrics and final figures of a saved checkpoint, into a new run folder.
+
+    The architecture comes from the checkpoint itself; the data, figure and logger settings
+    from ``cfg``. Nothing is trained.
+    """
+    if not cfg.get("ckpt_path"):
+        raise UserError(
+            "eval needs a checkpoint: add ckpt_path=logs/runs/<run>/checkpoints/best.ckpt."
+        )
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} does not exist: point it at a .ckpt file in a run's "
+            "checkpoints/ folder."
+        )
+    run_dir, datamodule = _prepare_run(cfg)
+    try:
+        model = Autoencoder.load_from_checkpoint(path, map_location="cpu")
+    except Exception as err:
+        raise UserError(
+            f"{path} is not an ae-lightning checkpoint ({type(err).__name__}): point "
+            "ckpt_path at a checkpoint written by train.py."
+        ) from None
+    callbacks = [
+        c for c in _instantiate_group(cfg.get("callbacks")) if not isinstance(c, ModelCheckpoint)
+    ]
+    trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
+    (test_metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
+    metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
+    metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
+    return _record(cfg, run_dir, trainer, model, datamodule, metrics)
 
 
 def ensure_writable_logs() -> None:
@@ -218,14 +272,14 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_cli(cfg: DictConfig) -> float:
+def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = train) -> float:
     """Entry-point body: train and print the result.
 
     Bad input exits 2 with one sentence. In a sweep, a failing job writes ``failed.json``
     (its error line) into its folder and the sweep goes on with the next job.
     """
     try:
-        metrics = train(cfg)
+        metrics = task(cfg)
     except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -242,7 +296,10 @@ def run_cli(cfg: DictConfig) -> float:
     if rank_zero_only.rank == 0:
         print(
             "test/mse {:.5f}  ({} epochs, {:.1f} s)  -> {}".format(
-                metrics["test/mse"], metrics["epochs"], metrics["train_time_s"], cfg.run_dir
+                metrics["test/mse"],
+                metrics["epochs"],
+                metrics.get("train_time_s", 0.0),
+                cfg.run_dir,
             ),
             flush=True,
         )
