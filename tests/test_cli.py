@@ -3,6 +3,9 @@
 import json
 import re
 
+import pytest
+import yaml
+
 from conftest import run_train_cli, tiny_overrides
 
 
@@ -127,3 +130,18 @@ def test_submitit_local_multirun_completes(tiny_root, tmp_path):
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert [json.loads((j / "metrics.json").read_text())["bottleneck"] for j in jobs] == [2, 3]
     assert (sweep / "summary.md").is_file()
+
+
+def test_optuna_search_minimises_val_mse(tiny_root, tmp_path):
+    result = run_train_cli(
+        ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *tiny_overrides(tiny_root),
+         "callbacks=none"],
+        logs=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = only_child(tmp_path / "multiruns")
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()]
+    val = [json.loads((j / "metrics.json").read_text())["best_val/mse"] for j in jobs]
+    assert len(jobs) == 2 and best["best_value"] == pytest.approx(min(val))
+    assert {"model", "model.optimizer.lr"} <= set(best["best_params"])

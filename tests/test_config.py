@@ -11,7 +11,7 @@ from ae_lightning.module import Autoencoder
 from ae_lightning.train import _instantiate_group
 from conftest import CONF, compose_cfg
 
-GROUPS = ["model", "data", "trainer", "callbacks", "logger", "experiment"]
+GROUPS = ["model", "data", "trainer", "callbacks", "logger", "experiment", "hparams_search"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
 
