@@ -18,12 +18,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from common import PROJECT, train_with
 
 from ae_lightning.data import MNISTDataModule, to_unit_float
-from ae_lightning.train import train
 
-PROJECT = Path(__file__).resolve().parents[1]
 WORKFLOW = [("linear", 2), ("hidden1024", 2), ("hidden1024", 10)]
 
 
@@ -65,22 +63,11 @@ def main(argv: list[str] | None = None) -> dict:
     for model, bottleneck in WORKFLOW:
         runs = []
         for seed in args.seeds:
-            overrides = [
-                f"model={model}",
-                f"bottleneck={bottleneck}",
-                f"seed={seed}",
-                f"trainer.max_epochs={args.epochs}",
-                f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-                f"data.root={args.data_root}",
-                "data.download=false",
-                f"data.batch_size={args.batch_size}",
-                f"data.val_size={args.val_size}",
-                f"run_dir={runs_dir / f'{model}_z{bottleneck}_seed{seed}'}",
-            ]
+            overrides = [f"model={model}", f"bottleneck={bottleneck}", f"seed={seed}"]
             if not args.figures:
                 overrides.append("callbacks=none")
-            with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
-                runs.append(train(compose(config_name="train", overrides=overrides)))
+            run_dir = runs_dir / f"{model}_z{bottleneck}_seed{seed}"
+            runs.append(train_with(args, run_dir, *overrides))
         test_mse = [run["test/mse"] for run in runs]
         results["models"].append(
             {

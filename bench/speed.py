@@ -29,16 +29,13 @@ from pathlib import Path
 import psutil
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from common import PROJECT, train_with
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.nets import build_encoder_decoder
-from ae_lightning.train import train
-
-PROJECT = Path(__file__).resolve().parents[1]
 
 MODELS = {"linear": [], "hidden1024": [1024]}
 
@@ -144,21 +141,10 @@ def plain_loop(args, hidden, images_u8, device) -> list[float]:
 
 def framework(args, model_name, run_dir) -> list[float]:
     """(c) `train(cfg)` as `python train.py` runs it: default config, figure callbacks off."""
-    overrides = [
-        f"model={model_name}",
-        f"bottleneck={args.bottleneck}",
-        "callbacks=none",
-        f"trainer.max_epochs={args.epochs}",
-        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-        f"data.root={args.data_root}",
-        "data.download=false",
-        f"data.batch_size={args.batch_size}",
-        f"data.val_size={args.val_size}",
-        f"run_dir={run_dir}",
-    ]
-    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    return train(cfg)["epoch_times_s"]
+    metrics = train_with(
+        args, run_dir, f"model={model_name}", f"bottleneck={args.bottleneck}", "callbacks=none"
+    )
+    return metrics["epoch_times_s"]
 
 
 def device_name(device: torch.device) -> str:

@@ -43,13 +43,13 @@ from ae_lightning.plots import (
 log = logging.getLogger(__name__)
 
 
-def progress_display(refresh_rate: int = 25, force_rich: bool = False) -> Callback:
+def progress_display(refresh_rate: int = 25) -> Callback:
     """A Rich progress bar on a terminal; one plain summary line per epoch otherwise.
 
     Logs and CI output stay readable (no carriage-return bars), and a terminal user
     still sees live progress. Refreshing every ``refresh_rate`` steps keeps its cost small.
     """
-    if force_rich or sys.stdout.isatty():
+    if sys.stdout.isatty():
         return RichProgressBar(refresh_rate=refresh_rate, leave=True)
     return EpochSummary()
 

@@ -190,9 +190,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, model))
-    train_time = time.perf_counter() - start
-    if trainer.interrupted:
-        raise KeyboardInterrupt
+    train_time = time.perf_counter() - start  # (Ctrl-C: Lightning shuts down and exits in fit)
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     test_ckpt = None  # without a checkpoint callback: test the weights in memory

@@ -1,0 +1,29 @@
+"""What both benchmarks share: running `train(cfg)` with the benchmark's settings."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+
+from ae_lightning.train import train
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def train_with(args: argparse.Namespace, run_dir: Path | str, *overrides: str) -> dict[str, Any]:
+    """`train(cfg)` with the default config plus the benchmark's device, data and epochs."""
+    settings = [
+        f"trainer.max_epochs={args.epochs}",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        f"data.root={args.data_root}",
+        "data.download=false",
+        f"data.batch_size={args.batch_size}",
+        f"data.val_size={args.val_size}",
+        f"run_dir={run_dir}",
+        *overrides,
+    ]
+    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+        return train(compose(config_name="train", overrides=settings))
