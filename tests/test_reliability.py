@@ -97,3 +97,22 @@ def test_a_failing_job_does_not_take_the_sweep_down(tiny_root, tmp_path):
     failed = json.loads((jobs["1"] / "failed.json").read_text())
     assert failed["status"] == "failed"
     assert failed["error"].startswith("UserError: bottleneck=0 is not a positive whole number")
+
+
+def test_sigint_mid_epoch_leaves_a_loadable_last_checkpoint(tiny_root, tmp_path):
+    args = [*tiny_overrides(tiny_root), *SLOW_TINY, "trainer.max_epochs=50"]
+    proc = subprocess.Popen(
+        [sys.executable, str(PROJECT / "train.py"), *args],
+        env={**os.environ, "AE_LOGS_DIR": str(tmp_path)}, cwd=PROJECT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.03)  # somewhere inside the next epoch
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "metrics.json").exists()
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 0 <= checkpoint["epoch"] < 49 and "state_dict" in checkpoint
