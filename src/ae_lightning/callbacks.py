@@ -21,8 +21,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning.data import to_unit_float
 from ae_lightning.latent import (
-    SAMPLERS,
     CodeSampler,
+    check_sampler,
     crossfade,
     decode_codes,
     encode_images,
@@ -298,8 +298,7 @@ class SamplesFigure(FigureCallback):
         self, n: int = 64, sampler: str = "gaussian", fit_on: int = 10_000, seed: int = 0, **kwargs
     ) -> None:
         super().__init__(**kwargs)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}: choose one of {SAMPLERS}.")
+        check_sampler(sampler)  # fail at start-up, not at the first figure
         self.n, self.sampler, self.fit_on, self.seed = n, sampler, fit_on, seed
 
     def make_figure(self, trainer, pl_module, title):

@@ -255,8 +255,6 @@ def compare(
         out = (paths[0] if not is_run(paths[0]) else paths[0].parent) / "comparison"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = summary_rows(runs)
-    write_summary(rows, out)
 
     models = []
     for run in runs:
@@ -268,11 +266,10 @@ def compare(
             run.error = f"cannot load {run.checkpoint.name}: {type(err).__name__}"
             continue
         models.append((run, model))
+    write_summary(summary_rows(runs), out)
     if not models:
-        write_summary(summary_rows(runs), out)
         log.warning("No run has a loadable checkpoint: only the summary was written.")
         return out
-    write_summary(summary_rows(runs), out)
     datamodule = _data_for(models[0][0], data_root)
     figures = _figures(models, datamodule, sampler, seed)
 

@@ -198,17 +198,24 @@ class MNISTDataModule(pl.LightningDataModule):
         self.loader = loader  # "memory": device-resident tensors; "dataloader": torch DataLoader
         self.num_workers = num_workers
         self._splits: dict[str, Batch] = {}
+        self._parsed: dict[bool, Batch] = {}
 
     # --- Lightning hooks -----------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Download once (rank zero) if the files are missing."""
+        """Download once (rank zero) if the files are missing; keep what was parsed."""
         for train in (True, False):
-            load_mnist(self.root, train=train, download=self.download)
+            self._parsed[train] = load_mnist(self.root, train=train, download=self.download)
+
+    def _load(self, train: bool) -> Batch:
+        """A split parsed by ``prepare_data`` in this process, else parsed now."""
+        if train not in self._parsed:
+            self._parsed[train] = load_mnist(self.root, train=train, download=self.download)
+        return self._parsed.pop(train)  # setup keeps its own slices; free the full copy
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
             return
-        images, labels = load_mnist(self.root, train=True, download=self.download)
+        images, labels = self._load(train=True)
         if not 0 < self.val_size < len(images) or self.batch_size > len(images) - self.val_size:
             raise UserError(
                 f"data.val_size={self.val_size} with data.batch_size={self.batch_size} does not "
@@ -221,7 +228,7 @@ class MNISTDataModule(pl.LightningDataModule):
         val, train = order[: self.val_size], order[self.val_size :]
         self._splits["train"] = images[train], labels[train]
         self._splits["val"] = images[val], labels[val]
-        self._splits["test"] = load_mnist(self.root, train=False, download=self.download)
+        self._splits["test"] = self._load(train=False)
 
     def train_dataloader(self) -> InMemoryBatches | DataLoader:
         return self._batches("train", self.batch_size, shuffle=True, drop_last=self.drop_last)

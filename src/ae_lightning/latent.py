@@ -100,12 +100,16 @@ def fit_projection(codes: torch.Tensor, method: str = "pca") -> Projection:
     return Projection(mean, vh[:2].T.contiguous(), "pca", (explained[0], explained[1]))
 
 
+def check_sampler(kind: str) -> None:
+    if kind not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {kind!r}: choose one of {SAMPLERS}.")
+
+
 class CodeSampler:
     """Draws bottleneck vectors from a distribution fitted to (or independent of) the codes."""
 
     def __init__(self, kind: str, codes: torch.Tensor, seed: int = 0, gmm_components: int = 10):
-        if kind not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {kind!r}: choose one of {SAMPLERS}.")
+        check_sampler(kind)
         self.kind, self.dim = kind, codes.shape[1]
         codes = codes.double()
         if kind == "gaussian":
