@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 from ae_lightning.train import train
 
@@ -25,5 +26,10 @@ def train_with(args: argparse.Namespace, run_dir: Path | str, *overrides: str) -
         f"run_dir={run_dir}",
         *overrides,
     ]
+    return train(compose_config(*settings))
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The project's config (conf/train.yaml) with ``overrides``, as ``python train.py`` has it."""
     with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
-        return train(compose(config_name="train", overrides=settings))
+        return compose(config_name="train", overrides=list(overrides))

@@ -43,13 +43,15 @@ from ae_lightning.plots import (
 log = logging.getLogger(__name__)
 
 
-def progress_display(refresh_rate: int = 25) -> Callback:
+def progress_display(refresh_every_steps: int = 25, steps_per_call: int = 1) -> Callback:
     """A Rich progress bar on a terminal; one plain summary line per epoch otherwise.
 
     Logs and CI output stay readable (no carriage-return bars), and a terminal user
-    still sees live progress. Refreshing every ``refresh_rate`` steps keeps its cost small.
+    still sees live progress. Refreshing about every ``refresh_every_steps`` optimizer
+    steps keeps its cost small; the bar counts Lightning steps of ``steps_per_call`` each.
     """
     if sys.stdout.isatty():
+        refresh_rate = max(1, refresh_every_steps // steps_per_call)
         return RichProgressBar(refresh_rate=refresh_rate, leave=True)
     return EpochSummary()
 

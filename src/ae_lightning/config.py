@@ -94,8 +94,30 @@ def validate_config(cfg: DictConfig) -> None:
             "(tensors on the device) or data.loader=dataloader (a torch DataLoader)."
         )
 
+    _check_steps_per_call(cfg)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs != -1:
         _positive_int(max_epochs, "trainer.max_epochs", "use e.g. trainer.max_epochs=25")
     if cfg.get("test_ckpt") not in ("best", "last"):
         raise UserError(f"test_ckpt={cfg.get('test_ckpt')!r} is not a choice: use best or last.")
+
+
+def _check_steps_per_call(cfg: DictConfig) -> None:
+    """K > 1 runs the module's own step loop, which has no clipping, accumulation or scaler."""
+    steps = _select(cfg, "steps_per_call")
+    _positive_int(steps, "steps_per_call", "use e.g. steps_per_call=10, or 1 for one per step")
+    if steps == 1:
+        return
+    trainer = cfg.trainer
+    needs_lightning_loop = {
+        "trainer.gradient_clip_val": trainer.get("gradient_clip_val") not in (None, 0, 0.0),
+        "trainer.accumulate_grad_batches": trainer.get("accumulate_grad_batches", 1) != 1,
+        "trainer.precision": str(trainer.get("precision")) in ("16", "16-mixed"),
+    }
+    for key, conflicts in needs_lightning_loop.items():
+        if conflicts:
+            raise UserError(
+                f"{key}={_select(cfg, key)!r} needs Lightning's own step loop, but "
+                f"steps_per_call={steps} takes {steps} optimizer steps per Lightning step: "
+                "add steps_per_call=1."
+            )

@@ -3,6 +3,10 @@
 MNIST is 47 MB as uint8, so the whole split lives on the device and an epoch is a seeded
 permutation plus tensor slicing: no per-sample PIL decoding, no worker processes. Batches
 stay uint8 until ``on_after_batch_transfer`` scales them to float pixels in [0, 1].
+
+With ``steps_per_call=K > 1`` a training "batch" is a list of K consecutive minibatches that
+the module steps through in one Lightning step (see ``Autoencoder``): the same minibatches in
+the same order, with Lightning's per-batch cost paid once per K optimizer steps.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ from ae_lightning.errors import UserError
 DATA_ENV_VAR = "AE_DATA_ROOT"
 IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # uint8, 3-D / 1-D
 Batch = tuple[torch.Tensor, torch.Tensor]
+TrainBatch = Batch | list[Batch]  # a list of minibatches when steps_per_call > 1
+
+
+def steps_per_call_for(requested: int, trainer: pl.Trainer | None) -> int:
+    """``requested``, or 1 under DDP, whose gradient sync expects one backward per step."""
+    return 1 if trainer is not None and trainer.world_size > 1 else requested
 
 
 class MNISTNotFoundError(UserError):
@@ -143,7 +153,11 @@ class EpochPermutation:
 
 
 class InMemoryBatches:
-    """Iterable of ``(uint8 images, labels)`` batches sliced from tensors on one device."""
+    """Iterable of ``(uint8 images, labels)`` batches sliced from tensors on one device.
+
+    With ``steps_per_call=K > 1`` it yields lists of K such minibatches (the last list of an
+    epoch may be shorter); the minibatches themselves are the same either way.
+    """
 
     def __init__(
         self,
@@ -152,22 +166,37 @@ class InMemoryBatches:
         batch_size: int,
         sampler: EpochPermutation,
         drop_last: bool = False,
+        steps_per_call: int = 1,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.drop_last = batch_size, drop_last
+        self.steps_per_call = steps_per_call
         # DataLoader's attribute names: Lightning calls `sampler.set_epoch` before each epoch.
         self.sampler = sampler
         self.batch_sampler = None
 
-    def __len__(self) -> int:
+    @property
+    def num_minibatches(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __len__(self) -> int:
+        return math.ceil(self.num_minibatches / self.steps_per_call)
+
+    def __iter__(self) -> Iterator[TrainBatch]:
         index = self.sampler.indices(self.images.device)
         images, labels = self.images[index], self.labels[index]  # one gather per epoch
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
+        size, per_call = self.batch_size, self.steps_per_call
+        starts = range(0, self.num_minibatches * size, size)
+        if per_call == 1:
+            for start in starts:
+                yield images[start : start + size], labels[start : start + size]
+            return
+        for first in range(0, len(starts), per_call):
+            yield [
+                (images[start : start + size], labels[start : start + size])
+                for start in starts[first : first + per_call]
+            ]
 
 
 class MNISTDataModule(pl.LightningDataModule):
@@ -185,6 +214,7 @@ class MNISTDataModule(pl.LightningDataModule):
         download: bool = True,
         loader: str = "memory",
         num_workers: int = 0,
+        steps_per_call: int = 1,
     ) -> None:
         super().__init__()
         self.root = root
@@ -197,6 +227,8 @@ class MNISTDataModule(pl.LightningDataModule):
         self.download = download
         self.loader = loader  # "memory": device-resident tensors; "dataloader": torch DataLoader
         self.num_workers = num_workers
+        # Training minibatches per Lightning step; must match the module's (one config key).
+        self.steps_per_call = steps_per_call
         self._splits: dict[str, Batch] = {}
         self._parsed: dict[bool, Batch] = {}
 
@@ -231,7 +263,10 @@ class MNISTDataModule(pl.LightningDataModule):
         self._splits["test"] = self._load(train=False)
 
     def train_dataloader(self) -> InMemoryBatches | DataLoader:
-        return self._batches("train", self.batch_size, shuffle=True, drop_last=self.drop_last)
+        steps = steps_per_call_for(self.steps_per_call, self.trainer)
+        return self._batches(
+            "train", self.batch_size, shuffle=True, drop_last=self.drop_last, steps_per_call=steps
+        )
 
     def val_dataloader(self) -> InMemoryBatches | DataLoader:
         return self._batches("val", self.eval_batch_size, shuffle=False, drop_last=False)
@@ -239,7 +274,9 @@ class MNISTDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> InMemoryBatches | DataLoader:
         return self._batches("test", self.eval_batch_size, shuffle=False, drop_last=False)
 
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+    def on_after_batch_transfer(self, batch: TrainBatch, dataloader_idx: int) -> TrainBatch:
+        if isinstance(batch, list):
+            return [(to_unit_float(images), labels) for images, labels in batch]
         images, labels = batch
         return to_unit_float(images), labels
 
@@ -265,10 +302,11 @@ class MNISTDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _batches(
-        self, split: str, batch_size: int, shuffle: bool, drop_last: bool
+        self, split: str, batch_size: int, shuffle: bool, drop_last: bool, steps_per_call: int = 1
     ) -> InMemoryBatches | DataLoader:
         images, labels = self.split(split)
         if self.loader == "dataloader":  # the standard path, for data that does not fit
+            # (one minibatch per Lightning step; the module takes a lone batch as a list of one)
             return DataLoader(
                 TensorDataset(images, labels),
                 batch_size=batch_size,
@@ -282,5 +320,10 @@ class MNISTDataModule(pl.LightningDataModule):
         rank, world_size = self._rank_and_world()
         sampler = EpochPermutation(len(images), self.seed, shuffle, rank, world_size)
         return InMemoryBatches(
-            images.to(device), labels.to(device), batch_size, sampler, drop_last=drop_last
+            images.to(device),
+            labels.to(device),
+            batch_size,
+            sampler,
+            drop_last=drop_last,
+            steps_per_call=steps_per_call,
         )
