@@ -51,6 +51,7 @@ def test_quality_benchmark_reports_each_model_beside_pca(tiny_root, tmp_path):
     run_bench(
         "quality.py", "--epochs", "1", "--batch-size", "50", "--val-size", "100",
         "--data-root", str(tiny_root), "--json", str(out), "--markdown", str(table),
+        "--runs-dir", str(tmp_path / "runs"),
     )  # fmt: skip
     rows = json.loads(out.read_text())["models"]
     assert [(r["model"], r["bottleneck"]) for r in rows] == [

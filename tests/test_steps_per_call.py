@@ -70,7 +70,7 @@ def test_k_steps_per_call_train_exactly_like_one(tiny_root, tmp_path):
     for name, weight in c1["state_dict"].items():
         assert torch.equal(weight, c3["state_dict"][name]), name
     lrs = [c["optimizer_states"][0]["param_groups"][0]["lr"] for c in (c1, c3)]
-    assert lrs == [2.5e-4, 2.5e-4]  # halved after each of the 2 epochs
+    assert lrs == [7.5e-4, 7.5e-4]  # 3e-3 halved after each of the 2 epochs
     assert m1["test/mse"] == m3["test/mse"]
     for tag in ("train/mse", "val/mse"):
         one, three = scalars(d1, tag), scalars(d3, tag)

@@ -25,7 +25,7 @@ class TrainingDivergedError(UserError):
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """Adam at lr 1e-3, as the configs default to (see conf/model/linear.yaml)."""
+    """Adam at lr 1e-3, the reference workflow's setting (the configs choose per model)."""
     return torch.optim.Adam(params, lr=1e-3)
 
 
