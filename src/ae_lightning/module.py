@@ -39,8 +39,8 @@ class Autoencoder(pl.LightningModule):
     ``steps_per_call=K > 1`` takes K optimizer steps per Lightning step, over a list of K
     minibatches from the data module (``data.steps_per_call``, the same config key). Each
     Lightning step costs ~0.3 ms of hooks and bookkeeping, as much as a whole step of the
-    linear model on a CPU; paying it once per K steps makes training as fast as a plain
-    loop. The maths is unchanged: the same minibatches, losses and Adam updates as K=1, and
+    linear model on a CPU; paid once per K steps, it all but vanishes (BENCHMARKS.md).
+    The maths is unchanged: the same minibatches, losses and Adam updates as K=1, and
     ``global_step`` and the loggers' x-axis still count optimizer steps. What differs: the
     per-step hooks (``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``,
     ``on_before_zero_grad``) and per-batch callbacks run once per K steps, and Trainer options
