@@ -80,12 +80,13 @@ def test_k_steps_per_call_train_exactly_like_one(tiny_root, tmp_path):
 
 
 def test_max_steps_stops_inside_a_call(tiny_root, tmp_path):
+    """10 steps an epoch in calls of 4, 4, 2: step 17 falls inside epoch 2's second call."""
     cfg = compose_cfg(
         [*tiny_overrides(tiny_root), "steps_per_call=4", "callbacks=none", "logger=none",
-         "latent_metrics=false", "+trainer.max_steps=7"],
+         "latent_metrics=false", "trainer.max_epochs=3", "+trainer.max_steps=17"],
         run_dir=tmp_path,
     )  # fmt: skip
-    assert train(cfg)["global_step"] == 7
+    assert train(cfg)["global_step"] == 17
 
 
 @pytest.mark.parametrize(
