@@ -115,7 +115,6 @@ class Autoencoder(pl.LightningModule):
         lightning_optimizer = self.optimizers()
         optimizer = lightning_optimizer.optimizer
         trainer = self.trainer
-        every = trainer.log_every_n_steps
         taken, loss = 0, None
         for x, _ in minibatches:
             if 0 <= trainer.max_steps <= self.global_step:
@@ -129,7 +128,7 @@ class Autoencoder(pl.LightningModule):
             lightning_optimizer._on_after_step()
             taken += 1
             step = self.global_step - 1  # the step just taken, as K=1 logging numbers it
-            if every > 0 and (step + 1) % every == 0:
+            if self._loggers_write_at(step):
                 self._log_train_loss(loss, step)
         # Lightning counts this call as one batch; the loggers' x-axis should count steps.
         trainer.fit_loop.epoch_loop._batches_that_stepped += max(taken - 1, 0)
@@ -154,7 +153,7 @@ class Autoencoder(pl.LightningModule):
         training = stage == "train"
         if stage == "val" and self._constant_mse is None:
             self._constant_parts.append(x.var(dim=0, unbiased=False).mean())
-        if training and not self._loggers_write_this_step():
+        if training and not self._loggers_write_at(self.global_step):
             return loss
         # Logged tensors stay on the device; Lightning reduces them without a per-step sync.
         self.log(
@@ -187,14 +186,14 @@ class Autoencoder(pl.LightningModule):
             return {}
         return {"fused": True} if "fused" in inspect.signature(target).parameters else {}
 
-    def _loggers_write_this_step(self) -> bool:
+    def _loggers_write_at(self, step: int) -> bool:
         """True on the steps where the loggers write (every ``log_every_n_steps``).
 
         ``self.log`` costs ~0.7 ms on the CPU, as much as a whole step of the linear model,
         so the training loss is handed over only when a logger will read it.
         """
         every = self.trainer.log_every_n_steps
-        return every > 0 and (self.global_step + 1) % every == 0
+        return every > 0 and (step + 1) % every == 0
 
     def on_train_epoch_end(self) -> None:
         self.trained_epochs = self.current_epoch + 1
