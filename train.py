@@ -11,7 +11,7 @@ os.environ.setdefault("AE_PROJECT_DIR", str(Path(__file__).resolve().parent))  #
 from ae_lightning.train import ensure_writable_logs, run_cli  # noqa: E402  (+ resolvers)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://ae_lightning.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     return run_cli(cfg)
 

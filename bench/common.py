@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from ae_lightning.train import train
@@ -30,6 +30,6 @@ def train_with(args: argparse.Namespace, run_dir: Path | str, *overrides: str) -
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    """The project's config (conf/train.yaml) with ``overrides``, as ``python train.py`` has it."""
-    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+    """The package's config (ae_lightning/conf/train.yaml) with ``overrides``, as train.py."""
+    with initialize_config_module(config_module="ae_lightning.conf", version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))

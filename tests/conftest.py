@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 PROJECT = Path(__file__).resolve().parents[1]
-CONF = PROJECT / "conf"
+CONF = PROJECT / "src" / "ae_lightning" / "conf"
 TINY_TRAIN, TINY_TEST = 600, 200
 
 
