@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+import yaml
 
+from ae_lightning import runfolder
 from ae_lightning.callbacks import save_png
 from ae_lightning.data import MNISTDataModule, to_unit_float
 from ae_lightning.errors import UserError
 from ae_lightning.latent import (
     CodeSampler,
+    check_sampler,
     crossfade,
     decode_codes,
     encode_images,
@@ -56,11 +57,11 @@ class Run:
 
     path: Path
     overrides: list[str] = field(default_factory=list)
-    config: DictConfig | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     error: str = ""
     label: str = ""
+    status: str = ""  # "interrupted" or "failed" from the folder's own files
 
     @property
     def ok(self) -> bool:
@@ -95,21 +96,23 @@ def _job_number(path: Path) -> int:
 
 
 def load_run(path: Path) -> Run:
-    """Config, overrides, metrics and best checkpoint of a run; problems become ``error``."""
+    """Overrides, metrics and best checkpoint of a run, read as data; problems become ``error``.
+
+    A run folder whose saved config asks to build code is refused (``UserError``).
+    """
     run = Run(path)
-    run.config = OmegaConf.load(path / ".hydra" / "config.yaml")
+    runfolder.data_settings(path)  # refuses a data section that names code to build
     overrides_file = path / ".hydra" / "overrides.yaml"
     if overrides_file.is_file():
-        run.overrides = [str(o) for o in OmegaConf.load(overrides_file)]
-    if (path / "metrics.json").is_file():
-        run.metrics = json.loads((path / "metrics.json").read_text())
-    if (path / "failed.json").is_file():
-        run.error = json.loads((path / "failed.json").read_text()).get("error", "failed")
-    for name in ("best.ckpt", "last.ckpt"):
-        if (path / "checkpoints" / name).is_file():
-            run.checkpoint = path / "checkpoints" / name
-            break
-    else:
+        try:
+            overrides = yaml.safe_load(overrides_file.read_text()) or []
+        except yaml.YAMLError:
+            overrides = []
+        run.overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
+    run.metrics = runfolder.metrics(path)
+    run.status, run.error = runfolder.status(path)
+    run.checkpoint = runfolder.choose_checkpoint(path)
+    if run.checkpoint is None:
         run.error = run.error or "no checkpoint (the run did not finish an epoch)"
     return run
 
@@ -128,11 +131,7 @@ def label_runs(runs: list[Run]) -> None:
 
 
 def _data_for(run: Run, data_root: str | None) -> MNISTDataModule:
-    data_cfg = OmegaConf.to_container(run.config.data, resolve=True)
-    if data_root is not None:
-        data_cfg["root"] = data_root
-    data_cfg["download"] = False
-    datamodule = instantiate(data_cfg)
+    datamodule = runfolder.data_module(run.path, data_root)
     datamodule.setup()
     return datamodule
 
@@ -211,7 +210,7 @@ def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
     for run in runs:
         row = {
             "run": run.label,
-            "status": "ok" if run.ok and "test/mse" in run.metrics else "failed",
+            "status": "ok" if run.ok and "test/mse" in run.metrics else run.status or "failed",
             "overrides": " ".join(run.overrides),
             "error": run.error,
             "path": str(run.path),
@@ -248,22 +247,28 @@ def compare(
     seed: int = 0,
 ) -> Path:
     """Compare runs (or sweeps); return the folder the figures and tables were written to."""
+    try:
+        check_sampler(sampler)  # before any work: a typo costs nothing
+    except ValueError as err:
+        raise UserError(f"--sampler {sampler}: {err}") from None
     paths = [Path(p) for p in paths]
     runs = [load_run(p) for p in find_runs(paths)]
     label_runs(runs)
     if out is None:
         out = (paths[0] if not is_run(paths[0]) else paths[0].parent) / "comparison"
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
 
     models = []
     for run in runs:
         if not run.ok:
             continue
         try:
-            model = Autoencoder.load_from_checkpoint(run.checkpoint, map_location="cpu").eval()
-        except Exception as err:  # a corrupt or foreign checkpoint: a failed row, not a crash
-            run.error = f"cannot load {run.checkpoint.name}: {type(err).__name__}"
+            model = runfolder.load_autoencoder(run.checkpoint)
+        except runfolder.UnsafeCheckpointError:
+            raise  # a file that tries to run code stops the comparison
+        except UserError:  # a corrupt or foreign checkpoint: a failed row, not a crash
+            run.error = f"cannot load {run.checkpoint.name}: not a readable checkpoint"
             continue
         models.append((run, model))
     write_summary(summary_rows(runs), out)
@@ -282,6 +287,19 @@ def compare(
             writer.add_image(f"comparison/{name}", rgb, 0, dataformats="HWC")
         writer.add_text("comparison/summary", (out / "summary.md").read_text(), 0)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """One sentence, before any work, when the output folder cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"The comparison cannot be written to {out} ({err.strerror or type(err).__name__}): "
+            "pass --out /a/writable/folder."
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:

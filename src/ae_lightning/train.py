@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -31,6 +30,7 @@ from ae_lightning.config import validate_config
 from ae_lightning.errors import UserError
 from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
+from ae_lightning.runfolder import load_autoencoder, load_checkpoint
 
 log = logging.getLogger(__name__)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -119,7 +119,7 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
             f"{hint}, which does not exist: point it at a run folder (or .ckpt file) that "
             "finished at least one epoch."
         )
-    saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    saved = load_checkpoint(path).get("hyper_parameters", {})  # tensors and plain data only
     for key in ("bottleneck", "hidden", "decoder_hidden", "activation"):
         if key in saved and saved[key] != model.hparams.get(key):
             raise UserError(
@@ -185,11 +185,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one autoencoder as ``cfg`` says; return the metrics in ``metrics.json``."""
     run_dir, datamodule = _prepare_run(cfg)
     model = instantiate(cfg.model, _convert_="all")
+    ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, model))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - start  # (Ctrl-C: Lightning shuts down and exits in fit)
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -199,7 +200,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             checkpoint.best_model_path if cfg.test_ckpt == "best" else checkpoint.last_model_path
         )
         test_ckpt = wanted or None
-    (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+    (test_metrics,) = trainer.test(
+        model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False, weights_only=True
+    )
 
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
     if checkpoint is not None and checkpoint.best_model_score is not None:
@@ -232,14 +235,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"ckpt_path={cfg.ckpt_path} does not exist: point it at a .ckpt file in a run's "
             "checkpoints/ folder."
         )
+    model = load_autoencoder(path)  # before the run folder: a refused file leaves none
     run_dir, datamodule = _prepare_run(cfg)
-    try:
-        model = Autoencoder.load_from_checkpoint(path, map_location="cpu")
-    except Exception as err:
-        raise UserError(
-            f"{path} is not an ae-lightning checkpoint ({type(err).__name__}): point "
-            "ckpt_path at a checkpoint written by train.py."
-        ) from None
     callbacks = [
         c for c in _instantiate_group(cfg.get("callbacks")) if not isinstance(c, ModelCheckpoint)
     ]

@@ -1,0 +1,113 @@
+"""Files are data, never code: checkpoints and run folders that try to run code are refused."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import PROJECT, run_train_cli, tiny_overrides
+
+
+class Payload:
+    """Unpickling this calls ``os.system``: what a malicious checkpoint hides."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def one_sentence_refusal(result, marker, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert not marker.exists(), "the file's code ran"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def good_run(tiny_root, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("security_logs")
+    result = run_train_cli([*tiny_overrides(tiny_root), "callbacks=minimal"], logs=logs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (logs / "runs").iterdir()
+    return run_dir
+
+
+def poisoned_copy(run_dir, tmp_path, marker):
+    """The run folder with code hidden in both checkpoints, beside real weights."""
+    copy = tmp_path / "shared_run"
+    shutil.copytree(run_dir, copy)
+    for name in ("best.ckpt", "last.ckpt"):
+        checkpoint = torch.load(copy / "checkpoints" / name, weights_only=True)
+        checkpoint["hyper_parameters"]["note"] = Payload(marker)
+        torch.save(checkpoint, copy / "checkpoints" / name)
+    return copy
+
+
+@pytest.mark.parametrize("how", ["ckpt_path", "resume", "eval"])
+def test_a_checkpoint_that_runs_code_is_refused(how, good_run, tiny_root, tmp_path):
+    marker = tmp_path / "MARKER"
+    run = poisoned_copy(good_run, tmp_path, marker)
+    args, script = [*tiny_overrides(tiny_root), "callbacks=minimal"], "train.py"
+    if how == "ckpt_path":
+        args.append(f"ckpt_path={run}/checkpoints/last.ckpt")
+    elif how == "resume":
+        args.append(f"resume={run}")
+    else:
+        args.append(f"ckpt_path={run}/checkpoints/best.ckpt")
+        script = "eval.py"
+    result = run_train_cli(args, logs=tmp_path / "logs", script=script)
+    one_sentence_refusal(result, marker, "asks to run code", "was not loaded")
+
+
+def ae_compare(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "ae_lightning.compare", *map(str, args)],
+        capture_output=True, text=True, cwd=PROJECT,
+    )  # fmt: skip
+
+
+def test_compare_refuses_a_checkpoint_that_runs_code(good_run, tmp_path):
+    marker = tmp_path / "MARKER"
+    run = poisoned_copy(good_run, tmp_path, marker)
+    result = ae_compare(good_run, run, "--out", tmp_path / "cmp")
+    one_sentence_refusal(result, marker, "best.ckpt asks to run code")
+
+
+def poisoned_config(run_dir, tmp_path, marker):
+    """The run folder with a `_target_` nested in its saved data settings."""
+    copy = tmp_path / "shared_run"
+    shutil.copytree(run_dir, copy)
+    path = copy / ".hydra" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["data"]["root"] = {"_target_": "os.system", "_args_": [f"touch {marker}"]}
+    path.write_text(yaml.safe_dump(config))
+    return copy
+
+
+def test_compare_refuses_a_run_config_that_names_code(good_run, tmp_path):
+    marker = tmp_path / "MARKER"
+    run = poisoned_config(good_run, tmp_path, marker)
+    result = ae_compare(run, "--out", tmp_path / "cmp")
+    one_sentence_refusal(result, marker, "data.root._target_", "reads run folders as data only")
+    assert not (tmp_path / "cmp").exists()  # refused before anything was written
+
+
+def test_eval_never_reads_the_run_config_beside_the_checkpoint(good_run, tiny_root, tmp_path):
+    marker = tmp_path / "MARKER"
+    run = poisoned_config(good_run, tmp_path, marker)
+    result = run_train_cli(
+        [f"ckpt_path={run}/checkpoints/best.ckpt", *tiny_overrides(tiny_root),
+         "callbacks=minimal"],
+        logs=tmp_path / "logs", script="eval.py",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not marker.exists()
