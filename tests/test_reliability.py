@@ -17,42 +17,92 @@ from conftest import PROJECT, run_train_cli, tiny_overrides
 SLOW_TINY = ["model=hidden1024", "data.batch_size=10", "callbacks=none", "seed=7"]
 
 
-def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_root, tmp_path):
-    args = [*tiny_overrides(tiny_root), *SLOW_TINY, "trainer.max_epochs=12"]
+SIGTERM_EXIT = 143
+KILL_AT = ["+callbacks.kill._target_=signals.SigtermAtStep"]  # tests/signals.py
+WITH_TESTS = {
+    "PYTHONPATH": os.pathsep.join([str(PROJECT / "tests"), os.environ.get("PYTHONPATH", "")])
+}
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def scalar_steps(run_dir, tag):
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_sigterm_mid_epoch_then_resume_is_bit_identical(tiny_root, tmp_path):
+    """Default steps_per_call=20: 50 minibatches an epoch are Lightning steps of 20, 20, 10."""
+    args = [*tiny_overrides(tiny_root), "data.batch_size=10", "callbacks=none", "seed=7",
+            "trainer.max_epochs=3"]  # fmt: skip
     reference = run_train_cli(args, logs=tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-2000:]
     (reference_dir,) = (tmp_path / "reference" / "runs").iterdir()
-    expected = json.loads((reference_dir / "metrics.json").read_text())["test/mse"]
 
-    logs = tmp_path / "interrupted"
-    env = {**os.environ, "AE_LOGS_DIR": str(logs)}
-    proc = subprocess.Popen(
-        [sys.executable, str(PROJECT / "train.py"), *args],
-        env=env, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.time() + 120
-    while not list(logs.glob("runs/*/checkpoints/last.ckpt")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # Lightning ends the epoch in progress, then exits
-    proc.wait(timeout=120)
-    (run_dir,) = (logs / "runs").iterdir()
-    assert not (run_dir / "metrics.json").exists(), "the run finished before the signal"
-    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"]
-    assert stopped_at < 11
+    logs, run_dir = tmp_path / "interrupted", tmp_path / "interrupted" / "run"
+    stopped = run_train_cli(
+        [*args, *KILL_AT, "+callbacks.kill.step=70", f"hydra.run.dir={run_dir}"],
+        logs=logs, env=WITH_TESTS,
+    )  # SIGTERM after step 70: 20 steps into the second epoch  # fmt: skip
+    assert stopped.returncode == SIGTERM_EXIT, stopped.stderr[-2000:]
+    line = stopped.stderr.strip().splitlines()[-1]
+    assert line.startswith("interrupted: SIGTERM: stopped at step 70 (epoch 2)")
+    assert "resume with: python train.py " in line and f"resume={run_dir}" in line
+    assert "Traceback" not in stopped.stderr and not (run_dir / "metrics.json").exists()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 70
 
     resumed = run_train_cli([*args, f"resume={run_dir}"], logs=logs)
+    assert [p.name for p in logs.iterdir()] == ["run"]  # continued in the same folder
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert len(list((logs / "runs").iterdir())) == 1  # continued in the same folder
-    assert (run_dir / ".hydra" / "config.yaml").is_file()  # the original config is kept
-    assert (run_dir / ".hydra-resumed" / "overrides.yaml").is_file()
+    expected = json.loads((reference_dir / "metrics.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == 12
-    assert abs(metrics["test/mse"] - expected) < 1e-6
+    assert metrics["test/mse"] == expected["test/mse"] and metrics["global_step"] == 150
+    ours, theirs = weights(run_dir), weights(reference_dir)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)  # bit-identical
+    for tag in ("val/mse", "train/mse"):  # one continuous history, no step twice
+        assert scalar_steps(run_dir, tag) == scalar_steps(reference_dir, tag)
 
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    steps = [e.step for e in events.Scalars("val/mse")]
-    assert len(set(steps)) == 12 and steps == sorted(steps)  # one continuous history
+
+def test_an_outside_sigterm_stops_within_seconds_with_143(tiny_root, tmp_path):
+    args = [*tiny_overrides(tiny_root), *SLOW_TINY, "trainer.max_epochs=50"]
+    proc = subprocess.Popen(
+        [sys.executable, str(PROJECT / "train.py"), *args],
+        env={**os.environ, "AE_LOGS_DIR": str(tmp_path)}, cwd=PROJECT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # inside the next epoch
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    took = time.time() - sent
+    assert proc.returncode == SIGTERM_EXIT, stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert f"stopped at step {step} " in stderr.splitlines()[-1]
+    assert took < 30, took  # seconds on a 2-core machine under load; ~1 s when idle
+
+
+def test_sigterm_in_a_sweep_stops_it_with_a_summary_and_the_resume_command(tiny_root, tmp_path):
+    result = run_train_cli(
+        ["-m", *tiny_overrides(tiny_root), "data.batch_size=10", "trainer.max_epochs=2", *KILL_AT,
+         "callbacks=none", "+callbacks.kill.step=100000,70,100000"],
+        logs=tmp_path, env=WITH_TESTS,
+    )  # fmt: skip
+    assert result.returncode == SIGTERM_EXIT, result.stderr[-2000:]
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    jobs = sorted(p.name.split("_", 1)[0] for p in sweep.iterdir() if p.name[0].isdigit())
+    assert jobs == ["0", "1"]  # the third job never started
+    (interrupted,) = sweep.glob("1_*")
+    marker = json.loads((interrupted / "interrupted.json").read_text())
+    assert marker["status"] == "interrupted" and f"resume={interrupted}" in marker["resume"]
+    summary = (sweep / "summary.md").read_text()
+    assert "| ok |" in summary and "| interrupted |" in summary
 
 
 def test_resume_refuses_a_folder_without_checkpoint_or_another_architecture(tiny_root, tmp_path):

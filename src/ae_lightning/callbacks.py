@@ -62,6 +62,8 @@ class EpochSummary(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
 
+    on_train_start = on_train_epoch_start  # a run resumed mid-epoch skips the epoch start
+
     @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -90,6 +92,8 @@ class EpochTimer(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(pl_module)
         self._start = time.perf_counter()
+
+    on_train_start = on_train_epoch_start  # a run resumed mid-epoch skips the epoch start
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(pl_module)

@@ -157,6 +157,10 @@ class InMemoryBatches:
 
     With ``steps_per_call=K > 1`` it yields lists of K such minibatches (the last list of an
     epoch may be shorter); the minibatches themselves are the same either way.
+
+    Resumable mid-epoch through Lightning's ``state_dict``/``load_state_dict`` protocol for
+    loaders: a checkpoint records the epoch and how many minibatches were handed out, and a
+    resumed run skips exactly those (the order depends only on seed and epoch).
     """
 
     def __init__(
@@ -174,6 +178,14 @@ class InMemoryBatches:
         # DataLoader's attribute names: Lightning calls `sampler.set_epoch` before each epoch.
         self.sampler = sampler
         self.batch_sampler = None
+        self._served = 0  # minibatches handed out in the current epoch
+        self._resume_at: tuple[int, int] | None = None  # (epoch, minibatches) to skip
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "minibatches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["minibatches"]))
 
     @property
     def num_minibatches(self) -> int:
@@ -187,16 +199,22 @@ class InMemoryBatches:
         index = self.sampler.indices(self.images.device)
         images, labels = self.images[index], self.labels[index]  # one gather per epoch
         size, per_call = self.batch_size, self.steps_per_call
-        starts = range(0, self.num_minibatches * size, size)
-        if per_call == 1:
-            for start in starts:
-                yield images[start : start + size], labels[start : start + size]
-            return
+        skip, self._resume_at = self._resume_skip(), None
+        starts = range(skip * size, self.num_minibatches * size, size)
+        self._served = skip
         for first in range(0, len(starts), per_call):
-            yield [
+            group = [
                 (images[start : start + size], labels[start : start + size])
                 for start in starts[first : first + per_call]
             ]
+            self._served += len(group)
+            yield group[0] if per_call == 1 else group
+
+    def _resume_skip(self) -> int:
+        """Minibatches of this epoch a resumed run has already trained on (0 otherwise)."""
+        if self._resume_at is None or self._resume_at[0] != self.sampler.epoch:
+            return 0
+        return min(self._resume_at[1], self.num_minibatches)
 
 
 class MNISTDataModule(pl.LightningDataModule):

@@ -26,9 +26,12 @@ class SweepSummary(Callback):
         self.enabled, self.sampler, self.seed = enabled, sampler, seed
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.summarise(Path(config.hydra.sweep.dir))
+
+    def summarise(self, sweep_dir: Path) -> None:
+        """Compare the sweep's job folders so far (also after SIGTERM stopped the sweep)."""
         if not self.enabled:
             return
-        sweep_dir = Path(config.hydra.sweep.dir)
         try:
             out = compare([sweep_dir], sweep_dir / "comparison", sampler=self.sampler,
                           seed=self.seed)  # fmt: skip

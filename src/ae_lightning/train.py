@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -23,11 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ae_lightning.callbacks import EpochTimer
-from ae_lightning.checkpointing import AtomicCheckpointIO
+from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
-from ae_lightning.errors import UserError
+from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
 from ae_lightning.runfolder import load_autoencoder, load_checkpoint
@@ -130,6 +132,15 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
     return str(path)
 
 
+def resume_command(cfg: DictConfig) -> str:
+    """The command line that continues this run in its own folder."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.startswith(("resume=", "ckpt_path=", "+ckpt_path="))]
+    script = Path(sys.argv[0]).name
+    program = ["python", script] if script.endswith(".py") else [script]
+    return shlex.join([*program, *kept, f"resume={Path(cfg.run_dir).resolve()}"])
+
+
 def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
     """Checks, the run folder, seeds and the data: everything that can fail before training."""
     validate_config(cfg)
@@ -186,11 +197,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir, datamodule = _prepare_run(cfg)
     model = instantiate(cfg.model, _convert_="all")
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
-    callbacks = _instantiate_group(cfg.get("callbacks"))
+    on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm]
     trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        if on_sigterm.saved_step is None:
+            raise
+        command = resume_command(cfg)
+        raise RunInterrupted(
+            f"SIGTERM: stopped at step {on_sigterm.saved_step} (epoch "
+            f"{trainer.current_epoch + 1}) and saved {on_sigterm.path}; resume with: {command}",
+            command,
+        ) from None
     train_time = time.perf_counter() - start  # (Ctrl-C: Lightning shuts down and exits in fit)
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -263,6 +285,24 @@ def ensure_writable_logs() -> None:
         sys.exit(2)
 
 
+def _stop_sweep(cfg: DictConfig, err: RunInterrupted) -> None:
+    """Mark this job ``interrupted`` (with its resume command) and summarise the jobs so far."""
+    write_json(
+        Path(cfg.run_dir) / "interrupted.json",
+        {"status": "interrupted", "error": str(err), "resume": err.resume_command},
+    )
+    from ae_lightning.sweep import SweepSummary  # the sweep layer sits above this one
+
+    hydra = HydraConfig.get()
+    settings = hydra.callbacks.get("sweep_summary") or {}
+    summary = SweepSummary(
+        enabled=bool(settings.get("enabled", True)),
+        sampler=str(settings.get("sampler", "gaussian")),
+        seed=int(settings.get("seed", 0)),
+    )
+    summary.summarise(Path(hydra.sweep.dir))
+
+
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -275,6 +315,12 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
     """
     try:
         metrics = task(cfg)
+    except RunInterrupted as err:
+        if rank_zero_only.rank == 0:
+            if in_multirun():
+                _stop_sweep(cfg, err)
+            print(f"interrupted: {err}", file=sys.stderr, flush=True)
+        sys.exit(143)  # 128 + SIGTERM, as a shell reports a process the signal ended
     except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
