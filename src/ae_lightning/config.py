@@ -11,8 +11,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lightning.errors import UserError
+from ae_lightning.nets import ACTIVATIONS
 
 MNIST_TRAIN_IMAGES = 60_000
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are unsigned 32-bit
 
 
 def _is_int(value: Any) -> bool:
@@ -38,7 +40,19 @@ def validate_config(cfg: DictConfig) -> None:
         _select(cfg, "bottleneck"), "bottleneck", "use e.g. bottleneck=2 or bottleneck=10"
     )
 
+    seed = _select(cfg, "seed")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise UserError(
+            f"seed={seed!r} is not a whole number from 0 to {MAX_SEED}: use e.g. seed=0."
+        )
+
     model = cfg.model
+    activation = model.get("activation", "relu")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise UserError(
+            f"model.activation={activation!r} is not an activation: use e.g. "
+            f"model.activation=relu (one of {', '.join(sorted(ACTIVATIONS))})."
+        )
     for key in ("hidden", "decoder_hidden"):
         sizes = model.get(key)
         if sizes is None:

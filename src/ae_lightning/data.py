@@ -73,7 +73,29 @@ def load_mnist(root: str | os.PathLike, train: bool, download: bool = True) -> B
         except Exception as err:  # URLError, OSError, RuntimeError: all mean "no copy here"
             reason = f"the download failed ({type(err).__name__})"
             raise MNISTNotFoundError(_not_found_message(raw, reason)) from None
+    check_pair(raw, prefix, dataset.data, dataset.targets)
     return dataset.data, dataset.targets
+
+
+def check_pair(raw: Path, prefix: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Images and labels of one split belong together: same count, digits 0-9 only."""
+    images_file, labels_file = (
+        raw / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")
+    )
+    fix = (
+        f"both files must come from the same split; re-download them, or point data.root "
+        f"(or {DATA_ENV_VAR}) at a good copy"
+    )
+    if len(images) != len(labels):
+        raise MNISTFileError(
+            f"MNIST file {images_file} holds {len(images)} images but {labels_file} holds "
+            f"{len(labels)} labels: {fix}."
+        )
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
+        raise MNISTFileError(
+            f"MNIST file {labels_file} has labels from {int(labels.min())} to "
+            f"{int(labels.max())}, not digits 0-9: {fix}."
+        )
 
 
 def check_idx_file(path: Path, magic: int) -> None:

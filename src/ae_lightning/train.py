@@ -5,10 +5,12 @@ A plain function (no ``@hydra.main``) so tests and sweeps can call it with any c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +35,7 @@ from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
 from ae_lightning.runfolder import load_autoencoder, load_checkpoint
+from ae_lightning.runlock import RunFolderBusy, run_lock
 
 log = logging.getLogger(__name__)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -121,7 +124,8 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
             f"{hint}, which does not exist: point it at a run folder (or .ckpt file) that "
             "finished at least one epoch."
         )
-    saved = load_checkpoint(path).get("hyper_parameters", {})  # tensors and plain data only
+    checkpoint = load_checkpoint(path)  # tensors and plain data only
+    saved = checkpoint.get("hyper_parameters", {})
     for key in ("bottleneck", "hidden", "decoder_hidden", "activation"):
         if key in saved and saved[key] != model.hparams.get(key):
             raise UserError(
@@ -129,6 +133,13 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
                 f"{key}={model.hparams.get(key)!r}: repeat the run's original overrides "
                 f"(see its .hydra/overrides.yaml)."
             )
+    reached = int(checkpoint.get("epoch", -1)) + 1  # the epoch it was trained in (1-based)
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs not in (None, -1) and max_epochs < reached:
+        raise UserError(
+            f"{path} has already trained into epoch {reached} but trainer.max_epochs="
+            f"{max_epochs}: add trainer.max_epochs={reached} or more."
+        )
     return str(path)
 
 
@@ -269,20 +280,51 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return _record(cfg, run_dir, trainer, model, datamodule, metrics)
 
 
-def ensure_writable_logs() -> None:
-    """Exit with one sentence if the logs folder cannot be written, before Hydra tries to."""
+def ensure_writable_logs(argv: list[str] | None = None) -> None:
+    """Exit with one sentence if the logs folder cannot be written, before Hydra tries to.
+
+    Checks ``AE_LOGS_DIR`` (or ``logs/``) and any plain ``hydra.run.dir=``/``hydra.sweep.dir=``
+    on the command line.
+    """
     logs = Path(os.environ.get("AE_LOGS_DIR", "logs"))
-    try:
-        logs.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=logs):
-            pass
-    except OSError as err:
-        print(
-            f"error: the logs folder {logs} cannot be written ({err.strerror}): make it "
-            "writable or point AE_LOGS_DIR at a writable folder.",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+    folders = [(logs, f"the logs folder {logs}", LOGS_FIX)]
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            fix = f"point {key.lstrip('+')} at a writable folder"
+            folders.append((Path(value), f"{key.lstrip('+')}={value}", fix))
+    for folder, name, fix in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            print(f"error: {name} cannot be written ({reason}): {fix}.", file=sys.stderr)
+            sys.exit(2)
+
+
+LOGS_FIX = "make it writable or point AE_LOGS_DIR at a writable folder"
+
+
+def _locked(run_dir: Path) -> contextlib.AbstractContextManager:
+    """This process's hold on its run folder (rank zero only: DDP ranks share the folder)."""
+    if rank_zero_only.rank != 0 or not run_dir.is_dir():
+        return contextlib.nullcontext()
+    return run_lock(run_dir)
+
+
+HYDRA_STUB = {".hydra", ".hydra-resumed", "train.log", "eval.log"}
+
+
+def _leave_refused(run_dir: Path, sentence: str) -> None:
+    """A refused new run leaves no folder; one that got further keeps failed.json."""
+    if not run_dir.is_dir():
+        return
+    if {p.name for p in run_dir.iterdir()} <= HYDRA_STUB:
+        shutil.rmtree(run_dir, ignore_errors=True)  # only Hydra's config and log: no run
+        return
+    write_json(run_dir / "failed.json", {"status": "failed", "error": sentence})
 
 
 def _stop_sweep(cfg: DictConfig, err: RunInterrupted) -> None:
@@ -314,7 +356,8 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
     (its error line) into its folder and the sweep goes on with the next job.
     """
     try:
-        metrics = task(cfg)
+        with _locked(Path(cfg.run_dir)):
+            metrics = task(cfg)
     except RunInterrupted as err:
         if rank_zero_only.rank == 0:
             if in_multirun():
@@ -332,6 +375,8 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
             return float("nan")
         if not isinstance(err, UserError):
             raise
+        if not isinstance(err, RunFolderBusy) and not cfg.get("resume"):
+            _leave_refused(Path(cfg.run_dir), str(err))
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     if rank_zero_only.rank == 0:
