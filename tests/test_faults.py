@@ -1,6 +1,9 @@
 """Every traceback users met becomes one sentence (the value and the fix), exit 2."""
 
+import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -107,3 +110,44 @@ def test_each_former_traceback_is_one_sentence(case, finished_run, tiny_root, tm
         assert not list(logs.glob("runs/*")), list(logs.glob("runs/*"))
     if (tmp_path / "copied_run").is_dir():  # a refused resume leaves the run as it was
         assert not (tmp_path / "copied_run" / "failed.json").exists()
+
+
+def test_resume_of_a_moved_run_keeps_testing_its_best_checkpoint(finished_run, tiny_root, tmp_path):
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(finished_run, moved)
+    (moved / "metrics.json").unlink()
+    result = run_train_cli(
+        [*tiny_overrides(tiny_root), "callbacks=minimal", "trainer.max_epochs=2",
+         f"resume={moved}"],
+        logs=tmp_path / "logs",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    original = json.loads((finished_run / "metrics.json").read_text())
+    metrics = json.loads((moved / "metrics.json").read_text())
+    assert metrics["test_checkpoint"] == str(moved / "checkpoints" / "best.ckpt")
+    assert metrics["best_val/mse"] == original["best_val/mse"]
+    assert metrics["test/mse"] == original["test/mse"]
+
+
+def test_a_second_process_on_a_run_folder_is_refused(finished_run, tiny_root, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "12:00:00"}
+    (run / "run.lock").write_text(json.dumps(holder))  # this test process: alive, this host
+    args = [*tiny_overrides(tiny_root), "callbacks=minimal", "trainer.max_epochs=3"]
+    result = run_train_cli([*args, f"resume={run}"], logs=tmp_path / "logs")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        f"error: The run folder {run} is in use by process {os.getpid()} on "
+        f"{socket.gethostname()} (since 12:00:00): wait for it to finish, or if that process "
+        f"is gone, delete {run / 'run.lock'}."
+    )
+    assert not (run / "failed.json").exists()
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (run / "run.lock").write_text(json.dumps({**holder, "pid": gone.pid}))  # a stale lock
+    result = run_train_cli([*args, f"resume={run}"], logs=tmp_path / "logs")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+    assert not (run / "run.lock").exists()  # released at the end

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
@@ -53,3 +53,38 @@ class CheckpointOnSigterm(Callback):
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
         self.saved_step = trainer.global_step
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that follows its run folder when the folder is moved.
+
+    Lightning forgets the best score and path when a checkpoint's saved ``dirpath`` differs
+    from the current one; a moved run would then test on the last weights, or overwrite
+    best.ckpt with a worse model. The saved paths are mapped into the current folder (the
+    file names are the same) so ``resume=`` of a moved or copied run keeps its best model.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # Checkpoints written by a plain ModelCheckpoint keep loading into this one.
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and os.path.realpath(saved) != os.path.realpath(self.dirpath):
+            here = Path(self.dirpath)
+
+            def moved(path: Any) -> Any:
+                return str(here / Path(path).name) if path else path
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": moved(state_dict.get("best_model_path")),
+                "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
+                "last_model_path": moved(state_dict.get("last_model_path")),
+                "best_k_models": {
+                    moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()
+                },
+            }
+        super().load_state_dict(state_dict)
