@@ -206,6 +206,7 @@ def save_png(rgb: np.ndarray, path: Path) -> None:
         matplotlib.image.imsave(tmp, rgb, format="png")
         os.replace(tmp, path)
     except OSError as err:
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # a full disk keeps no half
         log.warning("Could not write figure %s: %s", path, err)
 
 

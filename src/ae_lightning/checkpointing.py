@@ -2,33 +2,44 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<path>.tmp`` then renames it over ``path``.
+    """Writes ``<path>.tmp`` beside ``path``, then renames it over ``path``.
 
     A rename within one folder is atomic, so a kill during the save (SIGKILL, power, a full
     disk) leaves the previous ``last.ckpt`` intact instead of a truncated file. The temporary
-    file sits beside its destination (not in ``$TMPDIR``), so it needs no other disk's room,
-    and is removed when the save fails.
+    file sits in the destination folder, not in ``$TMPDIR`` (where Lightning's fsspec
+    transaction stages it), so a small ``$TMPDIR`` does not matter; a failed save removes it.
     """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # serialised first: a disk error stays an OSError
         try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
             os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror, str(path)) from err  # name the file
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -6,6 +6,7 @@ A plain function (no ``@hydra.main``) so tests and sweeps can call it with any c
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,8 +86,12 @@ def flat_hyperparameters(cfg: DictConfig, model: Autoencoder) -> dict[str, Any]:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically: a reader never sees half a file, a crash never leaves one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]) -> pl.Trainer:
@@ -249,6 +255,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
     if timer is not None:
         metrics["epoch_times_s"] = [round(t, 4) for t in timer.epoch_times]
+    if trainer.is_global_zero:  # the test result is safe on disk before anything else is tried
+        write_json(run_dir / "metrics.json", metrics)
     return _record(cfg, run_dir, trainer, model, datamodule, metrics)
 
 
@@ -307,6 +315,41 @@ def ensure_writable_logs(argv: list[str] | None = None) -> None:
 LOGS_FIX = "make it writable or point AE_LOGS_DIR at a writable folder"
 
 
+def _quiet_write_failures(args: threading.ExceptHookArgs) -> None:
+    """A writer thread's disk error is re-raised in the main thread: no second traceback."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRORS:
+        log.debug("A writer thread failed: %s", args.exc_value)
+        return
+    threading.__excepthook__(args)
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EFBIG}
+
+
+def _write_failure(err: BaseException, run_dir: Path) -> str:
+    """One sentence for a failed write (full disk, read-only, I/O error), else ``""``.
+
+    Removes the run's half-written ``*.tmp`` files; what was complete stays.
+    """
+    cause: BaseException | None = err
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in WRITE_ERRORS):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return ""
+    for tmp in run_dir.rglob("*.tmp") if run_dir.is_dir() else []:
+        tmp.unlink(missing_ok=True)
+    where = str(cause.filename).removesuffix(".tmp") if cause.filename else f"into {run_dir}"
+    kept = (
+        "metrics.json and the last complete checkpoint are kept"
+        if (run_dir / "metrics.json").is_file()
+        else "the last complete checkpoint is kept"
+    )
+    return (
+        f"Writing {where} failed ({cause.strerror}): free space on that disk or make it "
+        f"writable, then continue with resume={run_dir}; {kept}."
+    )
+
+
 def _locked(run_dir: Path) -> contextlib.AbstractContextManager:
     """This process's hold on its run folder (rank zero only: DDP ranks share the folder)."""
     if rank_zero_only.rank != 0 or not run_dir.is_dir():
@@ -355,6 +398,7 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
     Bad input exits 2 with one sentence. In a sweep, a failing job writes ``failed.json``
     (its error line) into its folder and the sweep goes on with the next job.
     """
+    threading.excepthook = _quiet_write_failures  # TensorBoard's writer thread re-raises
     try:
         with _locked(Path(cfg.run_dir)):
             metrics = task(cfg)
@@ -367,12 +411,17 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
     except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        disk = _write_failure(err, Path(cfg.run_dir))
         if in_multirun():
-            line = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            line = disk or f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             log.exception("Job failed; the sweep goes on: %s", line)
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            write_json(Path(cfg.run_dir) / "failed.json", {"status": "failed", "error": line})
+            with contextlib.suppress(OSError):  # the disk may be the very problem
+                Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+                write_json(Path(cfg.run_dir) / "failed.json", {"status": "failed", "error": line})
             return float("nan")
+        if disk:
+            print(f"error: {disk}", file=sys.stderr, flush=True)
+            sys.exit(1)
         if not isinstance(err, UserError):
             raise
         if not isinstance(err, RunFolderBusy) and not cfg.get("resume"):
