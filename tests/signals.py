@@ -3,6 +3,7 @@
 import os
 import signal
 
+from hydra.experimental.callback import Callback as HydraCallback
 from pytorch_lightning.callbacks import Callback
 
 
@@ -14,3 +15,22 @@ class SigtermAtStep(Callback):
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class JobProbe(HydraCallback):
+    """Hydra callback: after each job, append its thread count and RSS to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        import gc
+        import json
+        import threading
+
+        import psutil
+
+        gc.collect()
+        record = {"threads": threading.active_count(), "rss": psutil.Process().memory_info().rss}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -166,3 +166,22 @@ def test_sigint_mid_epoch_leaves_a_loadable_last_checkpoint(tiny_root, tmp_path)
     assert not (run_dir / "metrics.json").exists()
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert 0 <= checkpoint["epoch"] < 49 and "state_dict" in checkpoint
+
+
+@pytest.mark.slow  # 8 jobs: about a minute on 2 cores
+def test_a_sweep_releases_each_job_threads_and_memory(tiny_root, tmp_path):
+    probe = tmp_path / "probe.jsonl"
+    result = run_train_cli(
+        ["-m", *tiny_overrides(tiny_root), "callbacks=minimal", "latent_metrics=false",
+         "seed=0,1,2,3,4,5,6,7", "hydra.callbacks.sweep_summary.enabled=false",
+         "+hydra.callbacks.probe._target_=signals.JobProbe",
+         f"+hydra.callbacks.probe.path={probe}"],
+        logs=tmp_path, env=WITH_TESTS,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in probe.read_text().splitlines()]
+    assert len(records) == 8
+    threads = [r["threads"] for r in records]
+    assert threads == [threads[0]] * 8, threads  # every event-writer thread closed
+    rss = [r["rss"] for r in records]
+    assert max(rss[1:]) <= 1.10 * rss[1], rss  # flat after the first job's warm-up

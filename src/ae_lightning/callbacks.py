@@ -217,6 +217,11 @@ class CodesCache:
     _store: dict[tuple, torch.Tensor] = {}
 
     @classmethod
+    def reset(cls) -> None:
+        """Drop the codes (a sweep's next job must not keep this one's tensors alive)."""
+        cls._key, cls._store = None, {}
+
+    @classmethod
     def get(
         cls, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, limit: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
