@@ -11,7 +11,9 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from ae_lightning.callbacks import EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO
 from ae_lightning.config import validate_config
+from ae_lightning.engine import EngineOptions
 from ae_lightning.errors import UserError
 from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
@@ -83,8 +86,32 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def engine_options(cfg: DictConfig) -> dict[str, Any]:
+    """``engine.*`` and the Trainer's per-step options, for the module's step loop.
+
+    Under manual optimisation Lightning refuses ``gradient_clip_val`` and
+    ``accumulate_grad_batches``; the module applies them instead, so the keys keep working
+    where users set them (``trainer.*``). A plain dict: Hydra merges it into the model config.
+    """
+    trainer = cfg.trainer
+    return {
+        "cuda_graphs": cfg.engine.cuda_graphs,
+        "gradient_clip_val": trainer.get("gradient_clip_val"),
+        "gradient_clip_algorithm": trainer.get("gradient_clip_algorithm") or "norm",
+        "accumulate_grad_batches": trainer.get("accumulate_grad_batches", 1),
+    }
+
+
+def build_model(cfg: DictConfig) -> pl.LightningModule:
+    """The model config, with the engine options of this run."""
+    return instantiate(cfg.model, _convert_="all", engine=engine_options(cfg))
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]) -> pl.Trainer:
-    """The Trainer from ``cfg.trainer``, showing a progress bar only if one was configured."""
+    """The Trainer from ``cfg.trainer``, showing a progress bar only if one was configured.
+
+    Clipping and accumulation go to the module (``engine_options``), not to the Trainer.
+    """
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     trainer = instantiate(
         cfg.trainer,
@@ -92,6 +119,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]
         logger=loggers or False,
         enable_progress_bar=has_bar,
         plugins=[AtomicCheckpointIO()],
+        gradient_clip_val=None,
+        accumulate_grad_batches=1,
     )
     if trainer.world_size == 1:
         # Lightning sets this so that device checks cannot poison a later fork; with it set,
@@ -142,7 +171,8 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
             "elsewhere with AE_LOGS_DIR=/writable/folder or hydra.run.dir=/writable/folder."
         ) from None
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    # K has one key, engine.steps_per_call; the data module sends lists of K minibatches.
+    datamodule = instantiate(cfg.data, steps_per_call=cfg.engine.steps_per_call)
     datamodule.prepare_data()  # fails fast, before any model is built, if MNIST is missing
     log.info("Run folder: %s", run_dir.resolve())
     return run_dir, datamodule
@@ -181,15 +211,30 @@ def _record(
     return metrics
 
 
+@contextmanager
+def lightning_notices_filtered() -> Iterator[None]:
+    """Hide Lightning's notices that do not apply to this package's step loop.
+
+    Lightning compares ``log_every_n_steps`` with its batch count, which counts calls of
+    ``engine.steps_per_call`` steps; the module logs per optimizer step itself.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The number of training batches \(\d+\) is smaller than"
+        )
+        yield
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one autoencoder as ``cfg`` says; return the metrics in ``metrics.json``."""
     run_dir, datamodule = _prepare_run(cfg)
-    model = instantiate(cfg.model, _convert_="all")
+    model = build_model(cfg)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, model))
+    with lightning_notices_filtered():
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, model))
     train_time = time.perf_counter() - start  # (Ctrl-C: Lightning shuts down and exits in fit)
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
