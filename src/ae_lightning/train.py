@@ -30,7 +30,6 @@ from pytorch_lightning.utilities import rank_zero_only
 from ae_lightning.callbacks import EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO
 from ae_lightning.config import validate_config
-from ae_lightning.engine import EngineOptions
 from ae_lightning.errors import UserError
 from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
