@@ -235,18 +235,23 @@ class Autoencoder(pl.LightningModule):
         """The configured optimizer; capturable and wrapped when the steps run as a graph."""
         extra = self._fused_where_supported()
         optimizer = self.optimizer_factory(self.parameters(), **extra)
-        trainer = self.trainer
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # called alone (a notebook, a test): one eager process
+            trainer = None
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        world_size = trainer.world_size if trainer is not None else 1
         self.step_mode = choose_step_mode(
-            self.engine, self.device.type, type(optimizer), str(trainer.precision),
-            trainer.world_size,
-        )  # fmt: skip
+            self.engine, self.device.type, type(optimizer), precision, world_size
+        )
         forced = self.engine.cuda_graphs is True and not self.step_mode.graphed
-        if trainer.is_global_zero:
+        if trainer is None or trainer.is_global_zero:
             log.log(logging.WARNING if forced else logging.INFO, self.step_mode.describe())
         self._graphed = self._engine_optimizer = None
         if not self.step_mode.graphed:
             return optimizer
-        optimizer = self.optimizer_factory(self.parameters(), **extra, capturable=True)
+        capturable = self.device.type == "cuda"  # (elsewhere only in tests, see test_engine)
+        optimizer = self.optimizer_factory(self.parameters(), **extra, capturable=capturable)
         self._graphed = GraphedSteps(
             self.training_loss, optimizer, self.parameters(), self.engine.warmup_steps
         )
@@ -272,6 +277,8 @@ class Autoencoder(pl.LightningModule):
 
     # --- hooks ----------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
+        if self._accumulated:  # an epoch of unknown length left gradients unstepped
+            self.optimizers().zero_grad(set_to_none=True)
         self._accumulated = 0
 
     def on_train_epoch_end(self) -> None:
