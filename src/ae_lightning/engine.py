@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,11 +180,9 @@ class GraphedSteps:
         self,
         loss_fn: LossFn,
         optimizer: torch.optim.Optimizer,
-        parameters: Iterable[torch.nn.Parameter],
         warmup_steps: int = 3,
     ) -> None:
         self.loss_fn, self.optimizer = loss_fn, optimizer
-        self.parameters = list(parameters)
         self.warmup_steps = warmup_steps
         self.warmed = 0
         self.graph: torch.cuda.CUDAGraph | None = None

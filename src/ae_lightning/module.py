@@ -252,9 +252,7 @@ class Autoencoder(pl.LightningModule):
             return optimizer
         capturable = self.device.type == "cuda"  # (elsewhere only in tests, see test_engine)
         optimizer = self.optimizer_factory(self.parameters(), **extra, capturable=capturable)
-        self._graphed = GraphedSteps(
-            self.training_loss, optimizer, self.parameters(), self.engine.warmup_steps
-        )
+        self._graphed = GraphedSteps(self.training_loss, optimizer, self.engine.warmup_steps)
         self._engine_optimizer = EngineOptimizer.around(optimizer)
         return self._engine_optimizer
 
