@@ -6,7 +6,9 @@
     reference: what the maths costs with no framework around it), with fused Adam, the
     fastest optimiser step PyTorch has on CPU and GPU alike;
 (c) framework: `ae_lightning.train.train(cfg)` with default settings, figures off. Its epoch
-    time includes its validation pass and checkpoint writes; the plain loop has neither.
+    time includes its validation pass and checkpoint writes; the plain loop has neither;
+(d) on CUDA only, plain graph: the plain loop with each full step (forward, backward, fused
+    capturable Adam) replayed from one captured CUDA graph, the practical floor on a GPU.
 
 All three train the same architecture with Adam (lr 1e-3) on the same 55k training images.
 (b) and (c) alternate for `--rounds` rounds so that a machine whose speed drifts slows both
@@ -139,6 +141,57 @@ def plain_loop(args, hidden, images_u8, device) -> list[float]:
     return timed_epochs(epoch, args.epochs, device)
 
 
+def plain_graph_loop(args, hidden, images_u8, device) -> list[float]:
+    """(d) The plain loop, each full minibatch's step replayed from one CUDA graph.
+
+    PyTorch's whole-network capture: a static input buffer, three warm-up steps on a side
+    stream, capturable fused Adam; the last partial batch of an epoch steps eagerly.
+    """
+    images = images_u8.to(device)
+    model = make_model(hidden, args.bottleneck, device)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=torch.tensor(1e-3, device=device), fused=True, capturable=True
+    )
+    generator = torch.Generator(device=device).manual_seed(0)
+    n, batch = len(images), args.batch_size
+    static_x = torch.empty(batch, 1, 28, 28, device=device)
+
+    def step(x: torch.Tensor) -> None:
+        loss = F.mse_loss(model(x), x)
+        loss.backward()
+        optimizer.step()
+
+    def load(chunk: torch.Tensor) -> None:
+        static_x.copy_(chunk.unsqueeze(1)).div_(255)  # uint8 -> float pixels, in place
+
+    load(images[:batch])
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            step(static_x)
+    torch.cuda.current_stream(device).wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(static_x)
+
+    def epoch() -> None:
+        order = torch.randperm(n, device=device, generator=generator)
+        shuffled = images[order]
+        for start in range(0, n, batch):
+            chunk = shuffled[start : start + batch]
+            if len(chunk) == batch:
+                load(chunk)
+                graph.replay()
+                continue
+            optimizer.zero_grad(set_to_none=True)  # fresh grads; the graph keeps its own
+            step(chunk.unsqueeze(1).float().div_(255))
+
+    return timed_epochs(epoch, args.epochs, device)
+
+
 def framework(args, model_name, run_dir) -> list[float]:
     """(c) `train(cfg)` as `python train.py` runs it: default config, figure callbacks off."""
     metrics = train_with(
@@ -208,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "epochs": args.epochs,
         "rounds": args.rounds,
-        "steps_per_call": compose_config().steps_per_call,
+        "steps_per_call": compose_config().engine.steps_per_call,
+        "cuda_graphs": str(compose_config().engine.cuda_graphs),
         "train_images": n,
         "models": {},
     }
@@ -218,11 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
         with peak_memory(device) as memory:
             reference = reference_pipeline(args, hidden, train_indices, device)
         row["reference_peak_rss_mb"] = memory["peak_rss_mb"]
-        plain, ours, plain_rss, framework_memory = [], [], 0.0, {}
+        plain, graphed, ours, plain_rss, framework_memory = [], [], [], 0.0, {}
         for _ in range(args.rounds):  # alternating, so drift in machine speed hits both
             with peak_memory(device) as memory:
                 plain.append(plain_loop(args, hidden, train_images, device))
             plain_rss = max(plain_rss, memory["peak_rss_mb"])
+            if device.type == "cuda":
+                graphed.append(plain_graph_loop(args, hidden, train_images, device))
             with tempfile.TemporaryDirectory() as run_dir, peak_memory(device) as memory:
                 ours.append(framework(args, name, run_dir))
             framework_memory = {k: max(v, framework_memory.get(k, 0.0)) for k, v in memory.items()}
@@ -239,6 +295,12 @@ def main(argv: list[str] | None = None) -> dict:
         if "cuda_max_allocated_mb" in framework_memory:
             row["cuda_max_allocated_mb"] = framework_memory["cuda_max_allocated_mb"]
         row["framework_vs_plain"] = round(row["framework_epoch_s"] / row["plain_epoch_s"], 3)
+        if graphed:
+            row["plain_graph_epoch_s"] = round(steady(graphed), 4)
+            row["plain_graph_epochs_s"] = [[round(t, 4) for t in run] for run in graphed]
+            row["framework_vs_plain_graph"] = round(
+                row["framework_epoch_s"] / row["plain_graph_epoch_s"], 3
+            )
         row["speedup_vs_reference"] = round(row["reference_epoch_s"] / row["framework_epoch_s"], 2)
         for key in ("reference", "plain", "framework"):
             row[f"{key}_samples_per_s"] = round(n / row[f"{key}_epoch_s"])
@@ -256,19 +318,27 @@ def markdown_table(results: dict) -> str:
         f"{results['train_images']} images, "
         f"median of {results['epochs'] - 1} epochs after 1 warm-up, "
         f"{results['rounds']} alternating rounds of plain and framework, "
-        f"framework steps_per_call={results['steps_per_call']}",
+        f"framework engine.steps_per_call={results['steps_per_call']}, "
+        f"engine.cuda_graphs={results.get('cuda_graphs', 'auto')}",
         "",
-        "| model | reference s/epoch | plain s/epoch | framework s/epoch "
-        "| framework / plain | reference / framework | framework samples/s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    graphed = any("plain_graph_epoch_s" in row for row in results["models"].values())
+    columns = ["model", "reference s/epoch", "plain s/epoch"]
+    columns += ["plain graph s/epoch"] if graphed else []
+    columns += ["framework s/epoch", "framework / plain"]
+    columns += ["framework / plain graph"] if graphed else []
+    columns += ["reference / framework", "framework samples/s", "peak RSS MB"]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, row in results["models"].items():
-        lines.append(
-            f"| {name} | {row['reference_epoch_s']:.3f} | {row['plain_epoch_s']:.3f} "
-            f"| {row['framework_epoch_s']:.3f} | {row['framework_vs_plain']:.2f} "
-            f"| {row['speedup_vs_reference']:.1f} | {row['framework_samples_per_s']} "
-            f"| {row['peak_rss_mb']:.0f} |"
-        )
+        cells = [name, f"{row['reference_epoch_s']:.3f}", f"{row['plain_epoch_s']:.3f}"]
+        cells += [f"{row['plain_graph_epoch_s']:.3f}"] if graphed else []
+        cells += [f"{row['framework_epoch_s']:.3f}", f"{row['framework_vs_plain']:.2f}"]
+        cells += [f"{row['framework_vs_plain_graph']:.2f}"] if graphed else []
+        cells += [
+            f"{row['speedup_vs_reference']:.1f}", str(row["framework_samples_per_s"]),
+            f"{row['peak_rss_mb']:.0f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ BAD_VALUES = [
     ("data.batch_size=70000", "data.batch_size=70000 is larger than the 59900 training images"),
     ("trainer.max_epochs=0", "trainer.max_epochs=0 is not a positive whole number"),
     ("data.val_size=60000", "data.val_size=60000 must be a whole number between 1 and 59999"),
-    ("steps_per_call=0", "steps_per_call=0 is not a positive whole number"),
+    ("engine.steps_per_call=0", "engine.steps_per_call=0 is not a positive whole number"),
 ]
 
 

@@ -58,7 +58,7 @@ def test_k_steps_per_call_train_exactly_like_one(tiny_root, tmp_path):
     for k in (1, 3):
         run_dir = tmp_path / f"k{k}"
         cfg = compose_cfg(
-            [*tiny_overrides(tiny_root), f"steps_per_call={k}", "callbacks=minimal",
+            [*tiny_overrides(tiny_root), f"engine.steps_per_call={k}", "callbacks=minimal",
              "trainer.max_epochs=2", "latent_metrics=false", *STEP_LR],
             run_dir=run_dir,
         )  # fmt: skip
@@ -82,7 +82,7 @@ def test_k_steps_per_call_train_exactly_like_one(tiny_root, tmp_path):
 def test_max_steps_stops_inside_a_call(tiny_root, tmp_path):
     """10 steps an epoch in calls of 4, 4, 2: step 17 falls inside epoch 2's second call."""
     cfg = compose_cfg(
-        [*tiny_overrides(tiny_root), "steps_per_call=4", "callbacks=none", "logger=none",
+        [*tiny_overrides(tiny_root), "engine.steps_per_call=4", "callbacks=none", "logger=none",
          "latent_metrics=false", "trainer.max_epochs=3", "+trainer.max_steps=17"],
         run_dir=tmp_path,
     )  # fmt: skip
@@ -90,14 +90,44 @@ def test_max_steps_stops_inside_a_call(tiny_root, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override",
-    ["trainer.gradient_clip_val=1.0", "+trainer.accumulate_grad_batches=2",
-     "trainer.precision=16-mixed"],
+    ("overrides", "steps"),
+    [(["trainer.gradient_clip_val=1e-4"], 20), (["+trainer.accumulate_grad_batches=3"], 8),
+     (["trainer.precision=bf16-mixed"], 20)],
 )  # fmt: skip
-def test_options_of_lightnings_own_loop_ask_for_one_step_per_call(override, tmp_path):
-    key = override.lstrip("+").split("=")[0]
-    with pytest.raises(UserError) as err:
-        validate_config(compose_cfg([override, "steps_per_call=4"], run_dir=tmp_path))
-    message = str(err.value)
-    assert message.startswith(key) and message.endswith("add steps_per_call=1.")
-    validate_config(compose_cfg([override, "steps_per_call=1"], run_dir=tmp_path))
+def test_options_of_lightnings_own_loop_run_in_the_one_path(overrides, steps, tiny_root, tmp_path):
+    """Clipping, accumulation and mixed precision work with K steps per call, as with one."""
+    runs = {}
+    for k in (1, 4):
+        cfg = compose_cfg(
+            [*tiny_overrides(tiny_root), f"engine.steps_per_call={k}", "callbacks=minimal",
+             "logger=none", "latent_metrics=false", "trainer.max_epochs=2", *overrides],
+            run_dir=tmp_path / f"k{k}",
+        )  # fmt: skip
+        metrics = train(cfg)
+        checkpoint = torch.load(tmp_path / f"k{k}" / "checkpoints" / "last.ckpt", weights_only=True)
+        runs[k] = metrics, checkpoint["state_dict"]
+    (m1, w1), (m4, w4) = runs[1], runs[4]
+    # 10 minibatches an epoch; accumulating 3: steps after minibatches 3, 6, 9 and 10
+    assert m1["global_step"] == m4["global_step"] == steps
+    assert all(torch.equal(w1[name], w4[name]) for name in w1)
+
+
+def test_clipping_changes_the_training(tiny_root, tmp_path):
+    weights = []
+    for clip in ("null", "1e-4"):
+        cfg = compose_cfg(
+            [*tiny_overrides(tiny_root), "callbacks=minimal", "logger=none",
+             "latent_metrics=false", f"trainer.gradient_clip_val={clip}"],
+            run_dir=tmp_path / clip,
+        )  # fmt: skip
+        train(cfg)
+        ckpt = torch.load(tmp_path / clip / "checkpoints" / "last.ckpt", weights_only=True)
+        weights.append(ckpt["state_dict"]["encoder.to_latent.0.weight"])
+    assert not torch.equal(*weights)
+
+
+def test_bad_engine_values_are_refused_in_one_sentence(tmp_path):
+    with pytest.raises(UserError, match=r"^engine.cuda_graphs='sometimes' is not a choice"):
+        validate_config(compose_cfg(["engine.cuda_graphs=sometimes"], run_dir=tmp_path))
+    with pytest.raises(UserError, match=r"^trainer.gradient_clip_val=-1.0 is not"):
+        validate_config(compose_cfg(["trainer.gradient_clip_val=-1.0"], run_dir=tmp_path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning.data import to_unit_float
+from ae_lightning.errors import UserError
 from ae_lightning.latent import (
     CodeSampler,
     check_sampler,
@@ -57,10 +59,11 @@ def progress_display(refresh_every_steps: int = 25, steps_per_call: int = 1) -> 
 
 
 class EpochSummary(Callback):
-    """Prints ``epoch 3/25  train/mse 0.0213  val/mse 0.0205  4.9 s`` after each epoch."""
+    """Prints ``epoch 3/25  train/mse 0.0213  val/mse 0.0205  4.9 s`` after each epoch.
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+    The time is the run's ``EpochTimer``'s (one clock for the line, TensorBoard and
+    ``metrics.json``); without one the line has no time.
+    """
 
     on_train_start = on_train_epoch_start  # a run resumed mid-epoch skips the epoch start
 
@@ -75,19 +78,28 @@ class EpochSummary(Callback):
             for name in ("train/mse", "val/mse")
             if name in metrics
         ]
-        parts.append(f"{time.perf_counter() - self._start:.1f} s")
+        timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+        if timer is not None:
+            parts.append(f"{timer.seconds(trainer.current_epoch, pl_module):.1f} s")
         print("  ".join(parts), flush=True)
 
 
 class EpochTimer(Callback):
     """Wall time of each training epoch (its validation and checkpointing included).
 
-    Logged as ``time/epoch_s``; ``train()`` copies the list into ``metrics.json``. On a GPU
-    it waits for queued kernels once per epoch so the time is real.
+    Logged as ``time/epoch_s``; ``train()`` copies the list into ``metrics.json`` and the
+    progress line reads it. On a GPU it waits for queued kernels once per epoch so the time
+    is real.
     """
 
     def __init__(self) -> None:
         self.epoch_times: list[float] = []
+        self._start = 0.0
+        self._by_epoch: dict[int, float] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.epoch_times, self._by_epoch = [], {}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(pl_module)
@@ -96,16 +108,76 @@ class EpochTimer(Callback):
     on_train_start = on_train_epoch_start  # a run resumed mid-epoch skips the epoch start
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync(pl_module)
-        seconds = time.perf_counter() - self._start
+        seconds = self.seconds(trainer.current_epoch, pl_module)
         self.epoch_times.append(seconds)
         for logger in trainer.loggers:
             logger.log_metrics({"time/epoch_s": seconds}, step=trainer.global_step)
+
+    def seconds(self, epoch: int, pl_module: pl.LightningModule) -> float:
+        """Epoch ``epoch``'s time, measured once when first asked at its end."""
+        if epoch not in self._by_epoch:
+            self._sync(pl_module)
+            self._by_epoch[epoch] = time.perf_counter() - self._start
+        return self._by_epoch[epoch]
 
     @staticmethod
     def _sync(pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+class TrainingDivergedError(UserError):
+    """The loss became NaN/infinite, or the model does no better than a constant image."""
+
+
+class DivergenceCheck(Callback):
+    """Stops a diverged run after validation, before its epoch is checkpointed.
+
+    Diverged: ``val/mse`` is not finite, or it made no progress since the previous epoch
+    while far worse than always predicting the mean validation image (a saturated network;
+    slow learners still improve, so they are not flagged). One host sync per epoch.
+    """
+
+    def __init__(self, monitor: str = "val/mse", factor: float = 1.5) -> None:
+        self.monitor, self.factor = monitor, factor
+        self._constant_mse: float | None = None
+        self._previous: float | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._constant_mse, self._previous = None, None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        mse = float(trainer.callback_metrics.get(self.monitor, float("nan")))
+        epoch = trainer.current_epoch + 1
+        constant = self._constant(trainer)
+        if not math.isfinite(mse):
+            problem = f"{self.monitor} became {mse} at epoch {epoch}"
+        elif self._previous is not None and mse > self.factor * constant and mse >= self._previous:
+            problem = (
+                f"{self.monitor} is stuck at {mse:.4f} at epoch {epoch}, far worse than always "
+                f"predicting the mean image ({constant:.4f}): the network saturated"
+            )
+        else:
+            self._previous = mse * (1 - 1e-4)
+            return
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        raise TrainingDivergedError(
+            f"Training diverged: {problem} with learning rate {lr:g}; lower it, e.g. "
+            f"model.optimizer.lr={min(lr / 10, 1e-3):g}. What was logged so far stays in the "
+            "run folder."
+        )
+
+    def _constant(self, trainer: pl.Trainer) -> float:
+        """Val MSE of always predicting the mean val image (the val set is fixed: once)."""
+        if self._constant_mse is None:
+            split = getattr(trainer.datamodule, "split", None)
+            if split is None:
+                return math.inf
+            images = to_unit_float(split("val")[0])
+            self._constant_mse = float(images.var(dim=0, unbiased=False).mean())
+        return self._constant_mse
 
 
 # --- figures ----------------------------------------------------------------------------
@@ -210,11 +282,19 @@ def save_png(rgb: np.ndarray, path: Path) -> None:
         log.warning("Could not write figure %s: %s", path, err)
 
 
-class CodesCache:
-    """Codes of a split, computed once per (model, step) and shared by all figures."""
+class CodesCache(Callback):
+    """Codes of a split, computed once per (step, stage) and shared by all figures of a run.
 
-    _key: tuple | None = None
-    _store: dict[tuple, torch.Tensor] = {}
+    One instance per run (``callbacks.codes_cache``), emptied in ``setup``; figures ask
+    through ``CodesCache.get``, which computes without caching when the run has none.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._store: dict[tuple, torch.Tensor] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._key, self._store = None, {}
 
     @classmethod
     def reset(cls) -> None:
@@ -225,16 +305,22 @@ class CodesCache:
     def get(
         cls, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, limit: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (id(pl_module), trainer.global_step, trainer.state.stage)
-        if key != cls._key:
-            cls._key, cls._store = key, {}
+        cache = next((c for c in trainer.callbacks if isinstance(c, cls)), None) or cls()
+        return cache.codes(trainer, pl_module, split, limit)
+
+    def codes(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, limit: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (trainer.global_step, trainer.state.stage)
+        if key != self._key:
+            self._key, self._store = key, {}
         images, labels = trainer.datamodule.split(split)
         images, labels = images[:limit], labels[:limit]
-        if (split, limit) not in cls._store:
-            cls._store[(split, limit)] = encode_images(
+        if (split, limit) not in self._store:
+            self._store[(split, limit)] = encode_images(
                 pl_module.encode, images, device=pl_module.device
             )
-        return cls._store[(split, limit)], labels
+        return self._store[(split, limit)], labels
 
 
 class ScatterFigure(FigureCallback):

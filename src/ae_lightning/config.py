@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ae_lightning.engine import CUDA_GRAPH_CHOICES
 from ae_lightning.errors import UserError
 from ae_lightning.nets import ACTIVATIONS
 
@@ -108,7 +109,7 @@ def validate_config(cfg: DictConfig) -> None:
             "(tensors on the device) or data.loader=dataloader (a torch DataLoader)."
         )
 
-    _check_steps_per_call(cfg)
+    _check_engine(cfg)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs != -1:
         _positive_int(max_epochs, "trainer.max_epochs", "use e.g. trainer.max_epochs=25")
@@ -116,22 +117,24 @@ def validate_config(cfg: DictConfig) -> None:
         raise UserError(f"test_ckpt={cfg.get('test_ckpt')!r} is not a choice: use best or last.")
 
 
-def _check_steps_per_call(cfg: DictConfig) -> None:
-    """K > 1 runs the module's own step loop, which has no clipping, accumulation or scaler."""
-    steps = _select(cfg, "steps_per_call")
-    _positive_int(steps, "steps_per_call", "use e.g. steps_per_call=10, or 1 for one per step")
-    if steps == 1:
-        return
-    trainer = cfg.trainer
-    needs_lightning_loop = {
-        "trainer.gradient_clip_val": trainer.get("gradient_clip_val") not in (None, 0, 0.0),
-        "trainer.accumulate_grad_batches": trainer.get("accumulate_grad_batches", 1) != 1,
-        "trainer.precision": str(trainer.get("precision")) in ("16", "16-mixed"),
-    }
-    for key, conflicts in needs_lightning_loop.items():
-        if conflicts:
-            raise UserError(
-                f"{key}={_select(cfg, key)!r} needs Lightning's own step loop, but "
-                f"steps_per_call={steps} takes {steps} optimizer steps per Lightning step: "
-                "add steps_per_call=1."
-            )
+def _check_engine(cfg: DictConfig) -> None:
+    """``engine.*`` and the Trainer's per-step options that the module's step loop applies."""
+    _positive_int(
+        _select(cfg, "engine.steps_per_call"), "engine.steps_per_call",
+        "use e.g. engine.steps_per_call=20, or 1 for one optimizer step per Lightning step",
+    )  # fmt: skip
+    graphs = _select(cfg, "engine.cuda_graphs")
+    if graphs not in CUDA_GRAPH_CHOICES:
+        raise UserError(
+            f"engine.cuda_graphs={graphs!r} is not a choice: use auto, true or false."
+        )
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    _positive_int(
+        accumulate, "trainer.accumulate_grad_batches", "use e.g. trainer.accumulate_grad_batches=2"
+    )
+    clip = cfg.trainer.get("gradient_clip_val")
+    if clip is not None and (not _is_number(clip) or not math.isfinite(clip) or clip < 0):
+        raise UserError(
+            f"trainer.gradient_clip_val={clip!r} is not a non-negative number: use e.g. "
+            "trainer.gradient_clip_val=1.0, or null for no clipping."
+        )

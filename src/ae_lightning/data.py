@@ -270,19 +270,19 @@ class MNISTDataModule(pl.LightningDataModule):
         # Training minibatches per Lightning step; must match the module's (one config key).
         self.steps_per_call = steps_per_call
         self._splits: dict[str, Batch] = {}
-        self._parsed: dict[bool, Batch] = {}
 
     # --- Lightning hooks -----------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Download once (rank zero) if the files are missing; keep what was parsed."""
+        """Download once (rank zero) if the files are missing, and check them; keeps nothing.
+
+        Lightning runs this on one process only, so what it parsed would not reach the
+        others; ``setup`` parses the files itself.
+        """
         for train in (True, False):
-            self._parsed[train] = load_mnist(self.root, train=train, download=self.download)
+            load_mnist(self.root, train=train, download=self.download)
 
     def _load(self, train: bool) -> Batch:
-        """A split parsed by ``prepare_data`` in this process, else parsed now."""
-        if train not in self._parsed:
-            self._parsed[train] = load_mnist(self.root, train=train, download=self.download)
-        return self._parsed.pop(train)  # setup keeps its own slices; free the full copy
+        return load_mnist(self.root, train=train, download=self.download)
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits:

@@ -3,30 +3,47 @@
 from __future__ import annotations
 
 import inspect
-import math
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ae_lightning.data import Batch, TrainBatch, steps_per_call_for
-from ae_lightning.errors import UserError
+from ae_lightning.data import Batch, TrainBatch
+from ae_lightning.engine import (
+    EngineOptimizer,
+    EngineOptions,
+    GraphedSteps,
+    StepMode,
+    choose_step_mode,
+)
 from ae_lightning.nets import build_encoder_decoder, count_parameters
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
-
-class TrainingDivergedError(UserError):
-    """The loss became NaN/infinite, or the model does no better than a constant image."""
+log = logging.getLogger(__name__)
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """Adam at lr 1e-3, the reference workflow's setting (the configs choose per model)."""
     return torch.optim.Adam(params, lr=1e-3)
+
+
+def align_logger_step(trainer: pl.Trainer) -> None:
+    """Number what Lightning logs by optimizer steps, however many one call took.
+
+    Lightning numbers logged values (``val/mse``, the learning-rate monitor, ``epoch``) by
+    its count of training batches that stepped, which goes up by one per call whatever the
+    number of optimizer steps inside it; it is private (``_batches_that_stepped``) and has
+    no public setter. After each call it is set to the optimizer steps taken less the one
+    Lightning adds itself. This is the package's only private Lightning name (a test keeps
+    it so; pyproject.toml pins the Lightning versions it was tested with).
+    """
+    trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step - 1
 
 
 class Autoencoder(pl.LightningModule):
@@ -36,16 +53,15 @@ class Autoencoder(pl.LightningModule):
     ``optimizer`` is a partial (``_partial_: true`` in Hydra) completed with the parameters;
     ``scheduler``, if given, a partial completed with the optimizer and stepped every epoch.
 
-    ``steps_per_call=K > 1`` takes K optimizer steps per Lightning step, over a list of K
-    minibatches from the data module (``data.steps_per_call``, the same config key). Each
-    Lightning step costs ~0.3 ms of hooks and bookkeeping, as much as a whole step of the
-    linear model on a CPU; paid once per K steps, it all but vanishes (BENCHMARKS.md).
-    The maths is unchanged: the same minibatches, losses and Adam updates as K=1, and
-    ``global_step`` and the loggers' x-axis still count optimizer steps. What differs: the
-    per-step hooks (``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``,
-    ``on_before_zero_grad``) and per-batch callbacks run once per K steps, and Trainer options
-    counted in batches (``val_check_interval``, ``limit_train_batches``) count lists. K=1 is
-    plain Lightning automatic optimisation, for gradient clipping, accumulation or fp16.
+    Training is one loop over the minibatches that arrive, through Lightning's manual
+    optimisation: one optimizer step per minibatch, K minibatches per Lightning step when
+    the data module sends lists of K (``engine.steps_per_call``). Lightning's ~0.3 ms of
+    hooks a step is then paid once per K steps, while the maths, ``global_step`` and the
+    loggers' x-axis stay those of one step per call. On CUDA each step can be replayed from
+    a captured graph (``engine.cuda_graphs``, see ``ae_lightning.engine``).
+
+    Subclasses change the objective by overriding ``training_loss`` and
+    ``evaluation_terms``; the training loop, logging and engine stay the same.
     """
 
     def __init__(
@@ -56,27 +72,22 @@ class Autoencoder(pl.LightningModule):
         decoder_hidden: Sequence[int] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
-        steps_per_call: int = 1,
+        engine: EngineOptions | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "engine"], logger=False)
+        self.automatic_optimization = False  # the step loop below, for every K and DDP
         self.encoder, self.decoder = build_encoder_decoder(
             bottleneck, hidden, activation, decoder_hidden
         )
         self.optimizer_factory = optimizer or default_optimizer
         self.scheduler_factory = scheduler
-        self.steps_per_call = steps_per_call
-        # Val MSE of always predicting the mean image, for the divergence check. The val set
-        # is fixed, so it is measured in the first validation only (x.var is ~2 ms a batch).
-        self._constant_mse: float | None = None
-        self._constant_parts: list[torch.Tensor] = []
-        self._stuck_since: float | None = None  # last epoch's val/mse, less a hair
+        self.engine = engine if isinstance(engine, EngineOptions) else EngineOptions(**engine or {})
+        self.step_mode: StepMode | None = None  # chosen with the optimizer
+        self._graphed: GraphedSteps | None = None
+        self._engine_optimizer: EngineOptimizer | None = None
+        self._accumulated = 0  # minibatches whose gradients wait for the next step
         self.trained_epochs = 0  # epochs behind the weights, restored from checkpoints
-
-    @property
-    def automatic_optimization(self) -> bool:
-        """Lightning's own loop for K=1 (and under DDP); the module's K-step loop otherwise."""
-        return steps_per_call_for(self.steps_per_call, self._trainer) == 1
 
     @property
     def bottleneck(self) -> int:
@@ -97,77 +108,153 @@ class Autoencoder(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def setup(self, stage: str) -> None:
-        if not self.automatic_optimization:
-            # Lightning compares log_every_n_steps with its batch count, which counts calls
-            # here, not steps; train/mse is logged per step by `_log_train_loss` instead.
-            warnings.filterwarnings(
-                "ignore", message=r"The number of training batches \(\d+\) is smaller than"
-            )
+    # --- the objective: what subclasses override ------------------------------------------
+    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The scalar to minimise on a minibatch, and named terms logged as ``train/<name>``.
 
-    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
-        if self.automatic_optimization:
-            return self._shared_step(batch, "train")
-        return self._train_steps(batch if isinstance(batch, list) else [batch])
+        Runs inside a CUDA graph when graphs are on: tensor maths only, no host reads.
+        """
+        loss = F.mse_loss(self(x), x)  # mean squared error per pixel
+        return loss, {"mse": loss}
 
-    def _train_steps(self, minibatches: list[Batch]) -> torch.Tensor | None:
-        """One optimizer step per minibatch, inside one Lightning step (``steps_per_call``)."""
-        lightning_optimizer = self.optimizers()
-        optimizer = lightning_optimizer.optimizer
+    def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-batch means logged as ``val/<name>`` and ``test/<name>`` (at least ``mse``)."""
+        return {"mse": F.mse_loss(self(x), x)}
+
+    # --- steps ----------------------------------------------------------------------------
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> None:
+        """One optimizer step per minibatch that arrives (a list of K, or one alone)."""
+        minibatches = batch if isinstance(batch, list) else [batch]
+        optimizer = self.optimizers()
         trainer = self.trainer
-        taken, loss = 0, None
-        for x, _ in minibatches:
+        last_call = batch_idx + 1 >= trainer.num_training_batches
+        for index, (x, _) in enumerate(minibatches):
             if 0 <= trainer.max_steps <= self.global_step:
                 break
-            loss = F.mse_loss(self(x), x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # What LightningOptimizer.step wraps around a step: global_step counts it.
-            lightning_optimizer._on_before_step()
-            optimizer.step()
-            lightning_optimizer._on_after_step()
-            taken += 1
-            step = self.global_step - 1  # the step just taken, as K=1 logging numbers it
+            end_of_epoch = last_call and index == len(minibatches) - 1
+            terms = self._optimizer_step(optimizer, x, end_of_epoch)
+            if terms is None:  # gradients accumulate towards the next step
+                continue
+            step = self.global_step - 1  # the step just taken, as one step per call numbers it
+            self._step_schedulers("step")
             if self._loggers_write_at(step):
-                self._log_train_loss(loss, step)
-        # Lightning counts this call as one batch; the loggers' x-axis should count steps.
-        trainer.fit_loop.epoch_loop._batches_that_stepped += max(taken - 1, 0)
-        return loss
+                self._log_train_terms(terms, step)
+        align_logger_step(trainer)
 
-    def _log_train_loss(self, loss: torch.Tensor, step: int) -> None:
-        """train/mse at exactly the steps and x values where K=1 would log it."""
-        value = float(loss.detach())  # one host sync per log_every_n_steps steps
+    def _optimizer_step(
+        self, optimizer: torch.optim.Optimizer, x: torch.Tensor, end_of_epoch: bool
+    ) -> dict[str, torch.Tensor] | None:
+        """Forward, backward and update on ``x``; the loss terms, or None while accumulating."""
+        if self._graphed is not None:
+            _, terms = self._graphed.step(x)  # the update is applied already (or replayed)
+            self._engine_optimizer.update_applied = True
+            optimizer.step()  # Lightning counts the step and runs its hooks
+            return terms
+        loss, terms = self.training_loss(x)
+        every = self.engine.accumulate_grad_batches
+        self.manual_backward(loss / every if every > 1 else loss)
+        self._accumulated += 1
+        if self._accumulated < every and not end_of_epoch:
+            return None
+        self._accumulated = 0
+        optimizer.step()  # clipping, if asked for, runs in on_before_optimizer_step
+        optimizer.zero_grad(set_to_none=True)
+        return terms
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Here, not before optimizer.step(): with fp16, Lightning unscales the gradients first.
+        if self.engine.clips:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.engine.gradient_clip_val,
+                gradient_clip_algorithm=self.engine.gradient_clip_algorithm,
+            )
+
+    def _log_train_terms(self, terms: dict[str, torch.Tensor], step: int) -> None:
+        """``train/<name>`` at exactly the steps and x values of one step per call."""
+        values = {f"train/{name}": float(value.detach()) for name, value in terms.items()}  # sync
         for logger in self.loggers:
-            logger.log_metrics({"train/mse": value, "epoch": self.current_epoch}, step=step)
-        self.log("train/mse", value, on_step=True, on_epoch=False, logger=False)
+            logger.log_metrics({**values, "epoch": self.current_epoch}, step=step)
+        for name, value in values.items():  # for the progress display only
+            self.log(name, value, on_step=True, on_epoch=False, logger=False)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def _loggers_write_at(self, step: int) -> bool:
+        """True on the steps where the loggers write (every ``log_every_n_steps``).
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        ``self.log`` costs ~0.7 ms on the CPU, as much as a whole step of the linear model,
+        and reading a loss is a host sync, so the terms are read only when a logger writes.
+        """
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (step + 1) % every == 0
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step_schedulers(self, interval: str) -> None:
+        """Manual optimisation steps the schedulers itself, as Lightning's own loop would."""
+        for config in self.trainer.lr_scheduler_configs:
+            count = self.global_step if interval == "step" else self.current_epoch + 1
+            if config.interval != interval or count % config.frequency:
+                continue
+            if config.reduce_on_plateau:
+                metric = self.trainer.callback_metrics.get(config.monitor)
+                if metric is not None:
+                    config.scheduler.step(metric)
+            else:
+                config.scheduler.step()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._log_evaluation(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._log_evaluation(batch, "test")
+
+    def _log_evaluation(self, batch: Batch, stage: str) -> None:
         x, _ = batch
-        loss = F.mse_loss(self(x), x)  # mean squared error per pixel
-        training = stage == "train"
-        if stage == "val" and self._constant_mse is None:
-            self._constant_parts.append(x.var(dim=0, unbiased=False).mean())
-        if training and not self._loggers_write_at(self.global_step):
-            return loss
-        # Logged tensors stay on the device; Lightning reduces them without a per-step sync.
-        self.log(
-            f"{stage}/mse",
-            loss,
-            on_step=training,
-            on_epoch=not training,
-            # Progress-bar metrics are turned into Python floats at every step (a host-device
-            # sync on a GPU), so only the once-per-epoch val/test values go there.
-            prog_bar=not training,
-            batch_size=x.shape[0],
-            sync_dist=not training,
+        # Logged tensors stay on the device; Lightning averages them once per epoch.
+        for name, value in self.evaluation_terms(x).items():
+            self.log(
+                f"{stage}/{name}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name == "mse",
+                batch_size=x.shape[0],
+                sync_dist=True,
+            )
+
+    # --- optimizers -----------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        optimizer = self._make_optimizer()
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer; capturable and wrapped when the steps run as a graph."""
+        extra = self._fused_where_supported()
+        optimizer = self.optimizer_factory(self.parameters(), **extra)
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # called alone (a notebook, a test): one eager process
+            trainer = None
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        world_size = trainer.world_size if trainer is not None else 1
+        self.step_mode = choose_step_mode(
+            self.engine, self.device.type, type(optimizer), precision, world_size
         )
-        return loss
+        forced = self.engine.cuda_graphs is True and not self.step_mode.graphed
+        if trainer is None or trainer.is_global_zero:
+            log.log(logging.WARNING if forced else logging.INFO, self.step_mode.describe())
+        self._graphed = self._engine_optimizer = None
+        if not self.step_mode.graphed:
+            return optimizer
+        capturable = self.device.type == "cuda"  # (elsewhere only in tests, see test_engine)
+        optimizer = self.optimizer_factory(self.parameters(), **extra, capturable=capturable)
+        self._graphed = GraphedSteps(self.training_loss, optimizer, self.engine.warmup_steps)
+        self._engine_optimizer = EngineOptimizer.around(optimizer)
+        return self._engine_optimizer
 
     def _fused_where_supported(self) -> dict[str, bool]:
         """``fused=True`` for optimizers with a fused kernel (Adam, AdamW, SGD...) on CPU/CUDA.
@@ -186,64 +273,16 @@ class Autoencoder(pl.LightningModule):
             return {}
         return {"fused": True} if "fused" in inspect.signature(target).parameters else {}
 
-    def _loggers_write_at(self, step: int) -> bool:
-        """True on the steps where the loggers write (every ``log_every_n_steps``).
-
-        ``self.log`` costs ~0.7 ms on the CPU, as much as a whole step of the linear model,
-        so the training loss is handed over only when a logger will read it.
-        """
-        every = self.trainer.log_every_n_steps
-        return every > 0 and (step + 1) % every == 0
+    # --- hooks ----------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        if self._accumulated:  # an epoch of unknown length left gradients unstepped
+            self.optimizers().zero_grad(set_to_none=True)
+        self._accumulated = 0
 
     def on_train_epoch_end(self) -> None:
         self.trained_epochs = self.current_epoch + 1
-        if not self.automatic_optimization:  # Lightning steps schedulers only in its own loop
-            for config in self.trainer.lr_scheduler_configs:
-                config.scheduler.step()
+        self._step_schedulers("epoch")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Checkpoints are written at the end of epoch `epoch` (0-based) validation.
         self.trained_epochs = checkpoint.get("epoch", -1) + 1
-
-    def on_validation_epoch_start(self) -> None:
-        self._constant_parts = []
-
-    def on_validation_epoch_end(self) -> None:
-        """Stop a diverged run before its epoch is checkpointed (one host sync per epoch)."""
-        if self.trainer.sanity_checking:
-            return
-        if self._constant_mse is None:
-            if not self._constant_parts:
-                return
-            self._constant_mse = float(torch.stack(self._constant_parts).mean())
-        mse = float(self.trainer.callback_metrics.get("val/mse", float("nan")))
-        constant = self._constant_mse
-        epoch = self.current_epoch + 1
-        if not math.isfinite(mse):
-            problem = f"val/mse became {mse} at epoch {epoch}"
-        elif self._stuck_since is not None and mse > 1.5 * constant and mse >= self._stuck_since:
-            # No progress since the previous epoch while far worse than a constant image:
-            # a saturated network. Slow learners are still improving, so they are not flagged.
-            problem = (
-                f"val/mse is stuck at {mse:.4f} at epoch {epoch}, far worse than always "
-                f"predicting the mean image ({constant:.4f}): the network saturated"
-            )
-        else:
-            self._stuck_since = mse * (1 - 1e-4)
-            return
-        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        raise TrainingDivergedError(
-            f"Training diverged: {problem} with learning rate {lr:g}; lower it, e.g. "
-            f"model.optimizer.lr={min(lr / 10, 1e-3):g}. What was logged so far stays in the "
-            "run folder."
-        )
-
-    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
-        optimizer = self.optimizer_factory(self.parameters(), **self._fused_where_supported())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }

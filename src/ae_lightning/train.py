@@ -17,7 +17,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +121,32 @@ def _release_job() -> None:
     gc.collect()  # trainer <-> module <-> callbacks cycles hold the job's tensors
 
 
+def engine_options(cfg: DictConfig) -> dict[str, Any]:
+    """``engine.*`` and the Trainer's per-step options, for the module's step loop.
+
+    Under manual optimisation Lightning refuses ``gradient_clip_val`` and
+    ``accumulate_grad_batches``; the module applies them instead, so the keys keep working
+    where users set them (``trainer.*``). A plain dict: Hydra merges it into the model config.
+    """
+    trainer = cfg.trainer
+    return {
+        "cuda_graphs": cfg.engine.cuda_graphs,
+        "gradient_clip_val": trainer.get("gradient_clip_val"),
+        "gradient_clip_algorithm": trainer.get("gradient_clip_algorithm") or "norm",
+        "accumulate_grad_batches": trainer.get("accumulate_grad_batches", 1),
+    }
+
+
+def build_model(cfg: DictConfig) -> pl.LightningModule:
+    """The model config, with the engine options of this run."""
+    return instantiate(cfg.model, _convert_="all", engine=engine_options(cfg))
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]) -> pl.Trainer:
-    """The Trainer from ``cfg.trainer``, showing a progress bar only if one was configured."""
+    """The Trainer from ``cfg.trainer``, showing a progress bar only if one was configured.
+
+    Clipping and accumulation go to the module (``engine_options``), not to the Trainer.
+    """
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     trainer = instantiate(
         cfg.trainer,
@@ -128,6 +154,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]
         logger=loggers or False,
         enable_progress_bar=has_bar,
         plugins=[AtomicCheckpointIO()],
+        gradient_clip_val=None,
+        accumulate_grad_batches=1,
     )
     _JOB_TRAINERS.append(trainer)  # run_cli closes its writers when the job ends
     if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
@@ -198,7 +226,8 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
             "elsewhere with AE_LOGS_DIR=/writable/folder or hydra.run.dir=/writable/folder."
         ) from None
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    # K has one key, engine.steps_per_call; the data module sends lists of K minibatches.
+    datamodule = instantiate(cfg.data, steps_per_call=cfg.engine.steps_per_call)
     datamodule.prepare_data()  # fails fast, before any model is built, if MNIST is missing
     log.info("Run folder: %s", run_dir.resolve())
     return run_dir, datamodule
@@ -237,10 +266,24 @@ def _record(
     return metrics
 
 
+@contextmanager
+def lightning_notices_filtered() -> Iterator[None]:
+    """Hide Lightning's notices that do not apply to this package's step loop.
+
+    Lightning compares ``log_every_n_steps`` with its batch count, which counts calls of
+    ``engine.steps_per_call`` steps; the module logs per optimizer step itself.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The number of training batches \(\d+\) is smaller than"
+        )
+        yield
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one autoencoder as ``cfg`` says; return the metrics in ``metrics.json``."""
     run_dir, datamodule = _prepare_run(cfg)
-    model = instantiate(cfg.model, _convert_="all")
+    model = build_model(cfg)
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
     on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
     callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm]
@@ -248,7 +291,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with lightning_notices_filtered():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         if on_sigterm.saved_step is None:
             raise
