@@ -65,8 +65,6 @@ class EpochSummary(Callback):
     ``metrics.json``); without one the line has no time.
     """
 
-    on_train_start = on_train_epoch_start  # a run resumed mid-epoch skips the epoch start
-
     @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
