@@ -108,9 +108,10 @@ class EpochTimer(Callback):
 
 
 def describe(pl_module: pl.LightningModule) -> str:
-    """``MLP 784-1024-2`` style name of the encoder, for figure titles."""
+    """``MLP 784-1024-2`` (``VAE 784-1024-2``) style name of the model, for figure titles."""
     hidden = list(pl_module.hparams.get("hidden") or [])
-    return "MLP " + "-".join(str(s) for s in [784, *hidden, pl_module.hparams["bottleneck"]])
+    kind = "VAE" if getattr(pl_module, "family", "ae") == "vae" else "MLP"
+    return f"{kind} " + "-".join(str(s) for s in [784, *hidden, pl_module.hparams["bottleneck"]])
 
 
 def tensorboard_of(trainer: pl.Trainer) -> TensorBoardLogger | None:
@@ -292,22 +293,30 @@ class InterpolationFigure(FigureCallback):
 
 
 class SamplesFigure(FigureCallback):
-    """``n`` images decoded from random codes drawn by ``sampler`` (see ``latent.SAMPLERS``)."""
+    """``n`` images decoded from random codes drawn by ``sampler`` (see ``latent.SAMPLERS``).
+
+    ``auto`` asks the model: a VAE samples its prior N(0, I), other models a fitted Gaussian.
+    """
 
     name = "samples"
 
     def __init__(
-        self, n: int = 64, sampler: str = "gaussian", fit_on: int = 10_000, seed: int = 0, **kwargs
+        self, n: int = 64, sampler: str = "auto", fit_on: int = 10_000, seed: int = 0, **kwargs
     ) -> None:
         super().__init__(**kwargs)
-        check_sampler(sampler)  # fail at start-up, not at the first figure
+        if sampler != "auto":
+            check_sampler(sampler)  # fail at start-up, not at the first figure
         self.n, self.sampler, self.fit_on, self.seed = n, sampler, fit_on, seed
 
     def make_figure(self, trainer, pl_module, title):
+        kind = pl_module.default_sampler if self.sampler == "auto" else self.sampler
         codes, _ = CodesCache.get(trainer, pl_module, "train", self.fit_on)
-        sampler = CodeSampler(self.sampler, codes, seed=self.seed)
+        sampler = CodeSampler(kind, codes, seed=self.seed)
         images = decode_codes(pl_module.decode, sampler.sample(self.n), pl_module.device)
-        return samples_figure(images, f"Decoded samples: {sampler.description}\n{title}")
+        what = sampler.description
+        if kind == "normal" and getattr(pl_module, "family", "ae") == "vae":
+            what += ", the VAE's prior"
+        return samples_figure(images, f"Decoded samples: {what}\n{title}")
 
 
 class ManifoldFigure(FigureCallback):
