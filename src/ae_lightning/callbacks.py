@@ -245,7 +245,10 @@ class ScatterFigure(FigureCallback):
             what = f"{codes.shape[1]}-D test codes, {how}"
         else:
             what = "2-D test codes"
-        return scatter_figure(projection(codes), labels, f"{what}\n{title}", projection.axis_labels)
+        return scatter_figure(
+            projection(codes), labels, f"{what}\n{title}", projection.axis_labels,
+            class_names=getattr(trainer.datamodule, "class_names", None),
+        )  # fmt: skip
 
 
 class ReconstructionsFigure(FigureCallback):
@@ -284,7 +287,11 @@ class InterpolationFigure(FigureCallback):
         z = pl_module.encode(ends)
         latent = pl_module.decode(interpolate(z[0], z[1], self.steps)).cpu()
         pixels = crossfade(ends[0].cpu(), ends[1].cpu(), self.steps)
-        digits = f"test #{first} (a {int(labels[first])}) → #{second} (a {int(labels[second])})"
+        names = getattr(trainer.datamodule, "class_names", None) or [str(d) for d in range(10)]
+        digits = (
+            f"test #{first} (a {names[int(labels[first])]}) → "
+            f"#{second} (a {names[int(labels[second])]})"
+        )
         return interpolation_figure(
             [latent, pixels],
             ["through the\nbottleneck", "pixel\ncross-fade"],

@@ -325,8 +325,9 @@ class Autoencoder(pl.LightningModule):
     def _schedule_length(self) -> dict[str, int]:
         """``total_steps`` for schedulers that need the run's length (one-cycle), if not set.
 
-        Lightning counts a list of K minibatches as one batch, so K times its count bounds
-        the optimizer steps from above (a schedule may stop just short of its end).
+        Counted in optimizer steps: Lightning counts a list of K minibatches as one batch, so
+        the loader's own minibatch count is used where it has one (K times Lightning's count,
+        an upper bound, otherwise).
         """
         target = getattr(self.scheduler_factory, "func", None)
         chosen = getattr(self.scheduler_factory, "keywords", None) or {}
@@ -334,9 +335,15 @@ class Autoencoder(pl.LightningModule):
             return {}
         if chosen.get("total_steps") or chosen.get("epochs"):
             return {}
-        calls = self.trainer.estimated_stepping_batches
-        per_call = steps_per_call_for(self.steps_per_call, self._trainer)
-        return {"total_steps": int(calls) * per_call}
+        trainer = self.trainer
+        calls = int(trainer.estimated_stepping_batches)  # also loads the training data
+        per_epoch = getattr(trainer.train_dataloader, "num_minibatches", None)
+        if per_epoch is None or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return {"total_steps": calls * steps_per_call_for(self.steps_per_call, trainer)}
+        total = per_epoch * trainer.max_epochs
+        if trainer.max_steps > 0:
+            total = min(total, trainer.max_steps)
+        return {"total_steps": total}
 
 
 class VariationalAutoencoder(Autoencoder):
@@ -397,7 +404,8 @@ class VariationalAutoencoder(Autoencoder):
         return reconstruction_nats(outputs, x, self.likelihood)
 
     def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mean, log_var = self.encoder.distribution(corrupt(x, self.corruption, self.corruption_level))
+        inputs = corrupt(x, self.corruption, self.corruption_level)
+        mean, log_var = self.encoder.distribution(inputs)
         reconstruction = self._reconstruction(reparameterise(mean, log_var), x)
         kl = gaussian_kl(mean, log_var)
         loss = reconstruction + kl_weight(self.beta, self.global_step, self.kl_warmup_steps) * kl
