@@ -217,8 +217,9 @@ class Autoencoder(pl.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             if config.interval != interval:
                 continue
-            if config.reduce_on_plateau:
-                value = self.trainer.callback_metrics.get(config.monitor)
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                # (Lightning drops `monitor` from the description under manual optimisation.)
+                value = self.trainer.callback_metrics.get(config.monitor or self.scheduler_monitor)
                 if value is not None:  # no validation this epoch: nothing to compare
                     config.scheduler.step(value)
             else:
