@@ -1,5 +1,6 @@
 """The VAE and denoising options: objectives against closed forms, and real tiny runs."""
 
+import csv
 import json
 import math
 
@@ -14,7 +15,7 @@ from ae_lightning.module import Autoencoder, VariationalAutoencoder, load_autoen
 from ae_lightning.nets import PIXELS
 from ae_lightning.objectives import corrupt, gaussian_kl, kl_weight, reconstruction_nats
 from ae_lightning.train import train
-from conftest import compose_cfg, tiny_overrides
+from conftest import compose_cfg, run_train_cli, tiny_overrides
 
 
 def test_kl_matches_the_closed_form_on_known_means_and_variances():
@@ -126,3 +127,23 @@ def test_denoising_run_is_tested_on_clean_images(tiny_root, tmp_path):
         clean, rel=1e-4
     )
     assert abs(noisy - clean) > 0.005  # masked inputs give another number: not what was tested
+
+
+def test_a_sweep_compares_an_autoencoder_with_a_vae(tiny_root, tmp_path):
+    result = run_train_cli(
+        ["-m", "model=hidden1024,vae", "model.hidden=[64]", *tiny_overrides(tiny_root)],
+        logs=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    with open(sweep / "summary.csv") as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"model=hidden1024", "model=vae"}
+    ae, vae = rows["model=hidden1024"], rows["model=vae"]
+    assert (ae["status"], ae["family"], ae["dataset"]) == ("ok", "ae", "mnist")
+    assert (vae["status"], vae["family"]) == ("ok", "vae")
+    assert ae["recipe"].startswith("adam lr=0.001") and "beta 1.0 bernoulli" in vae["recipe"]
+    assert ae["test/nelbo"] == "" and float(vae["test/nelbo"]) > 0
+    assert float(ae["test/mse"]) > 0 and float(vae["test/mse"]) > 0
+    assert "| family | dataset | recipe |" in (sweep / "summary.md").read_text()
+    assert (sweep / "comparison" / "samples.png").is_file()
