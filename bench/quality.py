@@ -1,12 +1,21 @@
-"""Test MSE of the reference workflow's three models next to PCA at the same dimension.
+"""Test MSE of the reference workflow's three models next to PCA at the same dimension,
+the VAE next to a plain PyTorch VAE loop, and experiment=deep30 next to its default recipe.
 
-Trains, with the default config (batch 128, 25 epochs, Adam at each model's default lr:
-3e-3 for linear, 1e-3 for hidden1024; no weight decay): no hidden layer with a 2-D
-bottleneck, 1024 hidden units with 2-D, and with 10-D. PCA is the closed-form linear
+``workflow``: trains, with the default config (batch 128, 25 epochs, Adam at each model's
+default lr: 3e-3 for linear, 1e-3 for hidden1024; no weight decay): no hidden layer with a
+2-D bottleneck, 1024 hidden units with 2-D, and with 10-D. PCA is the closed-form linear
 baseline on the same training images: the best any linear encoder/decoder pair can reach
 (the linear model's sigmoid decoder can end a little either side of it).
 
+``vae``: model=vae (784-1024-z, Bernoulli likelihood, beta 1) at z=2 and z=20, beside
+``plain_vae``, a hand-written loop in the style of PyTorch's examples/vae with the same
+architecture, optimizer, batches, epochs and seed: test/nelbo should agree within 1%.
+
+``deep30``: experiment=deep30 beside the same 784-1000-500-250-30 model with the default
+recipe (Adam 1e-3, clean inputs), both for ``--deep-epochs`` epochs (100 by default).
+
     python bench/quality.py --json quality.json --markdown quality.md
+    python bench/quality.py --sections vae --epochs 25
 """
 
 from __future__ import annotations
@@ -19,11 +28,80 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from common import PROJECT, train_with
+from torch import nn
 
 from ae_lightning.data import MNISTDataModule, to_unit_float
 
 WORKFLOW = [("linear", 2), ("hidden1024", 2), ("hidden1024", 10)]
+VAE_BOTTLENECKS = [2, 20]
+SECTIONS = ["workflow", "vae", "deep30"]
+DEEP_DEFAULT = ["model=deep", "model.hidden=[1000,500,250]", "bottleneck=30"]
+
+
+class PlainVAE(nn.Module):
+    """PyTorch's examples/vae model with one ``hidden``-unit layer each side and a z-D code."""
+
+    def __init__(self, bottleneck: int, hidden: int = 1024) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden)
+        self.fc21 = nn.Linear(hidden, bottleneck)
+        self.fc22 = nn.Linear(hidden, bottleneck)
+        self.fc3 = nn.Linear(bottleneck, hidden)
+        self.fc4 = nn.Linear(hidden, 784)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h1 = F.relu(self.fc1(x))
+        return self.fc21(h1), self.fc22(h1)
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        std = torch.exp(0.5 * logvar)
+        return mu + torch.randn_like(std) * std
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x.view(-1, 784))
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+
+def plain_vae_loss(recon_x, x, mu, logvar) -> torch.Tensor:
+    """examples/vae's loss: summed BCE + KL (nats, summed over the batch)."""
+    bce = F.binary_cross_entropy(recon_x, x.view(-1, 784), reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return bce + kld
+
+
+def plain_vae(
+    datamodule: MNISTDataModule, bottleneck: int, epochs: int, batch_size: int, seed: int
+) -> dict[str, float]:
+    """Train and test PlainVAE like examples/vae; test/nelbo and the mean code's test/mse."""
+    torch.manual_seed(seed)
+    model = PlainVAE(bottleneck)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_images = datamodule.split("train")[0]
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for index in torch.randperm(len(train_images), generator=generator).split(batch_size):
+            data = to_unit_float(train_images[index])
+            optimizer.zero_grad()
+            recon_batch, mu, logvar = model(data)
+            loss = plain_vae_loss(recon_batch, data, mu, logvar)
+            (loss / len(data)).backward()  # per-image mean, as the framework's loss
+            optimizer.step()
+    model.eval()
+    test_images = datamodule.split("test")[0]
+    total, squared = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(test_images), 1000):
+            data = to_unit_float(test_images[start : start + 1000])
+            recon_batch, mu, logvar = model(data)
+            total += float(plain_vae_loss(recon_batch, data, mu, logvar))
+            squared += float((model.decode(mu) - data.view(-1, 784)).square().sum())
+    return {"test/nelbo": total / len(test_images), "test/mse": squared / test_images.numel()}
 
 
 def pca_test_mse(train_images: torch.Tensor, test_images: torch.Tensor, k: int) -> float:
@@ -43,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
+    parser.add_argument("--deep-epochs", type=int, default=100, help="epochs of the deep30 rows")
     parser.add_argument("--figures", action="store_true", help="keep the figure callbacks on")
     parser.add_argument(
         "--data-root", default=os.environ.get("AE_DATA_ROOT", str(PROJECT / "data"))
@@ -61,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         "models": [],
     }
-    for model, bottleneck in WORKFLOW:
+    for model, bottleneck in WORKFLOW if "workflow" in args.sections else []:
         runs = []
         for seed in args.seeds:
             overrides = [f"model={model}", f"bottleneck={bottleneck}", f"seed={seed}"]
@@ -82,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "num_parameters": runs[0]["num_parameters"],
             }
         )
+    if "vae" in args.sections:
+        results["vae"] = vae_rows(args, datamodule, runs_dir)
+    if "deep30" in args.sections:
+        results["deep30"] = deep30_rows(args, runs_dir)
     table = markdown_table(results)
     print(table)
     if args.json:
@@ -91,7 +175,51 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def vae_rows(args: argparse.Namespace, datamodule: MNISTDataModule, runs_dir: Path) -> list:
+    """model=vae and the plain loop at each bottleneck, first seed only."""
+    seed, rows = args.seeds[0], []
+    for bottleneck in VAE_BOTTLENECKS:
+        run = train_with(
+            args, runs_dir / f"vae_z{bottleneck}_seed{seed}", "model=vae",
+            f"bottleneck={bottleneck}", f"seed={seed}", "callbacks=none", "logger=none",
+            "test_ckpt=last", "latent_metrics=false",
+        )  # fmt: skip
+        plain = plain_vae(datamodule, bottleneck, args.epochs, args.batch_size, seed)
+        rows.append(
+            {
+                "bottleneck": bottleneck,
+                "test_nelbo": round(run["test/nelbo"], 3),
+                "test_mse": round(run["test/mse"], 5),
+                "plain_test_nelbo": round(plain["test/nelbo"], 3),
+                "plain_test_mse": round(plain["test/mse"], 5),
+                "nelbo_vs_plain": round(run["test/nelbo"] / plain["test/nelbo"], 4),
+            }
+        )
+    return rows
+
+
+def deep30_rows(args: argparse.Namespace, runs_dir: Path) -> list:
+    """experiment=deep30 and the same model with the default recipe, ``--deep-epochs`` each."""
+    rows = []
+    for name, overrides in (("default recipe", DEEP_DEFAULT), ("experiment=deep30", [
+        "experiment=deep30"
+    ])):  # fmt: skip
+        run = train_with(
+            argparse.Namespace(**{**vars(args), "epochs": args.deep_epochs}),
+            runs_dir / name.replace("=", "_").replace(" ", "_"), *overrides,
+            f"seed={args.seeds[0]}", "callbacks=minimal", "logger=none", "latent_metrics=false",
+        )  # fmt: skip
+        rows.append(
+            {"recipe": name, "recipe_words": run["recipe"], "epochs": run["epochs"],
+             "test_mse": round(run["test/mse"], 5),
+             "best_val_mse": round(run.get("best_val/mse", float("nan")), 5)}
+        )  # fmt: skip
+    return rows
+
+
 def markdown_table(results: dict) -> str:
+    if not results["models"]:
+        return extra_tables(results)
     lines = [
         f"{results['epochs']} epochs, batch {results['batch_size']}, test per-pixel MSE "
         "(mean over seeds; each seed's value after it)",
@@ -108,6 +236,35 @@ def markdown_table(results: dict) -> str:
             f"| {row['model']} | {row['bottleneck']} | {row['test_mse']:.4f} | {per_seed} "
             f"| {row['pca_test_mse']:.4f} | {row['num_parameters']:,} | {row['train_time_s']:.0f} |"
         )
+    return "\n".join(lines) + extra_tables(results)
+
+
+def extra_tables(results: dict) -> str:
+    lines = []
+    if results.get("vae"):
+        lines += [
+            "",
+            f"VAE (784-1024-z, Bernoulli, beta 1), {results['epochs']} epochs, batch "
+            f"{results['batch_size']}: test negative ELBO (nats per image, one sample) and "
+            "the mean code's per-pixel test MSE, beside a plain PyTorch loop (examples/vae)",
+            "",
+            "| z | test/nelbo | plain loop nelbo | ratio | test/mse | plain loop mse |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['bottleneck']} | {r['test_nelbo']:.2f} | {r['plain_test_nelbo']:.2f} | "
+            f"{r['nelbo_vs_plain']:.4f} | {r['test_mse']:.4f} | {r['plain_test_mse']:.4f} |"
+            for r in results["vae"]
+        ]
+    if results.get("deep30"):
+        lines += ["", "deep30 (784-1000-500-250-30): test per-pixel MSE (best val checkpoint)",
+                  "", "| recipe | what | epochs | test MSE | best val MSE |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {r['recipe']} | {r['recipe_words']} | {r['epochs']} | {r['test_mse']:.4f} | "
+            f"{r['best_val_mse']:.4f} |"
+            for r in results["deep30"]
+        ]
     return "\n".join(lines)
 
 

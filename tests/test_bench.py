@@ -51,7 +51,7 @@ def test_quality_benchmark_reports_each_model_beside_pca(tiny_root, tmp_path):
     run_bench(
         "quality.py", "--epochs", "1", "--batch-size", "50", "--val-size", "100",
         "--data-root", str(tiny_root), "--json", str(out), "--markdown", str(table),
-        "--runs-dir", str(tmp_path / "runs"),
+        "--runs-dir", str(tmp_path / "runs"), "--sections", "workflow",
     )  # fmt: skip
     rows = json.loads(out.read_text())["models"]
     assert [(r["model"], r["bottleneck"]) for r in rows] == [
@@ -61,3 +61,22 @@ def test_quality_benchmark_reports_each_model_beside_pca(tiny_root, tmp_path):
         assert 0 < row["test_mse"] < 0.5 and 0 < row["pca_test_mse"] < 0.5
     assert rows[2]["pca_test_mse"] < rows[0]["pca_test_mse"]  # more components, less error
     assert "| hidden1024 | 10 |" in table.read_text()
+
+
+def test_quality_benchmark_puts_the_vae_beside_a_plain_loop_and_deep30_beside_its_default(
+    tiny_root, tmp_path
+):
+    out, table = tmp_path / "quality.json", tmp_path / "quality.md"
+    run_bench(
+        "quality.py", "--epochs", "1", "--deep-epochs", "1", "--batch-size", "50",
+        "--val-size", "100", "--data-root", str(tiny_root), "--json", str(out),
+        "--markdown", str(table), "--sections", "vae", "deep30",
+    )  # fmt: skip
+    results = json.loads(out.read_text())
+    assert [r["bottleneck"] for r in results["vae"]] == [2, 20]
+    for row in results["vae"]:
+        assert row["test_nelbo"] > 0 and row["plain_test_nelbo"] > 0
+        assert abs(row["nelbo_vs_plain"] - row["test_nelbo"] / row["plain_test_nelbo"]) < 1e-3
+    assert [r["recipe"] for r in results["deep30"]] == ["default recipe", "experiment=deep30"]
+    assert "mask 0.2" in results["deep30"][1]["recipe_words"]
+    assert "| 20 |" in table.read_text() and "| experiment=deep30 |" in table.read_text()

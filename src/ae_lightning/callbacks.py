@@ -182,9 +182,10 @@ class DivergenceCheck(Callback):
 
 
 def describe(pl_module: pl.LightningModule) -> str:
-    """``MLP 784-1024-2`` style name of the encoder, for figure titles."""
+    """``MLP 784-1024-2`` (``VAE 784-1024-2``) style name of the model, for figure titles."""
     hidden = list(pl_module.hparams.get("hidden") or [])
-    return "MLP " + "-".join(str(s) for s in [784, *hidden, pl_module.hparams["bottleneck"]])
+    kind = "VAE" if getattr(pl_module, "family", "ae") == "vae" else "MLP"
+    return f"{kind} " + "-".join(str(s) for s in [784, *hidden, pl_module.hparams["bottleneck"]])
 
 
 def tensorboard_of(trainer: pl.Trainer) -> TensorBoardLogger | None:
@@ -338,7 +339,10 @@ class ScatterFigure(FigureCallback):
             what = f"{codes.shape[1]}-D test codes, {how}"
         else:
             what = "2-D test codes"
-        return scatter_figure(projection(codes), labels, f"{what}\n{title}", projection.axis_labels)
+        return scatter_figure(
+            projection(codes), labels, f"{what}\n{title}", projection.axis_labels,
+            class_names=getattr(trainer.datamodule, "class_names", None),
+        )  # fmt: skip
 
 
 class ReconstructionsFigure(FigureCallback):
@@ -377,7 +381,11 @@ class InterpolationFigure(FigureCallback):
         z = pl_module.encode(ends)
         latent = pl_module.decode(interpolate(z[0], z[1], self.steps)).cpu()
         pixels = crossfade(ends[0].cpu(), ends[1].cpu(), self.steps)
-        digits = f"test #{first} (a {int(labels[first])}) → #{second} (a {int(labels[second])})"
+        names = getattr(trainer.datamodule, "class_names", None) or [str(d) for d in range(10)]
+        digits = (
+            f"test #{first} (a {names[int(labels[first])]}) → "
+            f"#{second} (a {names[int(labels[second])]})"
+        )
         return interpolation_figure(
             [latent, pixels],
             ["through the\nbottleneck", "pixel\ncross-fade"],
@@ -386,22 +394,30 @@ class InterpolationFigure(FigureCallback):
 
 
 class SamplesFigure(FigureCallback):
-    """``n`` images decoded from random codes drawn by ``sampler`` (see ``latent.SAMPLERS``)."""
+    """``n`` images decoded from random codes drawn by ``sampler`` (see ``latent.SAMPLERS``).
+
+    ``auto`` asks the model: a VAE samples its prior N(0, I), other models a fitted Gaussian.
+    """
 
     name = "samples"
 
     def __init__(
-        self, n: int = 64, sampler: str = "gaussian", fit_on: int = 10_000, seed: int = 0, **kwargs
+        self, n: int = 64, sampler: str = "auto", fit_on: int = 10_000, seed: int = 0, **kwargs
     ) -> None:
         super().__init__(**kwargs)
-        check_sampler(sampler)  # fail at start-up, not at the first figure
+        if sampler != "auto":
+            check_sampler(sampler)  # fail at start-up, not at the first figure
         self.n, self.sampler, self.fit_on, self.seed = n, sampler, fit_on, seed
 
     def make_figure(self, trainer, pl_module, title):
+        kind = pl_module.default_sampler if self.sampler == "auto" else self.sampler
         codes, _ = CodesCache.get(trainer, pl_module, "train", self.fit_on)
-        sampler = CodeSampler(self.sampler, codes, seed=self.seed)
+        sampler = CodeSampler(kind, codes, seed=self.seed)
         images = decode_codes(pl_module.decode, sampler.sample(self.n), pl_module.device)
-        return samples_figure(images, f"Decoded samples: {sampler.description}\n{title}")
+        what = sampler.description
+        if kind == "normal" and getattr(pl_module, "family", "ae") == "vae":
+            what += ", the VAE's prior"
+        return samples_figure(images, f"Decoded samples: {what}\n{title}")
 
 
 class ManifoldFigure(FigureCallback):

@@ -45,10 +45,15 @@ from ae_lightning.plots import (
 )
 
 log = logging.getLogger(__name__)
-SUMMARY_COLUMNS = [
-    "run", "status", "overrides", "num_parameters", "epochs", "train_time_s", "test/mse",
-    "best_val/mse", "test/knn_acc", "test/probe_acc", "error", "path",
+# What each run is (read from its metrics.json), then how it did; test/nelbo for VAEs only.
+DESCRIPTION_COLUMNS = ["family", "dataset", "recipe"]
+METRIC_COLUMNS = [
+    "num_parameters", "epochs", "train_time_s", "test/mse", "test/nelbo", "best_val/mse",
+    "test/knn_acc", "test/probe_acc",
 ]  # fmt: skip
+SUMMARY_COLUMNS = [
+    "run", "status", *DESCRIPTION_COLUMNS, "overrides", *METRIC_COLUMNS, "error", "path"
+]
 
 
 @dataclass
@@ -153,8 +158,8 @@ def _figures(
         dims = f"{codes.shape[1]}-D" + (", PCA" if projection.method == "pca" else "")
         titles.append(f"{name}\n({dims}, test MSE {run.metrics.get('test/mse', float('nan')):.4f})")
     figures["scatter"] = scatter_figure(
-        torch.stack(panels), test_labels, "Test codes coloured by digit", ("1st axis", "2nd axis"),
-        ax_titles=titles,
+        torch.stack(panels), test_labels, f"{datamodule.display_name} test codes coloured by class",
+        ("1st axis", "2nd axis"), ax_titles=titles, class_names=datamodule.class_names,
     )  # fmt: skip
 
     originals, _ = datamodule.probe_images(64)
@@ -166,6 +171,7 @@ def _figures(
     )  # fmt: skip
 
     first, second = pick_pair(test_labels, seed)
+    classes = datamodule.class_names
     ends = to_unit_float(test_images[[first, second]])
     rows = []
     with torch.no_grad():
@@ -176,8 +182,8 @@ def _figures(
     figures["interpolation"] = interpolation_figure(
         rows,
         [_wrap(_short(name)) for name in names] + ["pixel\ncross-fade"],
-        f"Interpolation between test #{first} (a {int(test_labels[first])}) and "
-        f"#{second} (a {int(test_labels[second])})",
+        f"Interpolation between test #{first} (a {classes[int(test_labels[first])]}) and "
+        f"#{second} (a {classes[int(test_labels[second])]})",
     )
 
     samples = []
@@ -215,7 +221,7 @@ def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
             "error": run.error,
             "path": str(run.path),
         }
-        for key in SUMMARY_COLUMNS[3:10]:
+        for key in DESCRIPTION_COLUMNS + METRIC_COLUMNS:
             row[key] = run.metrics.get(key, "")
         rows.append(row)
     return sorted(rows, key=lambda r: (r["status"] != "ok", r["test/mse"] or float("inf")))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +21,20 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from torchvision.datasets import MNIST
+from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
 from ae_lightning.errors import UserError
 
 DATA_ENV_VAR = "AE_DATA_ROOT"
 IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # uint8, 3-D / 1-D
 Batch = tuple[torch.Tensor, torch.Tensor]
+# data.dataset -> (torchvision class, name in messages, class names). All three ship the same
+# IDX files (60k train, 10k test, 28x28 uint8) in <root>/<class name>/raw/.
+DATASETS: dict[str, tuple[type[MNIST], str, tuple[str, ...]]] = {
+    "mnist": (MNIST, "MNIST", tuple(str(d) for d in range(10))),
+    "fashion_mnist": (FashionMNIST, "Fashion-MNIST", tuple(FashionMNIST.classes)),
+    "kmnist": (KMNIST, "KMNIST", tuple(KMNIST.classes)),
+}
 TrainBatch = Batch | list[Batch]  # a list of minibatches when steps_per_call > 1
 
 
@@ -48,37 +56,56 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).float().div_(255.0)
 
 
-def load_mnist(root: str | os.PathLike, train: bool, download: bool = True) -> Batch:
-    """Parse one official MNIST split with torchvision into ``(uint8 images, int64 labels)``.
+def metric_suffix(dataset: str, label: int) -> str:
+    """``digit3`` for MNIST; the class name as a tag-safe word otherwise (``t_shirt_top``)."""
+    if dataset == "mnist":
+        return f"digit{label}"
+    return re.sub(r"[^a-z0-9]+", "_", DATASETS[dataset][2][label].lower()).strip("_")
+
+
+def load_mnist(
+    root: str | os.PathLike, train: bool, download: bool = True, dataset: str = "mnist"
+) -> Batch:
+    """Parse one official split with torchvision into ``(uint8 images, int64 labels)``.
+
+    ``dataset`` is ``mnist``, ``fashion_mnist`` or ``kmnist`` (``DATASETS``).
 
     Downloads into ``root/MNIST/raw`` when the files are missing and ``download`` is set;
     when that fails (no network), raises one sentence that names the folder and the fix.
     """
+    if dataset not in DATASETS:
+        raise UserError(
+            f"data.dataset={dataset!r} is not a dataset: use one of {', '.join(DATASETS)} "
+            "(data=mnist, data=fashion_mnist or data=kmnist)."
+        )
+    torchvision_class, name, _ = DATASETS[dataset]
     root = Path(root).expanduser()
-    raw = root / "MNIST" / "raw"
+    raw = root / torchvision_class.__name__ / "raw"
     prefix = "train" if train else "t10k"
     for kind, magic in (("images-idx3", IDX_IMAGES), ("labels-idx1", IDX_LABELS)):
         path = raw / f"{prefix}-{kind}-ubyte"
         if path.exists() or path.is_symlink():
-            check_idx_file(path, magic)
+            check_idx_file(path, magic, name)
     try:
-        dataset = MNIST(str(root), train=train, download=False)
+        split = torchvision_class(str(root), train=train, download=False)
     except RuntimeError:
         if not download:
             raise MNISTNotFoundError(
-                _not_found_message(raw, "downloading is switched off")
+                _not_found_message(raw, "downloading is switched off", name)
             ) from None
         try:
-            dataset = MNIST(str(root), train=train, download=True)
+            split = torchvision_class(str(root), train=train, download=True)
         except Exception as err:  # URLError, OSError, RuntimeError: all mean "no copy here"
             reason = f"the download failed ({type(err).__name__})"
-            raise MNISTNotFoundError(_not_found_message(raw, reason)) from None
-    check_pair(raw, prefix, dataset.data, dataset.targets)
-    return dataset.data, dataset.targets
+            raise MNISTNotFoundError(_not_found_message(raw, reason, name)) from None
+    check_pair(raw, prefix, split.data, split.targets, name)
+    return split.data, split.targets
 
 
-def check_pair(raw: Path, prefix: str, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Images and labels of one split belong together: same count, digits 0-9 only."""
+def check_pair(
+    raw: Path, prefix: str, images: torch.Tensor, labels: torch.Tensor, name: str = "MNIST"
+) -> None:
+    """Images and labels of one split belong together: same count, classes 0-9 only."""
     images_file, labels_file = (
         raw / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")
     )
@@ -88,17 +115,17 @@ def check_pair(raw: Path, prefix: str, images: torch.Tensor, labels: torch.Tenso
     )
     if len(images) != len(labels):
         raise MNISTFileError(
-            f"MNIST file {images_file} holds {len(images)} images but {labels_file} holds "
+            f"{name} file {images_file} holds {len(images)} images but {labels_file} holds "
             f"{len(labels)} labels: {fix}."
         )
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
         raise MNISTFileError(
-            f"MNIST file {labels_file} has labels from {int(labels.min())} to "
-            f"{int(labels.max())}, not digits 0-9: {fix}."
+            f"{name} file {labels_file} has labels from {int(labels.min())} to "
+            f"{int(labels.max())}, not classes 0-9: {fix}."
         )
 
 
-def check_idx_file(path: Path, magic: int) -> None:
+def check_idx_file(path: Path, magic: int, name: str = "MNIST") -> None:
     """Raise one clear sentence if ``path`` is unreadable, not IDX, or cut short."""
     fix = (
         f"delete it and run again to re-download, or point data.root (or {DATA_ENV_VAR}) "
@@ -111,30 +138,30 @@ def check_idx_file(path: Path, magic: int) -> None:
             if found != magic:
                 shown = "nothing" if found is None else f"0x{found:08x}"
                 raise MNISTFileError(
-                    f"MNIST file {path} is not an IDX file of this kind (magic number {shown}, "
+                    f"{name} file {path} is not an IDX file of this kind (magic number {shown}, "
                     f"expected 0x{magic:08x}): {fix}."
                 )
             ndim = magic & 0xFF
             dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
     except OSError as err:
         raise MNISTFileError(
-            f"MNIST file {path} cannot be read ({err.strerror or type(err).__name__}): make it "
+            f"{name} file {path} cannot be read ({err.strerror or type(err).__name__}): make it "
             f"a readable file or point data.root (or {DATA_ENV_VAR}) at a readable copy."
         ) from None
     except struct.error:
-        raise MNISTFileError(f"MNIST file {path} ends inside its header: {fix}.") from None
+        raise MNISTFileError(f"{name} file {path} ends inside its header: {fix}.") from None
     expected = 4 + 4 * len(dims) + math.prod(dims)
     actual = path.stat().st_size
     if actual != expected:
         raise MNISTFileError(
-            f"MNIST file {path} has {actual} bytes but its header {list(dims)} promises "
+            f"{name} file {path} has {actual} bytes but its header {list(dims)} promises "
             f"{expected} (truncated or corrupted): {fix}."
         )
 
 
-def _not_found_message(raw: Path, reason: str) -> str:
+def _not_found_message(raw: Path, reason: str, name: str = "MNIST") -> str:
     return (
-        f"MNIST was not found in {raw} and {reason}: point the run at a copy in torchvision's "
+        f"{name} was not found in {raw} and {reason}: point the run at a copy in torchvision's "
         f"layout with data.root=/path/to/data or the environment variable {DATA_ENV_VAR}, "
         "or run once with network access to download it there."
     )
@@ -240,7 +267,8 @@ class InMemoryBatches:
 
 
 class MNISTDataModule(pl.LightningDataModule):
-    """MNIST: a seeded train/val split of the 60k training images; the official 10k as test."""
+    """MNIST (or Fashion-MNIST, KMNIST: ``dataset``): a seeded train/val split of the 60k
+    training images; the official 10k as test."""
 
     def __init__(
         self,
@@ -255,9 +283,11 @@ class MNISTDataModule(pl.LightningDataModule):
         loader: str = "memory",
         num_workers: int = 0,
         steps_per_call: int = 1,
+        dataset: str = "mnist",
     ) -> None:
         super().__init__()
         self.root = root
+        self.dataset = dataset
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size  # eval has no backward pass: bigger is faster
         self.val_size = val_size
@@ -279,10 +309,10 @@ class MNISTDataModule(pl.LightningDataModule):
         others; ``setup`` parses the files itself.
         """
         for train in (True, False):
-            load_mnist(self.root, train=train, download=self.download)
+            load_mnist(self.root, train, self.download, self.dataset)
 
     def _load(self, train: bool) -> Batch:
-        return load_mnist(self.root, train=train, download=self.download)
+        return load_mnist(self.root, train, self.download, self.dataset)
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
@@ -321,6 +351,15 @@ class MNISTDataModule(pl.LightningDataModule):
         return to_unit_float(images), labels
 
     # --- public API for callbacks, comparisons and benchmarks -----------------------------
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The ten labels' names, for legends and titles (``T-shirt/top``... for Fashion)."""
+        return DATASETS[self.dataset][2]
+
+    @property
+    def display_name(self) -> str:
+        return DATASETS[self.dataset][1]
+
     def split(self, name: str) -> Batch:
         """``(uint8 images (N, 28, 28), labels (N,))`` of ``"train"``, ``"val"`` or ``"test"``."""
         if not self._splits:

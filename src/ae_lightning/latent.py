@@ -5,7 +5,7 @@ Shared by the figure callbacks and the comparison tool; no Lightning, no plottin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -219,11 +219,13 @@ def latent_quality(
     device: torch.device | str = "cpu",
     max_train: int = 20_000,
     batch_size: int = 2000,
+    metric_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """kNN (k=5) and linear-probe digit accuracy of the codes, and the test MSE per digit.
 
     Labels are used only here, after training: they measure how well the bottleneck
     separates digits it was never told about. ``max_train`` training codes fit the probes.
+    Per-class MSEs are ``test/mse_<metric_names[label]>`` (``test/mse_digit3`` by default).
     """
     (train_images, train_labels), (test_images, test_labels) = train_set, test_set
     train_codes = encode_images(encode, train_images[:max_train], batch_size, device)
@@ -244,5 +246,6 @@ def latent_quality(
         "test/probe_acc": probe_accuracy(train_codes, train_labels, test_codes, test_labels),
     }
     for digit, mse in per_digit_mse(errors, test_labels).items():
-        metrics[f"test/mse_digit{digit}"] = mse
+        name = f"digit{digit}" if metric_names is None else metric_names[digit]
+        metrics[f"test/mse_{name}"] = mse
     return metrics

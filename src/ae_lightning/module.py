@@ -1,4 +1,9 @@
-"""The LightningModule: an MLP autoencoder y = g(f(x)) trained on squared L2 loss."""
+"""The LightningModules: an MLP autoencoder y = g(f(x)) trained on squared L2 loss, and a
+variational autoencoder trained on the negative ELBO.
+
+Each model says what it optimises in two methods, ``training_loss`` and ``evaluation_terms``;
+the step loop, logging, scheduling and engine are shared.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +25,21 @@ from ae_lightning.engine import (
     StepMode,
     choose_step_mode,
 )
-from ae_lightning.nets import build_encoder_decoder, count_parameters
+from ae_lightning.errors import UserError
+from ae_lightning.nets import OUTPUTS, build_encoder_decoder, count_parameters
+from ae_lightning.objectives import (
+    CORRUPTIONS,
+    LIKELIHOODS,
+    corrupt,
+    gaussian_kl,
+    kl_weight,
+    reconstruction_nats,
+    reparameterise,
+)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+SCHEDULER_INTERVALS = ("epoch", "step")
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +67,15 @@ class Autoencoder(pl.LightningModule):
 
     Built from sizes (not modules) so a checkpoint alone rebuilds the architecture.
     ``optimizer`` is a partial (``_partial_: true`` in Hydra) completed with the parameters;
-    ``scheduler``, if given, a partial completed with the optimizer and stepped every epoch.
+    ``scheduler``, if given, a partial completed with the optimizer (and ``total_steps`` if it
+    takes them, for one-cycle), stepped every ``scheduler_interval`` (``epoch`` or ``step``);
+    ``ReduceLROnPlateau`` is stepped with the epoch's ``scheduler_monitor`` value.
+
+    ``dropout`` drops hidden units in training; ``output`` is the decoder's last layer:
+    ``sigmoid`` (pixels in (0, 1), like the targets) or ``linear`` (unbounded; the loss is MSE
+    either way). ``corruption`` (``gaussian`` noise of std ``corruption_level``, or ``mask``:
+    pixels zeroed with probability ``corruption_level``) makes a denoising autoencoder: the
+    input is corrupted in training only, the target and every evaluation stay clean.
 
     Training is one loop over the minibatches that arrive, through Lightning's manual
     optimisation: one optimizer step per minibatch, K minibatches per Lightning step when
@@ -64,6 +88,9 @@ class Autoencoder(pl.LightningModule):
     ``evaluation_terms``; the training loop, logging and engine stay the same.
     """
 
+    family = "ae"  # saved in checkpoints: `runfolder.load_autoencoder` picks the class by it
+    variational = False
+
     def __init__(
         self,
         bottleneck: int = 2,
@@ -73,15 +100,34 @@ class Autoencoder(pl.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         engine: EngineOptions | Mapping[str, Any] | None = None,
+        dropout: float = 0.0,
+        output: str = "sigmoid",
+        corruption: str = "none",
+        corruption_level: float = 0.0,
+        scheduler_interval: str = "epoch",
+        scheduler_monitor: str = "val/mse",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "engine"], logger=False)
         self.automatic_optimization = False  # the step loop below, for every K and DDP
+        _check_choice("model.output", output, OUTPUTS)
+        _check_choice("model.corruption", corruption, CORRUPTIONS)
+        _check_choice("model.scheduler_interval", scheduler_interval, SCHEDULER_INTERVALS)
+        if not 0 <= dropout < 1:
+            raise UserError(f"model.dropout={dropout!r} is not in [0, 1): use e.g. 0.1.")
+        if corruption_level < 0 or (corruption == "mask" and corruption_level >= 1):
+            raise UserError(
+                f"model.corruption_level={corruption_level!r} does not suit "
+                f"model.corruption={corruption}: use a noise std >= 0 or a mask probability "
+                "in [0, 1), e.g. 0.2."
+            )
         self.encoder, self.decoder = build_encoder_decoder(
-            bottleneck, hidden, activation, decoder_hidden
+            bottleneck, hidden, activation, decoder_hidden, dropout, output, self.variational
         )
         self.optimizer_factory = optimizer or default_optimizer
-        self.scheduler_factory = scheduler
+        self.scheduler_factory = scheduler or None  # an empty scheduler config means none
+        self.scheduler_interval, self.scheduler_monitor = scheduler_interval, scheduler_monitor
+        self.corruption, self.corruption_level = corruption, corruption_level
         self.engine = engine if isinstance(engine, EngineOptions) else EngineOptions(**engine or {})
         self.step_mode: StepMode | None = None  # chosen with the optimizer
         self._graphed: GraphedSteps | None = None
@@ -108,13 +154,21 @@ class Autoencoder(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    @property
+    def default_sampler(self) -> str:
+        """What ``samples.png`` decodes by default: a Gaussian fitted to the codes (an AE has
+        no prior of its own)."""
+        return "gaussian"
+
     # --- the objective: what subclasses override ------------------------------------------
     def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar to minimise on a minibatch, and named terms logged as ``train/<name>``.
 
-        Runs inside a CUDA graph when graphs are on: tensor maths only, no host reads.
+        Runs inside a CUDA graph when graphs are on: tensor maths only, no host reads. The
+        input is corrupted (denoising), the target never is.
         """
-        loss = F.mse_loss(self(x), x)  # mean squared error per pixel
+        inputs = corrupt(x, self.corruption, self.corruption_level)
+        loss = F.mse_loss(self(inputs), x)  # mean squared error per pixel
         return loss, {"mse": loss}
 
     def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -225,11 +279,34 @@ class Autoencoder(pl.LightningModule):
         optimizer = self._make_optimizer()
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+        scheduler = self.scheduler_factory(optimizer, **self._schedule_length())
+        description = {"scheduler": scheduler, "interval": self.scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            description["monitor"] = self.scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": description}
+
+    def _schedule_length(self) -> dict[str, int]:
+        """``total_steps`` for schedulers that need the run's length (one-cycle), if not set.
+
+        Counted in optimizer steps: Lightning counts a list of K minibatches as one batch, so
+        the loader's own minibatch count is used where it has one (a DataLoader sends one
+        minibatch per call, so Lightning's count is right there).
+        """
+        target = getattr(self.scheduler_factory, "func", None)
+        chosen = getattr(self.scheduler_factory, "keywords", None) or {}
+        if target is None or "total_steps" not in inspect.signature(target).parameters:
+            return {}
+        if chosen.get("total_steps") or chosen.get("epochs"):
+            return {}
+        trainer = self.trainer
+        calls = int(trainer.estimated_stepping_batches)  # also loads the training data
+        per_epoch = getattr(trainer.train_dataloader, "num_minibatches", None)
+        if per_epoch is None or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return {"total_steps": calls}
+        total = per_epoch * trainer.max_epochs
+        if trainer.max_steps > 0:
+            total = min(total, trainer.max_steps)
+        return {"total_steps": total}
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer; capturable and wrapped when the steps run as a graph."""
@@ -283,6 +360,97 @@ class Autoencoder(pl.LightningModule):
         self.trained_epochs = self.current_epoch + 1
         self._step_schedulers("epoch")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["model_family"] = self.family
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Checkpoints are written at the end of epoch `epoch` (0-based) validation.
         self.trained_epochs = checkpoint.get("epoch", -1) + 1
+
+
+class VariationalAutoencoder(Autoencoder):
+    """A VAE: q(z|x) = N(mean, diag(exp(log_var))) from the encoder, a N(0, I) prior.
+
+    Trained on reconstruction + ``beta`` * KL (in nats per image, the negative ELBO when
+    beta is 1) with one reparameterised sample per image; ``kl_warmup_steps`` ramps beta up
+    linearly from 0 (against early posterior collapse). ``likelihood``: ``bernoulli``
+    (binary cross-entropy, the usual MNIST choice; needs ``output=sigmoid``) or ``gaussian``
+    (summed squared error). ``encode`` returns the mean code, so figures, probes and
+    ``test/mse`` (the mean code's reconstruction) compare with any autoencoder.
+    """
+
+    family = "vae"
+    variational = True
+
+    def __init__(
+        self,
+        bottleneck: int = 2,
+        hidden: Sequence[int] = (),
+        activation: str = "relu",
+        decoder_hidden: Sequence[int] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        engine: EngineOptions | Mapping[str, Any] | None = None,
+        dropout: float = 0.0,
+        output: str = "sigmoid",
+        corruption: str = "none",
+        corruption_level: float = 0.0,
+        scheduler_interval: str = "epoch",
+        scheduler_monitor: str = "val/mse",
+        beta: float = 1.0,
+        likelihood: str = "bernoulli",
+        kl_warmup_steps: int = 0,
+    ) -> None:
+        super().__init__(
+            bottleneck, hidden, activation, decoder_hidden, optimizer, scheduler,
+            engine, dropout, output, corruption, corruption_level,
+            scheduler_interval, scheduler_monitor,
+        )  # fmt: skip
+        _check_choice("model.likelihood", likelihood, LIKELIHOODS)
+        if likelihood == "bernoulli" and output != "sigmoid":
+            raise UserError(
+                f"model.likelihood=bernoulli needs pixels in (0, 1) but model.output={output}: "
+                "use model.output=sigmoid, or model.likelihood=gaussian."
+            )
+        if beta < 0:
+            raise UserError(f"model.beta={beta!r} is negative: use e.g. model.beta=1.")
+        self.beta, self.likelihood, self.kl_warmup_steps = beta, likelihood, kl_warmup_steps
+
+    @property
+    def default_sampler(self) -> str:
+        return "normal"  # the prior the KL term pulls the codes towards
+
+    def _reconstruction(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # Bernoulli reads logits (exact where the sigmoid saturates); Gaussian reads pixels.
+        outputs = self.decoder.logits(z) if self.likelihood == "bernoulli" else self.decoder(z)
+        return reconstruction_nats(outputs, x, self.likelihood)
+
+    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = corrupt(x, self.corruption, self.corruption_level)
+        mean, log_var = self.encoder.distribution(inputs)
+        reconstruction = self._reconstruction(reparameterise(mean, log_var), x)
+        kl = gaussian_kl(mean, log_var)
+        loss = reconstruction + kl_weight(self.beta, self.global_step, self.kl_warmup_steps) * kl
+        return loss, {"loss": loss, "recon": reconstruction, "kl": kl}
+
+    def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``nelbo`` is the one-sample estimate (as in PyTorch's examples/vae); ``mse`` is the
+        mean code's reconstruction error per pixel, the number every model reports."""
+        mean, log_var = self.encoder.distribution(x)
+        reconstruction = self._reconstruction(reparameterise(mean, log_var), x)
+        kl = gaussian_kl(mean, log_var)
+        return {
+            "mse": F.mse_loss(self.decoder(mean), x),
+            "recon": reconstruction,
+            "kl": kl,
+            "loss": reconstruction + self.beta * kl,
+            "nelbo": reconstruction + kl,
+        }
+
+
+FAMILIES: dict[str, type[Autoencoder]] = {"ae": Autoencoder, "vae": VariationalAutoencoder}
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value!r} is not a choice: use one of {', '.join(choices)}.")

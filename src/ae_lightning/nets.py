@@ -1,4 +1,9 @@
-"""Plain ``nn.Module`` MLPs for the encoder f and decoder g (no Lightning here)."""
+"""Plain ``nn.Module`` MLPs for the encoder f and decoder g (no Lightning here).
+
+Deterministic encoders give one code per image; the variational encoder gives the mean and
+log-variance of a diagonal Gaussian over codes (its ``forward`` is the mean, so every figure
+and metric that calls ``encode`` sees the mean code).
+"""
 
 from __future__ import annotations
 
@@ -31,13 +36,25 @@ def make_activation(name: str) -> nn.Module:
         ) from None
 
 
-def mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
-    """Linear layers through ``sizes`` with ``activation`` between them (not after the last)."""
+OUTPUTS = ("sigmoid", "linear")
+
+
+def mlp(
+    sizes: Sequence[int], activation: str, dropout: float = 0.0, activate_last: bool = False
+) -> nn.Sequential:
+    """Linear layers through ``sizes`` with ``activation`` (and dropout) after each hidden one.
+
+    The last layer stays linear unless ``activate_last``. Dropout modules are added only when
+    ``dropout > 0``, so models without it keep the parameter names of older checkpoints.
+    """
     layers: list[nn.Module] = []
+    last = len(sizes) - 2
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
+        if i < last or activate_last:
             layers.append(make_activation(activation))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
 
 
@@ -54,20 +71,55 @@ class Encoder(nn.Module):
         hidden: Sequence[int] = (),
         activation: str = "relu",
         in_features: int = PIXELS,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.bottleneck = bottleneck
-        self.to_latent = mlp([in_features, *hidden, bottleneck], activation)
+        self.to_latent = mlp([in_features, *hidden, bottleneck], activation, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_latent(x.flatten(1))  # (B, 784) -> (B, z)
 
 
+class VariationalEncoder(nn.Module):
+    """q(z|x): image -> mean and log-variance of a diagonal Gaussian over ``(B, z)`` codes.
+
+    ``forward`` returns the mean: the code every figure, metric and comparison uses.
+    Log-variance rather than variance so the head is unconstrained and exp() keeps it positive.
+    """
+
+    def __init__(
+        self,
+        bottleneck: int,
+        hidden: Sequence[int] = (),
+        activation: str = "relu",
+        in_features: int = PIXELS,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.bottleneck = bottleneck
+        hidden = list(hidden)
+        self.body = mlp([in_features, *hidden], activation, dropout, activate_last=True)
+        features = hidden[-1] if hidden else in_features
+        self.mean = nn.Linear(features, bottleneck)
+        self.log_var = nn.Linear(features, bottleneck)
+
+    def distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, log_var)``, each ``(B, z)``."""
+        features = self.body(x.flatten(1))
+        return self.mean(features), self.log_var(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mean(self.body(x.flatten(1)))
+
+
 class Decoder(nn.Module):
     """g: bottleneck code -> image. ``(B, z)`` -> ``(B, 1, 28, 28)`` with pixels in (0, 1).
 
-    Ends in a sigmoid because the targets are pixels in [0, 1]; ``hidden`` lists the layer
-    sizes from the bottleneck outwards (the mirror of the encoder's).
+    ``output="sigmoid"`` (default) keeps pixels in (0, 1) like the targets, and its
+    pre-sigmoid ``logits`` feed the Bernoulli likelihood; ``"linear"`` leaves them unbounded
+    (for the MSE / Gaussian losses only). ``hidden`` lists the layer sizes from the
+    bottleneck outwards (the mirror of the encoder's).
     """
 
     def __init__(
@@ -76,16 +128,27 @@ class Decoder(nn.Module):
         hidden: Sequence[int] = (),
         activation: str = "relu",
         image_shape: Sequence[int] = IMAGE_SHAPE,
+        dropout: float = 0.0,
+        output: str = "sigmoid",
     ) -> None:
         super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"Unknown output {output!r}: choose one of {list(OUTPUTS)}.")
         self.bottleneck = bottleneck
         self.image_shape = tuple(image_shape)
+        self.output = output
         out_features = 1
         for dim in self.image_shape:
             out_features *= dim
+        # (Sequential of mlp + output keeps the parameter names of older checkpoints.)
         self.to_pixels = nn.Sequential(
-            mlp([bottleneck, *hidden, out_features], activation), nn.Sigmoid()
+            mlp([bottleneck, *hidden, out_features], activation, dropout),
+            nn.Sigmoid() if output == "sigmoid" else nn.Identity(),
         )
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The pre-output values ``(B, 1, 28, 28)``: the pixels themselves for ``linear``."""
+        return self.to_pixels[0](z).view(-1, *self.image_shape)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.to_pixels(z).view(-1, *self.image_shape)  # (B, z) -> (B, 1, 28, 28)
@@ -96,13 +159,17 @@ def build_encoder_decoder(
     hidden: Sequence[int] = (),
     activation: str = "relu",
     decoder_hidden: Sequence[int] | None = None,
-) -> tuple[Encoder, Decoder]:
+    dropout: float = 0.0,
+    output: str = "sigmoid",
+    variational: bool = False,
+) -> tuple[Encoder | VariationalEncoder, Decoder]:
     """Encoder with ``hidden`` sizes and a decoder that mirrors it unless told otherwise."""
     hidden = list(hidden)
     mirrored = list(reversed(hidden)) if decoder_hidden is None else list(decoder_hidden)
+    encoder_class = VariationalEncoder if variational else Encoder
     return (
-        Encoder(bottleneck, hidden, activation),
-        Decoder(bottleneck, mirrored, activation),
+        encoder_class(bottleneck, hidden, activation, dropout=dropout),
+        Decoder(bottleneck, mirrored, activation, dropout=dropout, output=output),
     )
 
 

@@ -50,11 +50,14 @@ def scatter_figure(
     title: str,
     axis_labels: Sequence[str] = ("z[0]", "z[1]"),
     ax_titles: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Figure:
-    """2-D codes coloured by digit, with a legend of the ten digits and equal axes.
+    """2-D codes coloured by class, with a legend of the ten classes and equal axes.
 
-    ``points`` is ``(N, 2)`` or, for several panels side by side, ``(P, N, 2)``.
+    ``points`` is ``(N, 2)`` or, for several panels side by side, ``(P, N, 2)``;
+    ``class_names`` name the labels 0-9 in the legend (the digits themselves by default).
     """
+    names = [str(d) for d in range(10)] if class_names is None else list(class_names)
     panels = points.unsqueeze(0) if points.dim() == 2 else points
     fig = Figure(figsize=(5.6 * len(panels) + 1.2, 5.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -66,7 +69,7 @@ def scatter_figure(
             mask = labels == digit
             ax.scatter(
                 xy[mask, 0], xy[mask, 1], s=marker_size, alpha=0.5, color=DIGIT_COLOURS[digit],
-                linewidths=0, rasterized=True, label=str(digit),
+                linewidths=0, rasterized=True, label=names[digit],
             )  # fmt: skip
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_xlabel(axis_labels[0])
@@ -74,10 +77,11 @@ def scatter_figure(
         ax.grid(alpha=0.25)
         if ax_titles is not None:
             ax.set_title(ax_titles[i], fontsize=10)
-    handles, names = axes[-1].get_legend_handles_labels()
+    handles, shown = axes[-1].get_legend_handles_labels()
+    digits = names == [str(d) for d in range(10)]
     fig.legend(
-        handles, names, title="digit", loc="outside right center", frameon=False,
-        markerscale=12 / marker_size**0.5,
+        handles, shown, title="digit" if digits else "class", loc="outside right center",
+        frameon=False, markerscale=12 / marker_size**0.5,
     )  # fmt: skip
     for handle in fig.legends[0].legend_handles:
         handle.set_alpha(1.0)

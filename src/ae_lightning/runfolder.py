@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.errors import UserError
-from ae_lightning.module import Autoencoder
+from ae_lightning.module import FAMILIES, Autoencoder
 
 DATA_TARGET = "ae_lightning.data.MNISTDataModule"
 # Data keys a comparison may take from a run, with the types they must have.
@@ -35,6 +35,7 @@ DATA_KEYS: dict[str, type | tuple[type, ...]] = {
     "loader": str,
     "num_workers": int,
     "steps_per_call": int,
+    "dataset": str,
 }
 STATUS_FILES = ("interrupted.json", "failed.json")
 
@@ -79,9 +80,16 @@ def _unreadable(path: Path, err: Exception) -> str:
 
 def load_autoencoder(path: Path | str) -> Autoencoder:
     """The model of a checkpoint on the CPU, in eval mode, loaded without running its code."""
-    load_checkpoint(path)  # the one-sentence refusals
+    checkpoint = load_checkpoint(path)  # the one-sentence refusals
+    family = checkpoint.get("model_family", "ae")
+    model_class = FAMILIES.get(family) if isinstance(family, str) else None
+    if model_class is None:
+        raise UserError(
+            f"{path} holds an unknown model family {family!r}: this version of ae-lightning "
+            f"knows {sorted(FAMILIES)}; load it with the version that wrote it."
+        )
     try:
-        model = Autoencoder.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        model = model_class.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UserError(
             f"{path} is not an ae-lightning checkpoint ({type(err).__name__}): point at a "

@@ -37,6 +37,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from ae_lightning.callbacks import CodesCache, EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
+from ae_lightning.data import metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
@@ -76,6 +77,7 @@ def flat_hyperparameters(cfg: DictConfig, model: Autoencoder) -> dict[str, Any]:
     optimizer = cfg.model.get("optimizer") or {}
     return {
         "model": "-".join(str(size) for size in [784, *hidden, model.bottleneck]),
+        **describe_run(cfg, model),
         "hidden": str(hidden),
         "bottleneck": int(model.bottleneck),
         "activation": str(model.hparams.get("activation")),
@@ -85,6 +87,42 @@ def flat_hyperparameters(cfg: DictConfig, model: Autoencoder) -> dict[str, Any]:
         "max_epochs": int(cfg.trainer.max_epochs),
         "seed": int(cfg.seed),
     }
+
+
+def describe_run(cfg: DictConfig, model: Autoencoder) -> dict[str, str]:
+    """Model family, dataset and training recipe in words, for summaries and comparisons.
+
+    ``recipe`` is e.g. ``adamw lr=0.001 wd=0.01, cosine, mask 0.2, dropout 0.1``.
+    """
+    optimizer = cfg.model.get("optimizer") or {}
+    parts = [
+        str(optimizer.get("_target_", "adam")).rsplit(".", 1)[-1].lower()
+        + f" lr={optimizer.get('lr', 'default')}"
+        + (f" wd={optimizer.weight_decay}" if optimizer.get("weight_decay") else "")
+    ]
+    scheduler = cfg.model.get("scheduler") or {}
+    if scheduler.get("_target_"):
+        parts.append(SCHEDULER_NAMES.get(scheduler._target_.rsplit(".", 1)[-1], "scheduler"))
+    hparams = model.hparams
+    if hparams.get("corruption", "none") != "none":
+        parts.append(f"{hparams['corruption']} {hparams.get('corruption_level')}")
+    if hparams.get("dropout"):
+        parts.append(f"dropout {hparams['dropout']}")
+    if model.family == "vae":
+        parts.append(f"beta {hparams.get('beta')} {hparams.get('likelihood')}")
+    return {
+        "family": model.family,
+        "dataset": str(cfg.data.get("dataset", "mnist")),
+        "recipe": ", ".join(parts),
+    }
+
+
+SCHEDULER_NAMES = {
+    "CosineAnnealingLR": "cosine",
+    "OneCycleLR": "onecycle",
+    "ReduceLROnPlateau": "plateau",
+    "StepLR": "step",
+}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -244,14 +282,16 @@ def _record(
     """Add the latent-quality metrics, write metrics.json and the HParams record."""
     if trainer.is_global_zero and cfg.get("latent_metrics", True):
         model.eval()
+        dataset = getattr(datamodule, "dataset", "mnist")
         quality = latent_quality(
             model.encode, model.decode, datamodule.split("train"), datamodule.split("test"),
-            device=model.device,
+            device=model.device, metric_names=[metric_suffix(dataset, c) for c in range(10)],
         )  # fmt: skip
         metrics.update(quality)
         for logger in trainer.loggers:
             logger.log_metrics(quality, step=trainer.global_step)
     metrics.update(num_parameters=model.num_parameters, bottleneck=model.bottleneck)
+    metrics.update(describe_run(cfg, model))
     if trainer.is_global_zero:  # under DDP every rank returns the same metrics
         write_json(run_dir / "metrics.json", metrics)
     numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}

@@ -1,0 +1,102 @@
+"""optimizer= and scheduler= recipes: each builds what it says and steps the lr on schedule."""
+
+import csv
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import CSVLogger
+
+from ae_lightning.train import train
+from conftest import compose_cfg, tiny_overrides
+
+# Tiny data: 500 training images in minibatches of 50 -> 10 optimizer steps per epoch.
+STEPS_PER_EPOCH = 10
+
+
+def fit(tiny_root, tmp_path, overrides):
+    """Fit the composed model with the real Trainer; return (trainer, lr-monitor CSV rows)."""
+    cfg = compose_cfg([*tiny_overrides(tiny_root), *overrides], run_dir=tmp_path)
+    model = instantiate(cfg.model, _convert_="all")
+    trainer = instantiate(
+        cfg.trainer, callbacks=[LearningRateMonitor(logging_interval=None)],
+        logger=CSVLogger(tmp_path, name="csv", version=""), enable_progress_bar=False,
+        enable_checkpointing=False, log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return trainer, rows
+
+
+def lr_of(trainer) -> float:
+    return trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def logged(rows, name):
+    return [float(r[name]) for r in rows if r.get(name)]
+
+
+def test_sgd_with_a_step_schedule(tiny_root, tmp_path):
+    trainer, rows = fit(tiny_root, tmp_path, [
+        "optimizer=sgd", "scheduler=step", "model.scheduler.step_size=1", "trainer.max_epochs=2",
+    ])  # fmt: skip
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+    assert lr_of(trainer) == pytest.approx(0.1 * 0.5**2)  # halved after each of 2 epochs
+    assert logged(rows, "lr-SGD")[:2] == pytest.approx([0.1, 0.05])  # one per epoch start
+
+
+def test_adamw_with_cosine_keeps_the_models_lr(tiny_root, tmp_path):
+    trainer, rows = fit(tiny_root, tmp_path, [
+        "model=hidden1024", "optimizer=adamw", "scheduler=cosine", "model.scheduler.T_max=4",
+        "trainer.max_epochs=2",
+    ])  # fmt: skip
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["weight_decay"] == 0.01
+    assert lr_of(trainer) == pytest.approx(1e-3 * 0.5)  # halfway down a cosine over 4 epochs
+    assert logged(rows, "lr-AdamW")[0] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 20])
+def test_onecycle_steps_after_every_optimizer_step(tiny_root, tmp_path, steps_per_call):
+    trainer, rows = fit(tiny_root, tmp_path, [
+        "scheduler=onecycle", "trainer.max_epochs=2", f"engine.steps_per_call={steps_per_call}",
+    ])  # fmt: skip
+    steps = 2 * STEPS_PER_EPOCH
+    reference_optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=3e-3)
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, 3e-3, total_steps=steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(reference_optimizer.param_groups[0]["lr"])
+        reference_optimizer.step()
+        reference.step()
+    assert trainer.global_step == steps
+    assert trainer.lr_scheduler_configs[0].interval == "step"
+    assert lr_of(trainer) == pytest.approx(reference_optimizer.param_groups[0]["lr"])
+    if steps_per_call == 1:  # Lightning's loop: the monitor logs every step
+        assert logged(rows, "lr-Adam") == pytest.approx(expected)
+
+
+def test_plateau_watches_val_mse_every_epoch(tiny_root, tmp_path):
+    # A relative threshold of 10 means no epoch ever counts as an improvement.
+    trainer, _ = fit(tiny_root, tmp_path, [
+        "scheduler=plateau", "model.scheduler.patience=0", "+model.scheduler.threshold=10",
+        "trainer.max_epochs=2",
+    ])  # fmt: skip
+    description = trainer.lightning_module.configure_optimizers()["lr_scheduler"]
+    assert description["monitor"] == "val/mse" and description["interval"] == "epoch"
+    assert lr_of(trainer) == pytest.approx(3e-3 / 4)  # halved after each epoch's validation
+
+
+def test_early_stopping_is_off_by_default_and_stops_on_val_mse(tiny_root, tmp_path):
+    assert "early_stopping" not in (compose_cfg().get("callbacks") or {})
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), "early_stopping=val", "callbacks.early_stopping.patience=0",
+         "callbacks.early_stopping.min_delta=10", "trainer.max_epochs=5", "callbacks=minimal",
+         "latent_metrics=false"],
+        run_dir=tmp_path,
+    )  # fmt: skip
+    assert train(cfg)["epochs"] == 2  # the 2nd epoch fails to improve by 10: stop
