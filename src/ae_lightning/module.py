@@ -247,8 +247,9 @@ class Autoencoder(pl.LightningModule):
             count = self.global_step if interval == "step" else self.current_epoch + 1
             if config.interval != interval or count % config.frequency:
                 continue
-            if config.reduce_on_plateau:
-                metric = self.trainer.callback_metrics.get(config.monitor)
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                # Lightning keeps no `monitor` under manual optimisation: the module's own.
+                metric = self.trainer.callback_metrics.get(self.scheduler_monitor)
                 if metric is not None:
                     config.scheduler.step(metric)
             else:
@@ -280,9 +281,9 @@ class Autoencoder(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, **self._schedule_length())
+        # (No "monitor": Lightning ignores it under manual optimisation, and says so; the
+        # plateau scheduler reads `scheduler_monitor` in `_step_schedulers`.)
         description = {"scheduler": scheduler, "interval": self.scheduler_interval}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            description["monitor"] = self.scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": description}
 
     def _schedule_length(self) -> dict[str, int]:
