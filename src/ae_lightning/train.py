@@ -157,7 +157,14 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
             f"{hint}, which does not exist: point it at a run folder (or .ckpt file) that "
             "finished at least one epoch."
         )
-    saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    family = checkpoint.get("model_family", "ae")
+    if family != model.family:
+        raise UserError(
+            f"{path} holds a {family} model but this config builds a {model.family}: repeat "
+            "the run's original overrides (see its .hydra/overrides.yaml)."
+        )
+    saved = checkpoint.get("hyper_parameters", {})
     for key in ("bottleneck", "hidden", "decoder_hidden", "activation"):
         if key in saved and saved[key] != model.hparams.get(key):
             raise UserError(
