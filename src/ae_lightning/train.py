@@ -225,6 +225,12 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
             "finished at least one epoch."
         )
     checkpoint = load_checkpoint(path)  # tensors and plain data only
+    family = checkpoint.get("model_family", "ae")
+    if family != model.family:
+        raise UserError(
+            f"{path} holds a {family} model but this config builds a {model.family}: repeat "
+            "the run's original overrides (see its .hydra/overrides.yaml)."
+        )
     saved = checkpoint.get("hyper_parameters", {})
     for key in ("bottleneck", "hidden", "decoder_hidden", "activation"):
         if key in saved and saved[key] != model.hparams.get(key):
