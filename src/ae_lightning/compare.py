@@ -42,6 +42,7 @@ from ae_lightning.plots import (
     samples_figure,
     scatter_figure,
 )
+from ae_lightning.tb import readable_headers
 
 log = logging.getLogger(__name__)
 SUMMARY_COLUMNS = [
@@ -275,12 +276,12 @@ def compare(
 
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(out / "tensorboard")) as writer:
+    with SummaryWriter(str(out)) as writer:  # the TensorBoard run `comparison`
         for name, fig in figures.items():
             rgb = render_rgb(fig)
             save_png(rgb, out / f"{name}.png")
             writer.add_image(f"comparison/{name}", rgb, 0, dataformats="HWC")
-        writer.add_text("comparison/summary", (out / "summary.md").read_text(), 0)
+        writer.add_text("comparison/summary", readable_headers((out / "summary.md").read_text()), 0)
     return out
 
 

@@ -25,18 +25,17 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ae_lightning import tb
 from ae_lightning.callbacks import EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO
 from ae_lightning.config import validate_config
 from ae_lightning.errors import UserError
 from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
+from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
 
 log = logging.getLogger(__name__)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-
-# `${ae_pid:}` in run folder names keeps runs that start in the same second apart.
-OmegaConf.register_new_resolver("ae_pid", lambda: str(os.getpid()), use_cache=True, replace=True)
 
 
 def _resume_or(resume: str | None, default: str, resumed: str | None = None) -> str:
@@ -56,17 +55,22 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def flat_hyperparameters(cfg: DictConfig, model: Autoencoder) -> dict[str, Any]:
+def flat_hyperparameters(
+    cfg: DictConfig, model: Autoencoder, varying: list[str] | None = None
+) -> dict[str, Any]:
     """The knobs worth comparing across runs, flattened for TensorBoard's HParams tab.
 
     The architecture is read off the model, so an evaluated checkpoint reports its own.
+    A varied override that is no knob of its own (``data.val_size``) becomes one.
     """
     hidden = list(model.hparams.get("hidden") or [])
     optimizer = cfg.model.get("optimizer") or {}
-    return {
-        "model": "-".join(str(size) for size in [784, *hidden, model.bottleneck]),
-        "hidden": str(hidden),
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    knobs = {
+        "model": str(choices.get("model") or type(model).__name__),
+        "architecture": "-".join(str(size) for size in [784, *hidden, model.bottleneck]),
         "bottleneck": int(model.bottleneck),
+        "hidden": str(hidden),
         "activation": str(model.hparams.get("activation")),
         "lr": float(optimizer.get("lr", float("nan"))),
         "weight_decay": float(optimizer.get("weight_decay") or 0.0),
@@ -74,6 +78,33 @@ def flat_hyperparameters(cfg: DictConfig, model: Autoencoder) -> dict[str, Any]:
         "max_epochs": int(cfg.trainer.max_epochs),
         "seed": int(cfg.seed),
     }
+    for key in tb.varied_knobs(varying or []):
+        if key not in knobs:
+            knobs[key] = str(OmegaConf.select(cfg, key, default=""))
+    return knobs
+
+
+def sweep_varying() -> list[str] | None:
+    """In a sweep job: the keys the sweep varies (see ``naming.record_sweep``)."""
+    return read_varying(HydraConfig.get().sweep.dir) if in_multirun() else None
+
+
+def _record_tensorboard(
+    cfg: DictConfig,
+    logger: TensorBoardLogger,
+    metrics: dict[str, Any],
+    knobs: dict[str, Any],
+    step: int,
+) -> None:
+    """HParams row, Text tab (config and metrics) and, outside a sweep, the experiment."""
+    log_dir = logger.log_dir
+    tb.write_session(log_dir, knobs, step)
+    if not in_multirun():  # a sweep writes one experiment and layout for all its jobs
+        tb.write_experiment(log_dir, list(knobs))
+        tb.write_curves_layout(log_dir)
+    config = OmegaConf.to_yaml(cfg, resolve=True)
+    logger.experiment.add_text("run/config", f"```yaml\n{config}```", step)
+    logger.experiment.add_text("run/metrics", tb.metrics_table(metrics), step)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -164,17 +195,19 @@ def _record(
             device=model.device,
         )  # fmt: skip
         metrics.update(quality)
-        for logger in trainer.loggers:
-            logger.log_metrics(quality, step=trainer.global_step)
     metrics.update(num_parameters=model.num_parameters, bottleneck=model.bottleneck)
     if trainer.is_global_zero:  # under DDP every rank returns the same metrics
         write_json(run_dir / "metrics.json", metrics)
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    # Once, at the final step: the test metrics Lightning logged are there already.
+    final = tb.final_scalars(metrics, logged=trainer.logged_metrics)
+    knobs = flat_hyperparameters(cfg, model, sweep_varying())
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):  # HParams tab: knobs beside final metrics
-            logger.log_hyperparams(flat_hyperparameters(cfg, model), metrics=numeric)
+        logger.log_metrics(final, step=trainer.global_step)
+        if isinstance(logger, TensorBoardLogger):
+            if trainer.is_global_zero:
+                _record_tensorboard(cfg, logger, metrics, knobs, trainer.global_step)
         else:
-            logger.log_hyperparams(flat_hyperparameters(cfg, model))
+            logger.log_hyperparams(knobs)
         logger.save()
     shown = ("test/mse", "test/knn_acc", "test/probe_acc")
     log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})
