@@ -49,7 +49,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_root, tmp_path):
     assert metrics["epochs"] == 12
     assert abs(metrics["test/mse"] - expected) < 1e-6
 
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     steps = [e.step for e in events.Scalars("val/mse")]
     assert len(set(steps)) == 12 and steps == sorted(steps)  # one continuous history

@@ -30,7 +30,7 @@ def test_train_writes_the_run_contract_and_returns_metrics(tiny_root, tmp_path):
     restored = Autoencoder.load_from_checkpoint(best, map_location="cpu")
     assert restored.bottleneck == 3 and restored.hparams["hidden"] == [1024]
 
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
     assert {"train/mse", "val/mse", "test/mse"} <= set(scalars)

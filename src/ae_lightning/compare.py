@@ -91,8 +91,12 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def _job_number(path: Path) -> int:
-    head = path.name.split("_", 1)[0]
-    return int(head) if head.isdigit() else 1 << 30
+    """The job's number in its sweep (folders are named by what varies, not by number)."""
+    try:
+        return int(OmegaConf.load(path / ".hydra" / "hydra.yaml").hydra.job.num)
+    except Exception:  # a hand-made or older run folder: after the numbered ones
+        head = path.name.split("_", 1)[0]
+        return int(head) if head.isdigit() else 1 << 30
 
 
 def load_run(path: Path) -> Run:

@@ -28,7 +28,7 @@ NOT_IN_NAMES = (
 )  # fmt: skip
 # Hydra parses these keys' values as paths: quoted for it, so a folder pastes back as printed.
 PATH_KEYS = ("resume", "ckpt_path")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+_UNSAFE_IN_VALUE = re.compile(r"[^A-Za-z0-9._+-]+")  # `=` and `,` separate the pairs
 
 
 def override_pairs(overrides: Iterable[str]) -> list[tuple[str, str]]:
@@ -43,16 +43,22 @@ def override_pairs(overrides: Iterable[str]) -> list[tuple[str, str]]:
 
 def _safe_value(value: str) -> str:
     """``[64, 32]`` -> ``64-32``, ``/a/b`` -> ``a-b``: no character a shell or Hydra trips on."""
-    return _UNSAFE.sub("-", value.replace("=", "-").replace(",", "-")).strip("-") or "none"
+    return _UNSAFE_IN_VALUE.sub("-", value).strip("-") or "none"
 
 
 def short_name(pairs: Sequence[tuple[str, str]], limit: int = NAME_LIMIT) -> str:
     """``model=linear,bottleneck=2``; past ``limit`` characters, cut and ended by a hash."""
-    name = ",".join(f"{key}={_safe_value(value)}" for key, value in pairs)
+    items = [f"{key}={_safe_value(value)}" for key, value in pairs]
+    name = ",".join(items)
     if len(name) <= limit:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return f"{name[: limit - len(digest) - 1].rstrip(',=-')}+{digest}"
+    room, kept = limit - len(digest) - 1, ""
+    for item in items:  # whole pairs while they fit, so no value is cut in the middle
+        if len(kept) + len(item) + 1 > room:
+            break
+        kept = f"{kept},{item}" if kept else item
+    return f"{kept or items[0][:room]}+{digest}"
 
 
 def named_pairs(
