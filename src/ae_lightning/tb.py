@@ -37,7 +37,7 @@ KNOBS = (
 )  # fmt: skip
 # Which knobs a command-line override changes (other overrides become knobs of their own).
 KNOBS_OF_OVERRIDE = {
-    "model": ("model", "architecture", "hidden", "activation"),
+    "model": ("model", "architecture"),
     "bottleneck": ("bottleneck", "architecture"),
     "model.hidden": ("hidden", "architecture"),
     "model.activation": ("activation",),
