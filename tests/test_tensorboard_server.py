@@ -92,7 +92,7 @@ def test_tensorboard_serves_runs_scalars_images_and_hparams(sweep_logs):
             )
             assert len(tensor) == 4 * 3 * len(labels) and set(labels) <= set("0123456789")
         comparison = images[prefix + "comparison"]
-        assert "comparison/scatter" in comparison
+        assert "versus/scatter" in comparison  # sorted after train/ and val/
 
         experiment = get(f"{base}/data/plugin/hparams/experiment",
                          json.dumps({"experimentName": ""}).encode())  # fmt: skip

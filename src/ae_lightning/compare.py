@@ -42,7 +42,7 @@ from ae_lightning.plots import (
     samples_figure,
     scatter_figure,
 )
-from ae_lightning.tb import readable_headers
+from ae_lightning.tb import COMPARISON_GROUP, monospace_table
 
 log = logging.getLogger(__name__)
 SUMMARY_COLUMNS = [
@@ -151,24 +151,29 @@ def _figures(
     names = [run.label for run, _ in models]
     figures = {}
 
-    panels, titles = [], []
+    panels, titles, axis_labels = [], [], []
     for (run, model), name in zip(models, names, strict=True):
         codes = encode_images(model.encode, test_images)
         projection = fit_projection(codes)
         panels.append(projection(codes))
+        axis_labels.append(projection.axis_labels)  # "PC1 (22% var.)": each run its own
         dims = f"{codes.shape[1]}-D" + (", PCA" if projection.method == "pca" else "")
         titles.append(f"{name}\n({dims}, test MSE {run.metrics.get('test/mse', float('nan')):.4f})")
     figures["scatter"] = scatter_figure(
-        torch.stack(panels), test_labels, "Test codes coloured by digit", ("1st axis", "2nd axis"),
+        torch.stack(panels), test_labels, "Test codes coloured by digit", axis_labels,
         ax_titles=titles,
     )  # fmt: skip
 
     originals, _ = datamodule.probe_images(64)
     with torch.no_grad():
         reconstructions = [model(originals) for _, model in models]
+    headers = [
+        f"{_wrap(name, 28)}\nMSE {float(((r - originals) ** 2).mean()):.4f}"
+        for name, r in zip(names, reconstructions, strict=True)
+    ]
     figures["reconstructions"] = reconstructions_figure(
         originals, reconstructions, "First 64 test images and each model's reconstructions",
-        names=names,
+        names=headers,
     )  # fmt: skip
 
     first, second = pick_pair(test_labels, seed)
@@ -284,8 +289,8 @@ def compare(
         for name, fig in figures.items():
             rgb = render_rgb(fig)
             save_png(rgb, out / f"{name}.png")
-            writer.add_image(f"comparison/{name}", rgb, 0, dataformats="HWC")
-        writer.add_text("comparison/summary", readable_headers((out / "summary.md").read_text()), 0)
+            writer.add_image(f"{COMPARISON_GROUP}/{name}", rgb, 0, dataformats="HWC")
+        writer.add_text("summary", monospace_table((out / "summary.md").read_text()), 0)
     return out
 
 

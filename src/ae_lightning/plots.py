@@ -48,14 +48,17 @@ def scatter_figure(
     points: torch.Tensor,
     labels: torch.Tensor,
     title: str,
-    axis_labels: Sequence[str] = ("z[0]", "z[1]"),
+    axis_labels: Sequence[str] | Sequence[Sequence[str]] = ("z[0]", "z[1]"),
     ax_titles: Sequence[str] | None = None,
 ) -> Figure:
     """2-D codes coloured by digit, with a legend of the ten digits and equal axes.
 
-    ``points`` is ``(N, 2)`` or, for several panels side by side, ``(P, N, 2)``.
+    ``points`` is ``(N, 2)`` or, for several panels side by side, ``(P, N, 2)``;
+    ``axis_labels`` one (x, y) pair for all panels or one pair per panel.
     """
     panels = points.unsqueeze(0) if points.dim() == 2 else points
+    if isinstance(axis_labels[0], str):
+        axis_labels = [axis_labels] * len(panels)
     fig = Figure(figsize=(5.6 * len(panels) + 1.2, 5.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     labels = labels.cpu().numpy()
@@ -69,8 +72,8 @@ def scatter_figure(
                 linewidths=0, rasterized=True, label=str(digit),
             )  # fmt: skip
         ax.set_aspect("equal", adjustable="datalim")
-        ax.set_xlabel(axis_labels[0])
-        ax.set_ylabel(axis_labels[1])
+        ax.set_xlabel(axis_labels[i][0])
+        ax.set_ylabel(axis_labels[i][1])
         ax.grid(alpha=0.25)
         if ax_titles is not None:
             ax.set_title(ax_titles[i], fontsize=10)

@@ -7,7 +7,6 @@ plain values; callers decide what goes where (a run's folder, or the sweep's).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -26,6 +25,9 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 # metrics.json keys -> TensorBoard tags, so no final metric makes a group of its own.
 FINAL_TAGS = {"best_val/mse": "val/best_mse", "train_time_s": "time/train_s"}
+# TensorBoard sorts tag groups by name and opens the first ones: the side-by-side figures,
+# unreadable at card width, go after `train/` and `val/`.
+COMPARISON_GROUP = "versus"
 # The HParams table's metric columns (final values; the plugin reads each run's last point).
 HPARAMS_METRICS = (
     "test/mse", "val/best_mse", "test/knn_acc", "test/probe_acc", "time/train_s", "val/mse",
@@ -125,10 +127,15 @@ def write_experiment(log_dir: Path | str, knobs: Iterable[str], varied: Iterable
     _write(log_dir, [(_hparams_summary(hparams_metadata.EXPERIMENT_TAG, data), 0)])
 
 
-def write_session(log_dir: Path | str, hparams: Mapping[str, Any], step: int) -> None:
-    """This run's row of the HParams table: its knobs; metrics come from its own scalars."""
+def write_session(
+    log_dir: Path | str, hparams: Mapping[str, Any], step: int, trial: str = ""
+) -> None:
+    """This run's row of the HParams table: its knobs; metrics come from its own scalars.
+
+    ``trial`` names the row (default: the run's folder); short, as the column is narrow.
+    """
     now = time.time()
-    start = plugin_data_pb2.SessionStartInfo(start_time_secs=now)
+    start = plugin_data_pb2.SessionStartInfo(start_time_secs=now, group_name=trial)
     for name, value in hparams.items():
         value = knob_value(value)
         if isinstance(value, bool):
@@ -187,12 +194,25 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def readable_headers(markdown: str) -> str:
-    """``| best_val/mse |`` -> ``| best val mse |``: header cells that wrap between words."""
-    lines = markdown.splitlines()
-    if lines and lines[0].startswith("|"):
-        lines[0] = re.sub(r"[_/]", " ", lines[0])
-    return "\n".join(lines)
+def monospace_table(markdown: str) -> str:
+    """A Markdown table as aligned plain text in a code block, for TensorBoard's Text tab.
+
+    Its HTML tables squeeze columns to their cells and break headers mid-word (``statu|s``);
+    a code block keeps every header whole and the columns aligned.
+    """
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("|") and not set(line) <= set("|-: ")
+    ]
+    if not rows:
+        return markdown
+    columns = len(rows[0])
+    rows = [(row + [""] * columns)[:columns] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "```\n" + "\n".join(line.rstrip() for line in lines) + "\n```"
 
 
 def padded_codes(codes: torch.Tensor, min_columns: int = 3) -> tuple[torch.Tensor, int]:

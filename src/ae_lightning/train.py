@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -98,7 +99,10 @@ def _record_tensorboard(
 ) -> None:
     """HParams row, Text tab (config and metrics) and, outside a sweep, the experiment."""
     log_dir = logger.log_dir
-    tb.write_session(log_dir, knobs, step)
+    # In a sweep the row is named by the varied values alone (`hidden1024,10`): the column
+    # is narrow and its header row already names the knobs.
+    trial = re.sub(r"[^,=]+=", "", Path(cfg.run_dir).name) if in_multirun() else ""
+    tb.write_session(log_dir, knobs, step, trial)
     if not in_multirun():  # a sweep writes one experiment and layout for all its jobs
         tb.write_experiment(log_dir, list(knobs))
         tb.write_curves_layout(log_dir)
