@@ -290,7 +290,8 @@ def compare(
             rgb = render_rgb(fig)
             save_png(rgb, out / f"{name}.png")
             writer.add_image(f"{COMPARISON_GROUP}/{name}", rgb, 0, dataformats="HWC")
-        writer.add_text("summary", monospace_table((out / "summary.md").read_text()), 0)
+        # `comparison/` sorts before the jobs' `run/` cards in the Text tab.
+        writer.add_text("comparison/summary", monospace_table((out / "summary.md").read_text()), 0)
     return out
 
 

@@ -107,8 +107,8 @@ def _record_tensorboard(
         tb.write_experiment(log_dir, list(knobs))
         tb.write_curves_layout(log_dir)
     config = OmegaConf.to_yaml(cfg, resolve=True)
-    logger.experiment.add_text("run/config", f"```yaml\n{config}```", step)
-    logger.experiment.add_text("run/metrics", tb.metrics_table(metrics), step)
+    logger.experiment.add_text("run/metrics", tb.metrics_table(metrics), step)  # sorts first
+    logger.experiment.add_text("run/resolved_config", f"```yaml\n{config}```", step)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
