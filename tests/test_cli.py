@@ -38,7 +38,7 @@ def test_documented_command_on_real_mnist(mnist_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_child(tmp_path / "runs")
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d+_model=hidden1024,bottleneck=10,[^ ]*", run_dir.name
+        r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d+_model=hidden1024,bottleneck=10[,+][^ ]*", run_dir.name
     )
     metrics = assert_run_contract(run_dir)
     assert metrics["test/mse"] < 0.0675  # better than predicting the mean image
