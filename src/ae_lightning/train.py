@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -106,7 +107,10 @@ def _record_tensorboard(
     if not in_multirun():  # a sweep writes one experiment and layout for all its jobs
         tb.write_experiment(log_dir, list(knobs))
         tb.write_curves_layout(log_dir)
-    config = OmegaConf.to_yaml(cfg, resolve=True)
+    try:
+        config = OmegaConf.to_yaml(cfg, resolve=True)
+    except OmegaConfBaseException:  # an interpolation only Hydra's app could resolve
+        config = OmegaConf.to_yaml(cfg)
     logger.experiment.add_text("run/metrics", tb.metrics_table(metrics), step)  # sorts first
     logger.experiment.add_text("run/resolved_config", f"```yaml\n{config}```", step)
 
