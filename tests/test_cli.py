@@ -17,7 +17,7 @@ def only_child(folder):
 def assert_run_contract(run_dir):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / ".hydra" / "overrides.yaml").is_file()
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list(run_dir.glob("events.out.tfevents.*"))  # TensorBoard names the run by its folder
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     return json.loads((run_dir / "metrics.json").read_text())
@@ -38,7 +38,7 @@ def test_documented_command_on_real_mnist(mnist_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_child(tmp_path / "runs")
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d+_.*bottleneck-10.*model-hidden1024.*", run_dir.name
+        r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d+_model=hidden1024,bottleneck=10[,+][^ ]*", run_dir.name
     )
     metrics = assert_run_contract(run_dir)
     assert metrics["test/mse"] < 0.0675  # better than predicting the mean image
@@ -50,8 +50,8 @@ def test_multirun_leaves_one_folder_per_job(tiny_root, tmp_path):
     result = run_train_cli(["-m", "bottleneck=2,3", *tiny_overrides(tiny_root)], logs=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = only_child(tmp_path / "multiruns")
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
-    assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1"]
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert [j.name for j in jobs] == ["bottleneck=2", "bottleneck=3"]  # what the sweep varies
     assert [assert_run_contract(j)["bottleneck"] for j in jobs] == [2, 3]
     # The sweep callback compared the jobs when the multirun ended.
     summary = (sweep / "summary.md").read_text()
@@ -127,7 +127,7 @@ def test_submitit_local_multirun_completes(tiny_root, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = only_child(tmp_path / "multiruns")
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert [json.loads((j / "metrics.json").read_text())["bottleneck"] for j in jobs] == [2, 3]
     assert (sweep / "summary.md").is_file()
 
@@ -141,7 +141,7 @@ def test_optuna_search_minimises_val_mse(tiny_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = only_child(tmp_path / "multiruns")
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    jobs = [p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()]
+    jobs = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()]
     val = [json.loads((j / "metrics.json").read_text())["best_val/mse"] for j in jobs]
     assert len(jobs) == 2 and best["best_value"] == pytest.approx(min(val))
     assert {"model", "model.optimizer.lr"} <= set(best["best_params"])

@@ -44,9 +44,9 @@ def test_compare_writes_every_figure_and_a_summary_matching_metrics(two_runs, tm
         assert row["run"] in ("bottleneck=2", "bottleneck=3")
     assert float(rows[0]["test/mse"]) <= float(rows[1]["test/mse"])  # sorted by test MSE
     assert "| bottleneck=" in (out / "summary.md").read_text()
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events = EventAccumulator(str(out), size_guidance={"images": 0})
     events.Reload()
-    assert {f"comparison/{name}" for name in FIGURES} <= set(events.Tags()["images"])
+    assert {f"versus/{name}" for name in FIGURES} <= set(events.Tags()["images"])
 
 
 def test_failed_and_checkpointless_runs_are_rows_not_crashes(two_runs, tmp_path):

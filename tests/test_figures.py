@@ -28,14 +28,14 @@ def test_two_dimensional_run_writes_every_figure(tiny_root, tmp_path):
     assert "scatter_epoch001.png" in epochs and "scatter_epoch002.png" in epochs
     assert "scatter_epoch003.png" not in epochs  # the last epoch's figure is the final one
 
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     events.Reload()
     images = set(events.Tags()["images"])
     assert {f"figures/{name}" for name in FIGURES} <= images
     steps = [e.step for e in events.Images("figures/scatter")]
     assert len(steps) == 3 and steps == sorted(steps)  # epochs 1, 2 and the final one
     assert "lr-Adam" in events.Tags()["scalars"]
-    projector = (tmp_path / "tensorboard" / "projector_config.pbtxt").read_text()
+    projector = (tmp_path / "projector_config.pbtxt").read_text()
     assert "test_codes" in projector and "sprite" in projector
 
 

@@ -19,7 +19,7 @@ STEP_LR = [
 
 
 def scalars(run_dir, tag):
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
 

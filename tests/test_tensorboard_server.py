@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -20,15 +21,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(url: str, data: bytes | None = None):
+def get(url: str, data: bytes | None = None, raw: bool = False):
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+        body = response.read()
+    return body if raw else json.loads(body)
 
 
 @pytest.fixture
 def sweep_logs(tiny_root, tmp_path):
-    result = run_train_cli(["-m", "bottleneck=2,3", *tiny_overrides(tiny_root)], logs=tmp_path)
+    result = run_train_cli(
+        ["-m", "model=linear,hidden1024", "bottleneck=2", *tiny_overrides(tiny_root)],
+        logs=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return tmp_path / "multiruns"
 
@@ -41,33 +46,69 @@ def test_tensorboard_serves_runs_scalars_images_and_hparams(sweep_logs):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
+    (sweep,) = sweep_logs.iterdir()
+    jobs = {"model=linear", "model=hidden1024"}  # what the sweep varies, nothing else
     try:
         runs, deadline = [], time.time() + 90
         while time.time() < deadline:
             try:
                 runs = get(f"{base}/data/runs")
                 scalars = get(f"{base}/data/plugin/scalars/tags")
-                if len([r for r in runs if r.endswith("tensorboard")]) >= 2 and scalars:
+                if jobs <= {r.split("/")[-1] for r in runs} and len(scalars) >= 2:
                     break
             except OSError:
                 pass
             time.sleep(1)
-        job_runs = [r for r in runs if "/tensorboard" in r and "comparison" not in r]
-        assert len(job_runs) == 2, runs
+        prefix = f"{sweep.name}/"
+        assert {r.removeprefix(prefix) for r in runs} == {*jobs, "comparison"}, runs
         scalars = get(f"{base}/data/plugin/scalars/tags")
         images = get(f"{base}/data/plugin/images/tags")
-        for run in job_runs:
-            assert {"train/mse", "val/mse", "test/mse", "test/knn_acc"} <= set(scalars[run])
-            expected = FIGURES if "bottleneck-2" in run else FIGURES[:-1]  # manifold: 2-D only
-            assert {f"figures/{name}" for name in expected} <= set(images[run])
-        comparison = [r for r in images if "comparison" in r]
-        assert comparison and "comparison/scatter" in images[comparison[0]]
+        final = ["test/mse", "test/knn_acc", "val/best_mse", "time/train_s"]
+        for job in jobs:
+            run = prefix + job
+            assert {"train/mse", "val/mse", *final} <= set(scalars[run])
+            assert not {"best_val/mse", "train_time_s"} & set(scalars[run])  # no one-dot groups
+            assert {f"figures/{name}" for name in FIGURES} <= set(images[run])
+            # Final metrics once, at the run's last step: one point per run, never at 0.
+            global_step = json.loads((sweep / job / "metrics.json").read_text())["global_step"]
+            for tag in final:
+                points = get(f"{base}/data/plugin/scalars/scalars?{urlencode(run=run, tag=tag)}")
+                assert [step for _, step, _ in points] == [global_step], (run, tag)
+            # The Projector draws only with 3+ columns: 2-D codes come padded with zeros.
+            (embedding,) = get(f"{base}/data/plugin/projector/info?{urlencode(run=run)}")[
+                "embeddings"
+            ]
+            name = embedding["tensorName"]
+            labels = (
+                get(
+                    f"{base}/data/plugin/projector/metadata?{urlencode(run=run, name=name)}",
+                    raw=True,
+                )
+                .decode()
+                .split()
+            )
+            tensor = get(
+                f"{base}/data/plugin/projector/tensor?{urlencode(run=run, name=name)}", raw=True
+            )
+            assert len(tensor) == 4 * 3 * len(labels) and set(labels) <= set("0123456789")
+        comparison = images[prefix + "comparison"]
+        assert "versus/scatter" in comparison  # sorted after train/ and val/
+
         experiment = get(f"{base}/data/plugin/hparams/experiment",
                          json.dumps({"experimentName": ""}).encode())  # fmt: skip
-        hparams = {h["name"] for h in experiment["hparamInfos"]}
-        assert {"bottleneck", "lr", "hidden", "batch_size", "seed"} <= hparams
+        hparams = [h["name"] for h in experiment["hparamInfos"]]
+        varied = [h["name"] for h in experiment["hparamInfos"] if h.get("differs")]
+        assert hparams[:2] == varied == ["architecture", "model"]  # shown first, ticked
+        assert {"architecture", "bottleneck", "lr", "seed"} <= set(hparams)
         metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
-        assert "test/mse" in metrics
+        assert {"test/mse", "val/best_mse", "time/train_s"} <= metrics
+        layout = get(f"{base}/data/plugin/custom_scalars/layout")
+        charts = [c["multiline"]["tag"] for c in layout["category"][0]["chart"]]
+        assert [r"^(train|val)/mse$"] in charts  # train and val MSE of every run, one chart
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def urlencode(**params: str) -> str:
+    return urllib.parse.urlencode(params)

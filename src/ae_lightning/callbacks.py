@@ -41,6 +41,7 @@ from ae_lightning.plots import (
     samples_figure,
     scatter_figure,
 )
+from ae_lightning.tb import padded_codes
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,9 @@ class FigureCallback(Callback):
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         if self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0 and not last:
-            self._emit(trainer, pl_module, f"{describe(pl_module)} · epoch {epoch}", final=False)
+            title = f"{describe(pl_module)} · epoch {epoch}"
+            # Lightning logs the epoch's val/mse at its last batch's step: the figure beside it.
+            self._emit(trainer, pl_module, title, final=False, step=trainer.global_step - 1)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         checkpoint = trainer.checkpoint_callback
@@ -238,11 +241,16 @@ class FigureCallback(Callback):
         where = f"best checkpoint, val/mse {float(score):.4f}" if score is not None else "final"
         epochs = getattr(pl_module, "trained_epochs", trainer.current_epoch)
         title = f"{describe(pl_module)} · {epochs} epochs ({where})"
-        self._emit(trainer, pl_module, title, final=True)
+        self._emit(trainer, pl_module, title, final=True, step=trainer.global_step)
 
     @rank_zero_only
     def _emit(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, title: str, final: bool
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        title: str,
+        final: bool,
+        step: int,
     ) -> None:
         with observing(pl_module):
             fig = self.make_figure(trainer, pl_module, title)
@@ -253,7 +261,7 @@ class FigureCallback(Callback):
         if tensorboard is not None:
             try:
                 tensorboard.experiment.add_image(
-                    f"figures/{self.name}", rgb, trainer.global_step, dataformats="HWC"
+                    f"figures/{self.name}", rgb, step, dataformats="HWC"
                 )
             except OSError as err:
                 log.warning("Could not log figure %s to TensorBoard: %s", self.name, err)
@@ -446,7 +454,11 @@ class ManifoldFigure(FigureCallback):
 
 
 class EmbeddingProjector(Callback):
-    """After the final test: test codes with digit labels and thumbnails for the Projector tab."""
+    """After the final test: test codes with digit labels and thumbnails for the Projector tab.
+
+    Codes narrower than 3 columns get zero columns (named in the tensor's tag), since the
+    Projector's PCA draws nothing for them otherwise; distances are unchanged.
+    """
 
     def __init__(self, n: int = 2000) -> None:
         self.n = n
@@ -459,10 +471,12 @@ class EmbeddingProjector(Callback):
         with observing(pl_module):
             codes, labels = CodesCache.get(trainer, pl_module, "test", self.n)
         images, _ = trainer.datamodule.probe_images(self.n)
+        padded, added = padded_codes(codes)
+        tag = f"test_codes_{codes.shape[1]}d" + (f"_plus_{added}_zero_columns" if added else "")
         try:
             tensorboard.experiment.add_embedding(
-                codes, metadata=labels.tolist(), label_img=images, global_step=trainer.global_step,
-                tag="test_codes",
+                padded, metadata=[str(int(d)) for d in labels], label_img=images,
+                global_step=trainer.global_step, tag=tag,
             )  # fmt: skip
         except OSError as err:
             log.warning("Could not write the embedding projector data: %s", err)

@@ -43,6 +43,7 @@ from ae_lightning.plots import (
     samples_figure,
     scatter_figure,
 )
+from ae_lightning.tb import COMPARISON_GROUP, monospace_table
 
 log = logging.getLogger(__name__)
 # What each run is (read from its metrics.json), then how it did; test/nelbo for VAEs only.
@@ -96,8 +97,13 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def _job_number(path: Path) -> int:
-    head = path.name.split("_", 1)[0]
-    return int(head) if head.isdigit() else 1 << 30
+    """The job's number in its sweep (folders are named by what varies, not by number)."""
+    try:
+        saved = yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text())  # data, not code
+        return int(saved["hydra"]["job"]["num"])
+    except Exception:  # a hand-made or older run folder: after the numbered ones
+        head = path.name.split("_", 1)[0]
+        return int(head) if head.isdigit() else 1 << 30
 
 
 def load_run(path: Path) -> Run:
@@ -150,24 +156,29 @@ def _figures(
     names = [run.label for run, _ in models]
     figures = {}
 
-    panels, titles = [], []
+    panels, titles, axis_labels = [], [], []
     for (run, model), name in zip(models, names, strict=True):
         codes = encode_images(model.encode, test_images)
         projection = fit_projection(codes)
         panels.append(projection(codes))
+        axis_labels.append(projection.axis_labels)  # "PC1 (22% var.)": each run its own
         dims = f"{codes.shape[1]}-D" + (", PCA" if projection.method == "pca" else "")
         titles.append(f"{name}\n({dims}, test MSE {run.metrics.get('test/mse', float('nan')):.4f})")
     figures["scatter"] = scatter_figure(
         torch.stack(panels), test_labels, f"{datamodule.display_name} test codes coloured by class",
-        ("1st axis", "2nd axis"), ax_titles=titles, class_names=datamodule.class_names,
+        axis_labels, ax_titles=titles, class_names=datamodule.class_names,
     )  # fmt: skip
 
     originals, _ = datamodule.probe_images(64)
     with torch.no_grad():
         reconstructions = [model(originals) for _, model in models]
+    headers = [
+        f"{_wrap(name, 28)}\nMSE {float(((r - originals) ** 2).mean()):.4f}"
+        for name, r in zip(names, reconstructions, strict=True)
+    ]
     figures["reconstructions"] = reconstructions_figure(
         originals, reconstructions, "First 64 test images and each model's reconstructions",
-        names=names,
+        names=headers,
     )  # fmt: skip
 
     first, second = pick_pair(test_labels, seed)
@@ -286,12 +297,13 @@ def compare(
 
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(out / "tensorboard")) as writer:
+    with SummaryWriter(str(out)) as writer:  # the TensorBoard run `comparison`
         for name, fig in figures.items():
             rgb = render_rgb(fig)
             save_png(rgb, out / f"{name}.png")
-            writer.add_image(f"comparison/{name}", rgb, 0, dataformats="HWC")
-        writer.add_text("comparison/summary", (out / "summary.md").read_text(), 0)
+            writer.add_image(f"{COMPARISON_GROUP}/{name}", rgb, 0, dataformats="HWC")
+        # `comparison/` sorts before the jobs' `run/` cards in the Text tab.
+        writer.add_text("comparison/summary", monospace_table((out / "summary.md").read_text()), 0)
     return out
 
 

@@ -48,7 +48,7 @@ def scatter_figure(
     points: torch.Tensor,
     labels: torch.Tensor,
     title: str,
-    axis_labels: Sequence[str] = ("z[0]", "z[1]"),
+    axis_labels: Sequence[str] | Sequence[Sequence[str]] = ("z[0]", "z[1]"),
     ax_titles: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
 ) -> Figure:
@@ -56,9 +56,12 @@ def scatter_figure(
 
     ``points`` is ``(N, 2)`` or, for several panels side by side, ``(P, N, 2)``;
     ``class_names`` name the labels 0-9 in the legend (the digits themselves by default).
+    ``axis_labels`` one (x, y) pair for all panels or one pair per panel.
     """
     names = [str(d) for d in range(10)] if class_names is None else list(class_names)
     panels = points.unsqueeze(0) if points.dim() == 2 else points
+    if isinstance(axis_labels[0], str):
+        axis_labels = [axis_labels] * len(panels)
     fig = Figure(figsize=(5.6 * len(panels) + 1.2, 5.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     labels = labels.cpu().numpy()
@@ -72,8 +75,8 @@ def scatter_figure(
                 linewidths=0, rasterized=True, label=names[digit],
             )  # fmt: skip
         ax.set_aspect("equal", adjustable="datalim")
-        ax.set_xlabel(axis_labels[0])
-        ax.set_ylabel(axis_labels[1])
+        ax.set_xlabel(axis_labels[i][0])
+        ax.set_ylabel(axis_labels[i][1])
         ax.grid(alpha=0.25)
         if ax_titles is not None:
             ax.set_title(ax_titles[i], fontsize=10)

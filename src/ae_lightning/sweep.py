@@ -10,7 +10,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ae_lightning import tb
 from ae_lightning.compare import compare
+from ae_lightning.naming import record_sweep
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,19 @@ class SweepSummary(Callback):
 
     def __init__(self, enabled: bool = True, sampler: str = "gaussian", seed: int = 0) -> None:
         self.enabled, self.sampler, self.seed = enabled, sampler, seed
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Record what the sweep varies: jobs name their folders (and TensorBoard runs) by it.
+
+        The sweep's one HParams experiment (varied knobs shown first) and curves layout go
+        into its ``comparison`` run, next to the summary written at the end.
+        """
+        varying = record_sweep(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        knobs = list(dict.fromkeys([*tb.KNOBS, *tb.varied_knobs(varying)]))
+        tb.write_experiment(sweep_dir / "comparison", knobs, tb.varied_knobs(varying))
+        tb.write_curves_layout(sweep_dir / "comparison")
+        log.info("Sweep over %s: %s", ", ".join(varying) or "nothing", sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.summarise(Path(config.hydra.sweep.dir))

@@ -11,6 +11,7 @@ import gc
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -29,11 +30,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ae_lightning import tb
 from ae_lightning.callbacks import CodesCache, EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
@@ -41,14 +44,12 @@ from ae_lightning.data import metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
+from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
 from ae_lightning.runfolder import load_autoencoder, load_checkpoint
 from ae_lightning.runlock import RunFolderBusy, run_lock
 
 log = logging.getLogger(__name__)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-
-# `${ae_pid:}` in run folder names keeps runs that start in the same second apart.
-OmegaConf.register_new_resolver("ae_pid", lambda: str(os.getpid()), use_cache=True, replace=True)
 
 
 def _resume_or(resume: str | None, default: str, resumed: str | None = None) -> str:
@@ -68,18 +69,23 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def flat_hyperparameters(cfg: DictConfig, model: Autoencoder) -> dict[str, Any]:
+def flat_hyperparameters(
+    cfg: DictConfig, model: Autoencoder, varying: list[str] | None = None
+) -> dict[str, Any]:
     """The knobs worth comparing across runs, flattened for TensorBoard's HParams tab.
 
     The architecture is read off the model, so an evaluated checkpoint reports its own.
+    A varied override that is no knob of its own (``data.val_size``) becomes one.
     """
     hidden = list(model.hparams.get("hidden") or [])
     optimizer = cfg.model.get("optimizer") or {}
-    return {
-        "model": "-".join(str(size) for size in [784, *hidden, model.bottleneck]),
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    knobs = {
+        "model": str(choices.get("model") or type(model).__name__),
+        "architecture": "-".join(str(size) for size in [784, *hidden, model.bottleneck]),
         **describe_run(cfg, model),
-        "hidden": str(hidden),
         "bottleneck": int(model.bottleneck),
+        "hidden": str(hidden),
         "activation": str(model.hparams.get("activation")),
         "lr": float(optimizer.get("lr", float("nan"))),
         "weight_decay": float(optimizer.get("weight_decay") or 0.0),
@@ -87,6 +93,39 @@ def flat_hyperparameters(cfg: DictConfig, model: Autoencoder) -> dict[str, Any]:
         "max_epochs": int(cfg.trainer.max_epochs),
         "seed": int(cfg.seed),
     }
+    for key in tb.varied_knobs(varying or []):
+        if key not in knobs:
+            knobs[key] = str(OmegaConf.select(cfg, key, default=""))
+    return knobs
+
+
+def sweep_varying() -> list[str] | None:
+    """In a sweep job: the keys the sweep varies (see ``naming.record_sweep``)."""
+    return read_varying(HydraConfig.get().sweep.dir) if in_multirun() else None
+
+
+def _record_tensorboard(
+    cfg: DictConfig,
+    logger: TensorBoardLogger,
+    metrics: dict[str, Any],
+    knobs: dict[str, Any],
+    step: int,
+) -> None:
+    """HParams row, Text tab (config and metrics) and, outside a sweep, the experiment."""
+    log_dir = logger.log_dir
+    # In a sweep the row is named by the varied values alone (`hidden1024,10`): the column
+    # is narrow and its header row already names the knobs.
+    trial = re.sub(r"[^,=]+=", "", Path(cfg.run_dir).name) if in_multirun() else ""
+    tb.write_session(log_dir, knobs, step, trial)
+    if not in_multirun():  # a sweep writes one experiment and layout for all its jobs
+        tb.write_experiment(log_dir, list(knobs))
+        tb.write_curves_layout(log_dir)
+    try:
+        config = OmegaConf.to_yaml(cfg, resolve=True)
+    except OmegaConfBaseException:  # an interpolation only Hydra's app could resolve
+        config = OmegaConf.to_yaml(cfg)
+    logger.experiment.add_text("run/metrics", tb.metrics_table(metrics), step)  # sorts first
+    logger.experiment.add_text("run/resolved_config", f"```yaml\n{config}```", step)
 
 
 def describe_run(cfg: DictConfig, model: Autoencoder) -> dict[str, str]:
@@ -294,18 +333,20 @@ def _record(
             device=model.device, metric_names=[metric_suffix(dataset, c) for c in range(10)],
         )  # fmt: skip
         metrics.update(quality)
-        for logger in trainer.loggers:
-            logger.log_metrics(quality, step=trainer.global_step)
     metrics.update(num_parameters=model.num_parameters, bottleneck=model.bottleneck)
     metrics.update(describe_run(cfg, model))
     if trainer.is_global_zero:  # under DDP every rank returns the same metrics
         write_json(run_dir / "metrics.json", metrics)
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    # Once, at the final step: the test metrics Lightning logged are there already.
+    final = tb.final_scalars(metrics, logged=trainer.logged_metrics)
+    knobs = flat_hyperparameters(cfg, model, sweep_varying())
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):  # HParams tab: knobs beside final metrics
-            logger.log_hyperparams(flat_hyperparameters(cfg, model), metrics=numeric)
+        logger.log_metrics(final, step=trainer.global_step)
+        if isinstance(logger, TensorBoardLogger):
+            if trainer.is_global_zero:
+                _record_tensorboard(cfg, logger, metrics, knobs, trainer.global_step)
         else:
-            logger.log_hyperparams(flat_hyperparameters(cfg, model))
+            logger.log_hyperparams(knobs)
         logger.save()
     shown = ("test/mse", "test/knn_acc", "test/probe_acc")
     log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})

@@ -1,0 +1,163 @@
+"""Run-folder names: short, readable, valid on any file system, and pasteable into ``resume=``.
+
+A sweep job's folder is named by the overrides that vary across the sweep
+(``model=linear,bottleneck=2``), so TensorBoard, which names a run by its folder, shows
+just that. A single run's folder is its start time plus its overrides. Names longer than
+the cap keep their start and end in a short hash; the full overrides stay in ``.hydra/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+NAME_LIMIT = 40
+SWEEP_RECORD = "sweep.json"
+# Overrides that say where things are, not what was trained: never part of a name.
+NOT_IN_NAMES = (
+    "ckpt_path", "resume", "hparams_search", "run_dir", "data.root", "data.download",
+    "trainer.accelerator", "trainer.devices", "experiment",
+)  # fmt: skip
+# Hydra parses these keys' values as paths: quoted for it, so a folder pastes back as printed.
+PATH_KEYS = ("resume", "ckpt_path")
+_UNSAFE_IN_VALUE = re.compile(r"[^A-Za-z0-9._+-]+")  # `=` and `,` separate the pairs
+
+
+def override_pairs(overrides: Iterable[str]) -> list[tuple[str, str]]:
+    """``["+a.b=[64, 32]", "c=1"]`` -> ``[("a.b", "[64, 32]"), ("c", "1")]``; deletions dropped."""
+    pairs = []
+    for override in overrides:
+        key, sep, value = str(override).partition("=")
+        if sep and not key.startswith("~"):
+            pairs.append((key.lstrip("+"), value))
+    return pairs
+
+
+def _safe_value(value: str) -> str:
+    """``[64, 32]`` -> ``64-32``, ``/a/b`` -> ``a-b``: no character a shell or Hydra trips on."""
+    return _UNSAFE_IN_VALUE.sub("-", value).strip("-") or "none"
+
+
+def short_name(pairs: Sequence[tuple[str, str]], limit: int = NAME_LIMIT) -> str:
+    """``model=linear,bottleneck=2``; past ``limit`` characters, cut and ended by a hash."""
+    items = [f"{key}={_safe_value(value)}" for key, value in pairs]
+    name = ",".join(items)
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    room, kept = limit - len(digest) - 1, ""
+    for item in items:  # whole pairs while they fit, so no value is cut in the middle
+        if len(kept) + len(item) + 1 > room:
+            break
+        kept = f"{kept},{item}" if kept else item
+    return f"{kept or items[0][:room]}+{digest}"
+
+
+def named_pairs(
+    overrides: Iterable[str], keys: Iterable[str] | None = None
+) -> list[tuple[str, str]]:
+    """The pairs worth a name: those of ``keys`` (all by default), never location keys."""
+    wanted = None if keys is None else set(keys)
+    return [
+        (key, value)
+        for key, value in override_pairs(overrides)
+        if not key.startswith(NOT_IN_NAMES) and (wanted is None or key in wanted)
+    ]
+
+
+def varying_keys(overrides: Iterable[str], sweeper_params: Any = None) -> list[str]:
+    """Keys a sweep varies: command-line lists and ranges, then the sweeper's own params."""
+    parser = OverridesParser.create()
+    keys = [
+        o.get_key_element().lstrip("+")
+        for o in parser.parse_overrides([str(x) for x in overrides])
+        if o.is_sweep_override()
+    ]
+    keys += [str(k) for k in (sweeper_params or {}) if str(k) not in keys]
+    return keys
+
+
+def record_sweep(config: DictConfig) -> list[str]:
+    """Write ``<sweep>/sweep.json`` (the varying keys) for the jobs to name themselves by."""
+    overrides = list(config.hydra.overrides.task)
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    keys = varying_keys(overrides, params)
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"varying": keys, "overrides": [str(o) for o in overrides]}
+    (sweep_dir / SWEEP_RECORD).write_text(json.dumps(payload, indent=2) + "\n")
+    return keys
+
+
+def read_varying(sweep_dir: Path | str) -> list[str] | None:
+    """The varying keys ``record_sweep`` wrote, or None (an old sweep, or no callback)."""
+    try:
+        return list(json.loads((Path(sweep_dir) / SWEEP_RECORD).read_text())["varying"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+_job_names: dict[tuple[str, int], str] = {}
+
+
+def job_dirname(sweep_dir: str, job_num: int, overrides: Sequence[str]) -> str:
+    """A sweep job's folder: its values of the varying keys (``job3`` if nothing varies).
+
+    Two jobs with the same values (a repeated seed, an optimiser revisiting a point) get
+    ``,job=N`` on the second name; the name is fixed once chosen, however often it resolves.
+    """
+    key = (str(sweep_dir), int(job_num))
+    if key not in _job_names:
+        name = short_name(named_pairs(overrides, read_varying(sweep_dir))) or f"job{job_num}"
+        if (Path(sweep_dir) / name).exists():
+            name = f"{name},job={job_num}"
+        _job_names[key] = name
+    return _job_names[key]
+
+
+def run_suffix(overrides: Sequence[str]) -> str:
+    """``_bottleneck=10,model=hidden1024`` after a single run's start time (or nothing)."""
+    name = short_name(named_pairs(overrides))
+    return f"_{name}" if name else ""
+
+
+def quote_path_overrides(argv: Sequence[str]) -> list[str]:
+    """Quote ``resume=``/``ckpt_path=`` values for Hydra, so any folder pastes back as printed.
+
+    Hydra's grammar reads ``=``, ``,`` and brackets in a value as syntax; a path is a string.
+    """
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        needs_quotes = (
+            sep and key.lstrip("+") in PATH_KEYS and value not in ("", "null")
+            and value[0] not in "'\"" and re.search(r"[^A-Za-z0-9_./:+@%-]", value)
+        )  # fmt: skip
+        if needs_quotes:
+            escaped = value.replace("'", "\\'")
+            arg = f"{key}='{escaped}'"
+        quoted.append(arg)
+    return quoted
+
+
+def _job_dirname_resolver(*, _root_: DictConfig) -> str:
+    hydra = _root_.hydra
+    return job_dirname(hydra.sweep.dir, hydra.job.num, list(hydra.overrides.task))
+
+
+def _run_suffix_resolver(*, _root_: DictConfig) -> str:
+    return run_suffix(list(_root_.hydra.overrides.task))
+
+
+# `${ae_pid:}` in run folder names keeps runs that start in the same second apart.
+OmegaConf.register_new_resolver("ae_pid", lambda: str(os.getpid()), use_cache=True, replace=True)
+OmegaConf.register_new_resolver("ae_job_dirname", _job_dirname_resolver, replace=True)
+OmegaConf.register_new_resolver("ae_run_suffix", _run_suffix_resolver, replace=True)

@@ -1,0 +1,227 @@
+"""What TensorBoard shows beyond Lightning's own logging: HParams, the curves layout, tags.
+
+Written with TensorBoard's own summary protos into a separate event file of the run's
+folder, so nothing here depends on a logger's internals. Each function takes a folder and
+plain values; callers decide what goes where (a run's folder, or the sweep's).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.types_pb2 import DT_STRING
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+# metrics.json keys -> TensorBoard tags, so no final metric makes a group of its own.
+FINAL_TAGS = {"best_val/mse": "val/best_mse", "train_time_s": "time/train_s"}
+# TensorBoard sorts tag groups by name and opens the first ones: the side-by-side figures,
+# unreadable at card width, go after `train/` and `val/`.
+COMPARISON_GROUP = "versus"
+# The HParams table's metric columns (final values; the plugin reads each run's last point).
+HPARAMS_METRICS = (
+    "test/mse", "val/best_mse", "test/knn_acc", "test/probe_acc", "time/train_s", "val/mse",
+)  # fmt: skip
+# The knobs every run reports, in the order the HParams table lists them.
+KNOBS = (
+    "model", "architecture", "bottleneck", "hidden", "activation", "lr", "weight_decay",
+    "batch_size", "max_epochs", "seed",
+)  # fmt: skip
+# Which knobs a command-line override changes (other overrides become knobs of their own).
+KNOBS_OF_OVERRIDE = {
+    "model": ("model", "architecture"),
+    "bottleneck": ("bottleneck", "architecture"),
+    "model.hidden": ("hidden", "architecture"),
+    "model.activation": ("activation",),
+    "model.optimizer.lr": ("lr",),
+    "model.optimizer.weight_decay": ("weight_decay",),
+    "data.batch_size": ("batch_size",),
+    "trainer.max_epochs": ("max_epochs",),
+    "seed": ("seed",),
+}
+
+
+def final_scalars(metrics: Mapping[str, Any], logged: Iterable[str] = ()) -> dict[str, float]:
+    """The numeric final metrics not yet logged, under their TensorBoard tags."""
+    done = set(logged)
+    return {
+        FINAL_TAGS.get(key, key): float(value)
+        for key, value in metrics.items()
+        if "/" in FINAL_TAGS.get(key, key)
+        and isinstance(value, (int, float))
+        and FINAL_TAGS.get(key, key) not in done
+    }
+
+
+def knob_value(value: Any) -> str | float | bool:
+    """Whole numbers as text (``2``, not HParams' ``2.0000``), other numbers as numbers."""
+    if isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and value > 1):
+        return str(int(value))
+    if isinstance(value, float):
+        return value
+    return str(value)
+
+
+def varied_knobs(varying_keys: Iterable[str]) -> list[str]:
+    """The knob names a sweep over ``varying_keys`` changes, most telling first."""
+    knobs: list[str] = []
+    for key in varying_keys:
+        for knob in KNOBS_OF_OVERRIDE.get(key, (key,)):
+            if knob not in knobs:
+                knobs.append(knob)
+    return knobs
+
+
+def _write(log_dir: Path | str, summaries: Iterable[tuple[Summary, int]]) -> None:
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    writer = EventFileWriter(str(log_dir), filename_suffix=".ae-lightning")
+    try:
+        for summary, step in summaries:
+            writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+    finally:
+        writer.close()
+
+
+def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
+    """The summary TensorBoard's hparams plugin reads (its own v1 helpers need TensorFlow)."""
+    summary = Summary()
+    summary.value.add(
+        tag=tag,
+        metadata=hparams_metadata.create_summary_metadata(data),
+        tensor=hparams_metadata.NULL_TENSOR,
+    )
+    return summary
+
+
+def write_experiment(log_dir: Path | str, knobs: Iterable[str], varied: Iterable[str] = ()) -> None:
+    """One HParams experiment: its knob columns (varied ones shown first) and metric columns.
+
+    Written once per sweep (in its ``comparison`` run) or by a single run; TensorBoard uses
+    the first experiment it finds, so jobs of a sweep write none of their own.
+    """
+    varied = set(varied)
+    infos = [
+        api_pb2.HParamInfo(name=name, differs=name in varied)
+        for name in [*[k for k in knobs if k in varied], *[k for k in knobs if k not in varied]]
+    ]
+    metrics = [
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=tag)
+        for tag in HPARAMS_METRICS
+    ]
+    experiment = api_pb2.Experiment(
+        hparam_infos=infos, metric_infos=metrics, time_created_secs=time.time()
+    )
+    data = plugin_data_pb2.HParamsPluginData(experiment=experiment)
+    _write(log_dir, [(_hparams_summary(hparams_metadata.EXPERIMENT_TAG, data), 0)])
+
+
+def write_session(
+    log_dir: Path | str, hparams: Mapping[str, Any], step: int, trial: str = ""
+) -> None:
+    """This run's row of the HParams table: its knobs; metrics come from its own scalars.
+
+    ``trial`` names the row (default: the run's folder); short, as the column is narrow.
+    """
+    now = time.time()
+    start = plugin_data_pb2.SessionStartInfo(start_time_secs=now, group_name=trial)
+    for name, value in hparams.items():
+        value = knob_value(value)
+        if isinstance(value, bool):
+            start.hparams[name].bool_value = value
+        elif isinstance(value, float):
+            start.hparams[name].number_value = value
+        else:
+            start.hparams[name].string_value = value
+    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=now)
+    _write(log_dir, [
+        (_hparams_summary(hparams_metadata.SESSION_START_INFO_TAG,
+                          plugin_data_pb2.HParamsPluginData(session_start_info=start)), step),
+        (_hparams_summary(hparams_metadata.SESSION_END_INFO_TAG,
+                          plugin_data_pb2.HParamsPluginData(session_end_info=end)), step),
+    ])  # fmt: skip
+
+
+def write_curves_layout(log_dir: Path | str) -> None:
+    """Custom Scalars tab: train and val MSE of every run on one chart, time per epoch."""
+    layout = layout_pb2.Layout(
+        category=[
+            layout_pb2.Category(
+                title="Training curves",
+                chart=[
+                    layout_pb2.Chart(
+                        title="MSE per pixel: train and val of every run",
+                        multiline=layout_pb2.MultilineChartContent(tag=[r"^(train|val)/mse$"]),
+                    ),
+                    layout_pb2.Chart(
+                        title="Seconds per epoch",
+                        multiline=layout_pb2.MultilineChartContent(tag=[r"^time/epoch_s$"]),
+                    ),
+                ],
+            )
+        ]
+    )
+    summary = Summary()
+    summary.value.add(
+        tag=custom_scalar_metadata.CONFIG_SUMMARY_TAG,
+        metadata=custom_scalar_metadata.create_summary_metadata(),
+        tensor=TensorProto(dtype=DT_STRING, string_val=[layout.SerializeToString()]),
+    )
+    _write(log_dir, [(summary, 0)])
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> str:
+    """A two-column Markdown table of the final metrics, for the Text tab."""
+    lines = ["| metric | value |", "|---|---|"]
+    for key in sorted(metrics):
+        value = metrics[key]
+        if isinstance(value, float):
+            value = f"{value:.5g}"
+        elif isinstance(value, list):
+            continue  # per-epoch lists belong in metrics.json, not a table cell
+        lines.append(f"| {FINAL_TAGS.get(key, key)} | {value} |")
+    return "\n".join(lines)
+
+
+def monospace_table(markdown: str) -> str:
+    """A Markdown table as aligned plain text in a code block, for TensorBoard's Text tab.
+
+    Its HTML tables squeeze columns to their cells and break headers mid-word (``statu|s``);
+    a code block keeps every header whole and the columns aligned.
+    """
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("|") and not set(line) <= set("|-: ")
+    ]
+    if not rows:
+        return markdown
+    columns = len(rows[0])
+    rows = [(row + [""] * columns)[:columns] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "```\n" + "\n".join(line.rstrip() for line in lines) + "\n```"
+
+
+def padded_codes(codes: torch.Tensor, min_columns: int = 3) -> tuple[torch.Tensor, int]:
+    """Codes with zero columns appended up to ``min_columns``, and how many were added.
+
+    The Projector's PCA asks for more components than a 1-D or 2-D code has and shows
+    nothing (``NaN%``); zero columns change no distance and let it draw.
+    """
+    missing = max(0, min_columns - codes.shape[1])
+    if missing:
+        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], missing)], dim=1)
+    return codes, missing
