@@ -84,7 +84,7 @@ def test_a_tensor_learning_rate_follows_its_scheduler():
 
 
 def scalars(run_dir, tag):
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
 

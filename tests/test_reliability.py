@@ -29,7 +29,7 @@ def weights(run_dir):
 
 
 def scalar_steps(run_dir, tag):
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return [e.step for e in events.Scalars(tag)]
 
