@@ -16,7 +16,8 @@ import ae_lightning  # noqa: E402
 
 path = sys.argv[1] if len(sys.argv) > 1 else max(Path("logs/runs").iterdir()).as_posix()
 run = ae_lightning.load_run(path)  # best checkpoint; checkpoint="last" for the last one
-print(f"run {run.path.name}: {run.bottleneck}-D codes, saved test/mse {run.metrics['test/mse']:.5f}")
+saved_mse = run.metrics["test/mse"]  # metrics.json, as written at the end of training
+print(f"run {run.path.name}: {run.bottleneck}-D codes, saved test/mse {saved_mse:.5f}")
 
 images, labels = run.test_images()  # uint8 (N, 28, 28) and digit labels, on the CPU
 codes = run.encode(images)  # (N, z) on the model's device; numpy arrays work too

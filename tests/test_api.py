@@ -60,7 +60,7 @@ def test_reconstruct_is_decode_of_encode(run):
     images, _ = run.test_images()
     out = run.reconstruct(images[:5])
     assert out.shape == (5, 1, 28, 28) and out.dtype == torch.float32
-    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
     torch.testing.assert_close(out, run.decode(run.encode(images[:5])), rtol=0, atol=0)
     assert run.decode(np.zeros(3, dtype=np.float32)).shape == (1, 1, 28, 28)
 

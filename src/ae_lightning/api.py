@@ -251,7 +251,7 @@ class Run:
                 f"{name} has dtype {x.dtype}: pass uint8 (0-255) or float pixels in [0, 1]."
             )
         low, high = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
-        if not (0.0 <= low and high <= 1.0):  # also catches NaN
+        if not (low >= 0.0 and high <= 1.0):  # also catches NaN
             hint = " (divide 0-255 values by 255, or pass uint8)" if high > 1 else ""
             raise UserError(
                 f"{name} has float values from {low:g} to {high:g}: pixels must lie in "
