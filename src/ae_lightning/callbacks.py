@@ -41,6 +41,9 @@ from ae_lightning.plots import (
 )
 
 log = logging.getLogger(__name__)
+# Per-epoch lines: the entry points' logging config shows them plainly and keeps them in
+# train.log; without any logging configured (a notebook, a test) they are printed.
+progress_log = logging.getLogger("ae_lightning.progress")
 
 
 def progress_display(refresh_every_steps: int = 25, steps_per_call: int = 1) -> Callback:
@@ -74,7 +77,10 @@ class EpochSummary(Callback):
             if name in metrics
         ]
         parts.append(f"{time.perf_counter() - self._start:.1f} s")
-        print("  ".join(parts), flush=True)
+        if progress_log.handlers:
+            progress_log.info("  ".join(parts))
+        else:
+            print("  ".join(parts), flush=True)
 
 
 class EpochTimer(Callback):

@@ -173,6 +173,8 @@ def _record(
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):  # HParams tab: knobs beside final metrics
             logger.log_hyperparams(flat_hyperparameters(cfg, model), metrics=numeric)
+            # Lightning writes hparams.yaml once, at the start, while it is still empty.
+            Path(logger.log_dir, "hparams.yaml").unlink(missing_ok=True)
         else:
             logger.log_hyperparams(flat_hyperparameters(cfg, model))
         logger.save()
