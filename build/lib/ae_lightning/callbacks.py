@@ -1,0 +1,364 @@
+"""Read-only observers of training: progress display and figures (TensorBoard + PNG)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from matplotlib.figure import Figure
+from pytorch_lightning.callbacks import Callback, RichProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from ae_lightning.data import to_unit_float
+from ae_lightning.latent import (
+    CodeSampler,
+    check_sampler,
+    crossfade,
+    decode_codes,
+    encode_images,
+    fit_projection,
+    interpolate,
+    manifold_grid,
+    pick_pair,
+)
+from ae_lightning.plots import (
+    interpolation_figure,
+    manifold_figure,
+    reconstructions_figure,
+    render_rgb,
+    samples_figure,
+    scatter_figure,
+)
+
+log = logging.getLogger(__name__)
+# Per-epoch lines: the entry points' logging config shows them plainly and keeps them in
+# train.log; without any logging configured (a notebook, a test) they are printed.
+progress_log = logging.getLogger("ae_lightning.progress")
+
+
+def progress_display(refresh_every_steps: int = 25, steps_per_call: int = 1) -> Callback:
+    """A Rich progress bar on a terminal; one plain summary line per epoch otherwise.
+
+    Logs and CI output stay readable (no carriage-return bars), and a terminal user
+    still sees live progress. Refreshing about every ``refresh_every_steps`` optimizer
+    steps keeps its cost small; the bar counts Lightning steps of ``steps_per_call`` each.
+    """
+    if sys.stdout.isatty():
+        refresh_rate = max(1, refresh_every_steps // steps_per_call)
+        return RichProgressBar(refresh_rate=refresh_rate, leave=True)
+    return EpochSummary()
+
+
+class EpochSummary(Callback):
+    """Prints ``epoch 3/25  train/mse 0.0213  val/mse 0.0205  4.9 s`` after each epoch."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics  # one host sync per epoch, not per step
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        parts += [
+            f"{name} {float(metrics[name]):.5f}"
+            for name in ("train/mse", "val/mse")
+            if name in metrics
+        ]
+        parts.append(f"{time.perf_counter() - self._start:.1f} s")
+        if progress_log.handlers:
+            progress_log.info("  ".join(parts))
+        else:
+            print("  ".join(parts), flush=True)
+
+
+class EpochTimer(Callback):
+    """Wall time of each training epoch (its validation and checkpointing included).
+
+    Logged as ``time/epoch_s``; ``train()`` copies the list into ``metrics.json``. On a GPU
+    it waits for queued kernels once per epoch so the time is real.
+    """
+
+    def __init__(self) -> None:
+        self.epoch_times: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(pl_module)
+        seconds = time.perf_counter() - self._start
+        self.epoch_times.append(seconds)
+        for logger in trainer.loggers:
+            logger.log_metrics({"time/epoch_s": seconds}, step=trainer.global_step)
+
+    @staticmethod
+    def _sync(pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+
+# --- figures ----------------------------------------------------------------------------
+
+
+def describe(pl_module: pl.LightningModule) -> str:
+    """``MLP 784-1024-2`` style name of the encoder, for figure titles."""
+    hidden = list(pl_module.hparams.get("hidden") or [])
+    return "MLP " + "-".join(str(s) for s in [784, *hidden, pl_module.hparams["bottleneck"]])
+
+
+def tensorboard_of(trainer: pl.Trainer) -> TensorBoardLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+_warned_no_tensorboard: set[int] = set()
+
+
+@contextmanager
+def observing(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Eval mode without gradients for a read-only look; the module's mode is restored."""
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        pl_module.train(was_training)
+
+
+class FigureCallback(Callback):
+    """Draws one figure every ``every_n_epochs`` epochs and once more after the final test.
+
+    Periodic figures go to TensorBoard (and, if ``save_epoch_pngs``, to
+    ``figures/epochs/``); the final one, drawn from the checkpoint the test used, goes to
+    TensorBoard and to ``figures/<name>.png``. A failed write warns and training goes on.
+    """
+
+    name = "figure"
+
+    def __init__(self, every_n_epochs: int = 5, save_epoch_pngs: bool = False) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.save_epoch_pngs = save_epoch_pngs
+
+    def make_figure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, title: str
+    ) -> Figure | None:
+        raise NotImplementedError
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        if self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0 and not last:
+            self._emit(trainer, pl_module, f"{describe(pl_module)} · epoch {epoch}", final=False)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        score = getattr(checkpoint, "best_model_score", None)
+        where = f"best checkpoint, val/mse {float(score):.4f}" if score is not None else "final"
+        epochs = getattr(pl_module, "trained_epochs", trainer.current_epoch)
+        title = f"{describe(pl_module)} · {epochs} epochs ({where})"
+        self._emit(trainer, pl_module, title, final=True)
+
+    @rank_zero_only
+    def _emit(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, title: str, final: bool
+    ) -> None:
+        with observing(pl_module):
+            fig = self.make_figure(trainer, pl_module, title)
+        if fig is None:
+            return
+        rgb = render_rgb(fig)
+        tensorboard = tensorboard_of(trainer)
+        if tensorboard is not None:
+            try:
+                tensorboard.experiment.add_image(
+                    f"figures/{self.name}", rgb, trainer.global_step, dataformats="HWC"
+                )
+            except OSError as err:
+                log.warning("Could not log figure %s to TensorBoard: %s", self.name, err)
+        elif id(trainer) not in _warned_no_tensorboard:
+            _warned_no_tensorboard.add(id(trainer))
+            log.warning("No TensorBoard logger: figures are saved as PNG files only.")
+        folder = Path(trainer.default_root_dir) / "figures"
+        if final:
+            save_png(rgb, folder / f"{self.name}.png")
+        elif self.save_epoch_pngs:
+            save_png(
+                rgb, folder / "epochs" / f"{self.name}_epoch{trainer.current_epoch + 1:03d}.png"
+            )
+
+
+def save_png(rgb: np.ndarray, path: Path) -> None:
+    """Write atomically (tmp file + rename); on failure warn and carry on."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        matplotlib.image.imsave(tmp, rgb, format="png")
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("Could not write figure %s: %s", path, err)
+
+
+class CodesCache:
+    """Codes of a split, computed once per (model, step) and shared by all figures."""
+
+    _key: tuple | None = None
+    _store: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def get(
+        cls, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, limit: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(pl_module), trainer.global_step, trainer.state.stage)
+        if key != cls._key:
+            cls._key, cls._store = key, {}
+        images, labels = trainer.datamodule.split(split)
+        images, labels = images[:limit], labels[:limit]
+        if (split, limit) not in cls._store:
+            cls._store[(split, limit)] = encode_images(
+                pl_module.encode, images, device=pl_module.device
+            )
+        return cls._store[(split, limit)], labels
+
+
+class ScatterFigure(FigureCallback):
+    """The test set's codes coloured by digit; PCA (or the first two axes) above 2-D."""
+
+    name = "scatter"
+
+    def __init__(self, projection: str = "pca", max_points: int = 10_000, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.projection, self.max_points = projection, max_points
+
+    def make_figure(self, trainer, pl_module, title):
+        codes, labels = CodesCache.get(trainer, pl_module, "test", self.max_points)
+        projection = fit_projection(codes, self.projection)
+        if codes.shape[1] > 2:
+            how = "PCA" if projection.method == "pca" else "first two coordinates"
+            what = f"{codes.shape[1]}-D test codes, {how}"
+        else:
+            what = "2-D test codes"
+        return scatter_figure(projection(codes), labels, f"{what}\n{title}", projection.axis_labels)
+
+
+class ReconstructionsFigure(FigureCallback):
+    """The first ``n`` test images and their reconstructions (the same images in every run)."""
+
+    name = "reconstructions"
+
+    def __init__(self, n: int = 64, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n = n
+
+    def make_figure(self, trainer, pl_module, title):
+        images, _ = trainer.datamodule.probe_images(self.n)
+        reconstructions = pl_module(images.to(pl_module.device)).cpu()
+        mse = float(((reconstructions - images) ** 2).mean())
+        return reconstructions_figure(
+            images, reconstructions, f"First {self.n} test images, MSE {mse:.4f}\n{title}"
+        )
+
+
+class InterpolationFigure(FigureCallback):
+    """Decode the straight line between two test images' codes; the pixel cross-fade below."""
+
+    name = "interpolation"
+
+    def __init__(
+        self, steps: int = 11, pair: Sequence[int] | None = None, seed: int = 0, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        self.steps, self.pair, self.seed = steps, pair, seed
+
+    def make_figure(self, trainer, pl_module, title):
+        images, labels = trainer.datamodule.split("test")
+        first, second = self.pair if self.pair is not None else pick_pair(labels, self.seed)
+        ends = to_unit_float(images[[first, second]]).to(pl_module.device)
+        z = pl_module.encode(ends)
+        latent = pl_module.decode(interpolate(z[0], z[1], self.steps)).cpu()
+        pixels = crossfade(ends[0].cpu(), ends[1].cpu(), self.steps)
+        digits = f"test #{first} (a {int(labels[first])}) → #{second} (a {int(labels[second])})"
+        return interpolation_figure(
+            [latent, pixels],
+            ["through the\nbottleneck", "pixel\ncross-fade"],
+            f"Interpolation {digits}\n{title}",
+        )
+
+
+class SamplesFigure(FigureCallback):
+    """``n`` images decoded from random codes drawn by ``sampler`` (see ``latent.SAMPLERS``)."""
+
+    name = "samples"
+
+    def __init__(
+        self, n: int = 64, sampler: str = "gaussian", fit_on: int = 10_000, seed: int = 0, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        check_sampler(sampler)  # fail at start-up, not at the first figure
+        self.n, self.sampler, self.fit_on, self.seed = n, sampler, fit_on, seed
+
+    def make_figure(self, trainer, pl_module, title):
+        codes, _ = CodesCache.get(trainer, pl_module, "train", self.fit_on)
+        sampler = CodeSampler(self.sampler, codes, seed=self.seed)
+        images = decode_codes(pl_module.decode, sampler.sample(self.n), pl_module.device)
+        return samples_figure(images, f"Decoded samples: {sampler.description}\n{title}")
+
+
+class ManifoldFigure(FigureCallback):
+    """For 2-D codes: decode an ``n x n`` grid over the 1st-99th percentile of the codes."""
+
+    name = "manifold"
+
+    def __init__(
+        self, n: int = 20, percentiles: Sequence[float] = (1.0, 99.0), fit_on: int = 10_000,
+        **kwargs,
+    ) -> None:  # fmt: skip
+        super().__init__(**kwargs)
+        self.n, self.percentiles, self.fit_on = n, tuple(percentiles), fit_on
+
+    def make_figure(self, trainer, pl_module, title):
+        if pl_module.hparams["bottleneck"] != 2:
+            return None
+        codes, _ = CodesCache.get(trainer, pl_module, "train", self.fit_on)
+        grid, xs, ys = manifold_grid(codes, self.n, self.percentiles)
+        images = decode_codes(pl_module.decode, grid, pl_module.device)
+        low, high = self.percentiles
+        return manifold_figure(
+            images, xs, ys, f"Decoded {self.n}x{self.n} grid over the {low:g}-{high:g}th "
+            f"percentiles of the training codes\n{title}",
+        )  # fmt: skip
+
+
+class EmbeddingProjector(Callback):
+    """After the final test: test codes with digit labels and thumbnails for the Projector tab."""
+
+    def __init__(self, n: int = 2000) -> None:
+        self.n = n
+
+    @rank_zero_only
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tensorboard = tensorboard_of(trainer)
+        if tensorboard is None:
+            return
+        with observing(pl_module):
+            codes, labels = CodesCache.get(trainer, pl_module, "test", self.n)
+        images, _ = trainer.datamodule.probe_images(self.n)
+        try:
+            tensorboard.experiment.add_embedding(
+                codes, metadata=labels.tolist(), label_img=images, global_step=trainer.global_step,
+                tag="test_codes",
+            )  # fmt: skip
+        except OSError as err:
+            log.warning("Could not write the embedding projector data: %s", err)

@@ -1,0 +1,123 @@
+"""Checks of the composed config, in one place, before anything is built or trained.
+
+Each failure is one sentence that names the bad value and how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ae_lightning.errors import UserError
+
+MNIST_TRAIN_IMAGES = 60_000
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any, key: str, hint: str) -> None:
+    if not _is_int(value) or value < 1:
+        raise UserError(f"{key}={value!r} is not a positive whole number: {hint}.")
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ``UserError`` for the first bad value in ``cfg``; return quietly otherwise."""
+    _positive_int(
+        _select(cfg, "bottleneck"), "bottleneck", "use e.g. bottleneck=2 or bottleneck=10"
+    )
+
+    model = cfg.model
+    for key in ("hidden", "decoder_hidden"):
+        sizes = model.get(key)
+        if sizes is None:
+            continue
+        if isinstance(sizes, str) or not OmegaConf.is_list(sizes) and not isinstance(sizes, list):
+            raise UserError(
+                f"model.{key}={sizes!r} is not a list of layer sizes: use e.g. model.{key}=[1024]."
+            )
+        for size in sizes:
+            if not _is_int(size) or size < 1:
+                raise UserError(
+                    f"model.{key}={list(sizes)} has the size {size!r}: every layer size must be "
+                    f"a positive whole number; use e.g. model.{key}=[1024]."
+                )
+
+    optimizer = model.get("optimizer") or {}
+    for key in ("lr", "weight_decay"):
+        value = optimizer.get(key)
+        if value is None and key == "weight_decay":
+            continue
+        if (
+            not _is_number(value)
+            or not math.isfinite(value)
+            or value < 0
+            or (key == "lr" and value == 0)
+        ):
+            kind = "positive" if key == "lr" else "non-negative"
+            raise UserError(
+                f"model.optimizer.{key}={value!r} is not a {kind} number: "
+                f"use e.g. model.optimizer.{key}={'1e-3' if key == 'lr' else '1e-5'}."
+            )
+
+    data = cfg.data
+    val_size = data.get("val_size")
+    if not _is_int(val_size) or not 0 < val_size < MNIST_TRAIN_IMAGES:
+        raise UserError(
+            f"data.val_size={val_size!r} must be a whole number between 1 and "
+            f"{MNIST_TRAIN_IMAGES - 1} so both validation and training get images: "
+            "use e.g. data.val_size=5000."
+        )
+    train_size = MNIST_TRAIN_IMAGES - val_size
+    for key in ("batch_size", "eval_batch_size"):
+        value = data.get(key)
+        _positive_int(value, f"data.{key}", f"use e.g. data.{key}=128")
+        if key == "batch_size" and value > train_size:
+            raise UserError(
+                f"data.batch_size={value} is larger than the {train_size} training images: "
+                "use e.g. data.batch_size=128."
+            )
+    if data.get("loader") not in ("memory", "dataloader"):
+        raise UserError(
+            f"data.loader={data.get('loader')!r} is not a loader: use data.loader=memory "
+            "(tensors on the device) or data.loader=dataloader (a torch DataLoader)."
+        )
+
+    _check_steps_per_call(cfg)
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs != -1:
+        _positive_int(max_epochs, "trainer.max_epochs", "use e.g. trainer.max_epochs=25")
+    if cfg.get("test_ckpt") not in ("best", "last"):
+        raise UserError(f"test_ckpt={cfg.get('test_ckpt')!r} is not a choice: use best or last.")
+
+
+def _check_steps_per_call(cfg: DictConfig) -> None:
+    """K > 1 runs the module's own step loop, which has no clipping, accumulation or scaler."""
+    steps = _select(cfg, "steps_per_call")
+    _positive_int(steps, "steps_per_call", "use e.g. steps_per_call=10, or 1 for one per step")
+    if steps == 1:
+        return
+    trainer = cfg.trainer
+    needs_lightning_loop = {
+        "trainer.gradient_clip_val": trainer.get("gradient_clip_val") not in (None, 0, 0.0),
+        "trainer.accumulate_grad_batches": trainer.get("accumulate_grad_batches", 1) != 1,
+        "trainer.precision": str(trainer.get("precision")) in ("16", "16-mixed"),
+    }
+    for key, conflicts in needs_lightning_loop.items():
+        if conflicts:
+            raise UserError(
+                f"{key}={_select(cfg, key)!r} needs Lightning's own step loop, but "
+                f"steps_per_call={steps} takes {steps} optimizer steps per Lightning step: "
+                "add steps_per_call=1."
+            )

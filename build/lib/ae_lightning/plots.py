@@ -1,0 +1,168 @@
+"""Figures: tensors in, ``matplotlib.figure.Figure`` out. No file or logger I/O, no pyplot.
+
+Images are pixels in [0, 1] drawn white on black on a fixed grey scale (vmin 0, vmax 1),
+so brightness means the same in every figure. The caller closes (drops) the figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid
+
+DIGIT_COLOURS = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]  # fmt: skip  (matplotlib's tab10: ten distinct hues, one per digit)
+PAD_VALUE = 0.35  # grey gutters between tiles: visible against black and white alike
+
+
+def tile(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
+    """``(N, 1, H, W)`` pixels -> one ``(rows*H, nrow*W)`` array, tiles in reading order."""
+    grid = make_grid(
+        images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=padding, pad_value=PAD_VALUE
+    )
+    return grid[0].numpy()
+
+
+def _show(ax, array: np.ndarray, title: str | None = None, **kwargs) -> None:
+    ax.imshow(array, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", **kwargs)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
+def scatter_figure(
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    title: str,
+    axis_labels: Sequence[str] = ("z[0]", "z[1]"),
+    ax_titles: Sequence[str] | None = None,
+) -> Figure:
+    """2-D codes coloured by digit, with a legend of the ten digits and equal axes.
+
+    ``points`` is ``(N, 2)`` or, for several panels side by side, ``(P, N, 2)``.
+    """
+    panels = points.unsqueeze(0) if points.dim() == 2 else points
+    fig = Figure(figsize=(5.6 * len(panels) + 1.2, 5.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    labels = labels.cpu().numpy()
+    marker_size = 2.0 if len(labels) > 2000 else 8.0
+    for i, (ax, xy) in enumerate(zip(axes, panels, strict=True)):
+        xy = xy.detach().cpu().numpy()
+        for digit in range(10):
+            mask = labels == digit
+            ax.scatter(
+                xy[mask, 0], xy[mask, 1], s=marker_size, alpha=0.5, color=DIGIT_COLOURS[digit],
+                linewidths=0, rasterized=True, label=str(digit),
+            )  # fmt: skip
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_xlabel(axis_labels[0])
+        ax.set_ylabel(axis_labels[1])
+        ax.grid(alpha=0.25)
+        if ax_titles is not None:
+            ax.set_title(ax_titles[i], fontsize=10)
+    handles, names = axes[-1].get_legend_handles_labels()
+    fig.legend(
+        handles, names, title="digit", loc="outside right center", frameon=False,
+        markerscale=12 / marker_size**0.5,
+    )  # fmt: skip
+    for handle in fig.legends[0].legend_handles:
+        handle.set_alpha(1.0)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def reconstructions_figure(
+    originals: torch.Tensor,
+    reconstructions: torch.Tensor | Sequence[torch.Tensor],
+    title: str,
+    names: Sequence[str] = ("reconstructions",),
+    nrow: int = 8,
+) -> Figure:
+    """Originals as an 8x8 grid, then each model's reconstructions of them beside it."""
+    if isinstance(reconstructions, torch.Tensor):
+        reconstructions = [reconstructions]
+    grids = [originals, *reconstructions]
+    fig = Figure(figsize=(max(3.6 * len(grids), 6.4), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+    for ax, images, name in zip(axes, grids, ["test images", *names], strict=True):
+        _show(ax, tile(images, nrow), name)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def interpolation_figure(
+    rows: Sequence[torch.Tensor], row_names: Sequence[str], title: str
+) -> Figure:
+    """One row of images per interpolation (latent rows first, the pixel cross-fade last)."""
+    steps = len(rows[0])
+    fig = Figure(figsize=(0.85 * steps + 1.6, 1.0 * len(rows) + 0.7), layout="constrained")
+    # A label column of its own: the layout engine sizes it, so long names are never cut.
+    grid = fig.subplots(len(rows), 2, squeeze=False, width_ratios=[1.4, 0.85 * steps])
+    for (label_ax, ax), images, name in zip(grid, rows, row_names, strict=True):
+        label_ax.axis("off")
+        label_ax.text(1.0, 0.5, name, ha="right", va="center", fontsize=9,
+                      transform=label_ax.transAxes)  # fmt: skip
+        _show(ax, tile(images, nrow=steps))
+    axes = grid[:, 1]
+    axes[-1].set_xlabel("start  →  end  (interpolation weight 0 … 1)", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def samples_figure(
+    samples: torch.Tensor | Sequence[torch.Tensor], title: str, names: Sequence[str] = ("",)
+) -> Figure:
+    """Decoded random codes: one 8x8 grid per model."""
+    if isinstance(samples, torch.Tensor):
+        samples = [samples]
+    fig = Figure(figsize=(max(3.6 * len(samples), 5.6), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(samples), squeeze=False)[0]
+    for ax, images, name in zip(axes, samples, names, strict=True):
+        _show(ax, tile(images, 8), name or None)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def manifold_figure(images: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, title: str) -> Figure:
+    """Decoded ``n x n`` grid of 2-D codes as one image, axes in code coordinates.
+
+    ``images`` is in the row order of :func:`ae_lightning.latent.manifold_grid` (top row =
+    highest y). Tick labels give the code values at tile centres.
+    """
+    n = len(xs)
+    canvas = tile(images, nrow=n, padding=0)
+    fig = Figure(figsize=(7.4, 7.4), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    size = canvas.shape[0] / n
+    ticks = list(range(0, n, max(1, n // 5))) + ([n - 1] if (n - 1) % max(1, n // 5) else [])
+    ax.set_xticks([(i + 0.5) * size for i in ticks], [f"{float(xs[i]):.2g}" for i in ticks])
+    ax.set_yticks([(i + 0.5) * size for i in ticks], [f"{float(ys[i]):.2g}" for i in ticks])
+    ax.set_xlabel("z[0]")
+    ax.set_ylabel("z[1]")
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def render_rgb(fig: Figure, dpi: int = 100) -> np.ndarray:
+    """Rasterise a figure once to an ``(H, W, 3)`` uint8 array (for PNG files and TensorBoard)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(dpi)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
