@@ -20,6 +20,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning.data import to_unit_float
+from ae_lightning.figure_sinks import send_to_image_loggers
 from ae_lightning.latent import (
     CodeSampler,
     check_sampler,
@@ -188,9 +189,10 @@ class FigureCallback(Callback):
                 )
             except OSError as err:
                 log.warning("Could not log figure %s to TensorBoard: %s", self.name, err)
-        elif id(trainer) not in _warned_no_tensorboard:
+        sent = send_to_image_loggers(trainer, self.name, rgb, final)  # MLflow
+        if tensorboard is None and not sent and id(trainer) not in _warned_no_tensorboard:
             _warned_no_tensorboard.add(id(trainer))
-            log.warning("No TensorBoard logger: figures are saved as PNG files only.")
+            log.warning("No TensorBoard logger (nor MLflow): figures are saved as PNG only.")
         folder = Path(trainer.default_root_dir) / "figures"
         if final:
             save_png(rgb, folder / f"{self.name}.png")
