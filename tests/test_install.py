@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sysconfig
 import venv
@@ -18,11 +19,16 @@ def install(tmp_path: Path, borrow_dependencies: bool) -> Path:
     ``borrow_dependencies``: torch and the rest come from this interpreter's site-packages
     through a .pth file, and only the project itself is installed (seconds, not minutes).
     """
+    source = tmp_path / "source"  # what a wheel is built from; the checkout stays untouched
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(PROJECT / "src", source / "src", ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT / name, source / name)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     bin_dir = env_dir / "bin"
     python = bin_dir / "python"
-    args = [str(python), "-m", "pip", "install", "--quiet", str(PROJECT)]
+    args = [str(python), "-m", "pip", "install", "--quiet", str(source)]
     if borrow_dependencies:
         site = subprocess.check_output(
             [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
