@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning.errors import UserError
 from ae_lightning.extras import check_command_line
@@ -60,6 +61,8 @@ def record_config(cfg: DictConfig) -> None:
     Hydra's ``config.yaml`` keeps ``${oc.env:...}`` and ``${hydra:...}`` unresolved, so it
     does not say which data folder or run folder a run really used.
     """
+    if rank_zero_only.rank != 0:  # DDP starts this script once per device
+        return
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.output_subdir is not None:
