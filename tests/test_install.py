@@ -58,6 +58,12 @@ def train_elsewhere(bin_dir: Path, tiny_root: Path, tmp_path: Path) -> None:
     (run_dir,) = (work / "logs" / "runs").iterdir()  # ./logs of the working folder
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1
     assert (run_dir / "train.log").read_text().count("epoch 1/1") == 1
+    example = subprocess.run(  # the README's Python API example, in the fresh venv
+        [str(bin_dir / "python"), str(PROJECT / "examples" / "explore.py"), str(run_dir)],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert example.returncode == 0, example.stderr[-3000:]
+    assert (work / "explore.png").is_file()
     help_text = subprocess.run([str(bin_dir / "ae-export"), "--help"], cwd=work, env=env,
                                capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "--format {onnx,torchscript}" in help_text
