@@ -20,7 +20,6 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning.data import to_unit_float
-from ae_lightning.figure_sinks import send_to_image_loggers
 from ae_lightning.latent import (
     CodeSampler,
     check_sampler,
@@ -32,6 +31,7 @@ from ae_lightning.latent import (
     manifold_grid,
     pick_pair,
 )
+from ae_lightning.loggers import send_to_image_loggers
 from ae_lightning.plots import (
     interpolation_figure,
     manifold_figure,

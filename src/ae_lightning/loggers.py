@@ -1,4 +1,4 @@
-"""Figures to every logger that stores images, beside TensorBoard: today MLflow.
+"""MLflow as a logger: a local store that MLflow 3 accepts, and figures sent to it.
 
 TensorBoard gets its images in ``callbacks.FigureCallback``; CSV stores no images; the PNG
 files in ``figures/`` are written whatever the loggers.
@@ -7,12 +7,30 @@ files in ``figures/`` are written whatever the loggers.
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger
 
 log = logging.getLogger(__name__)
+FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
+
+
+class LocalMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger, allowed to use a plain folder as its store.
+
+    MLflow 3 refuses a folder store unless ``MLFLOW_ALLOW_FILE_STORE=true``; its database
+    store needs the full mlflow package. Opting in here, only when this logger is chosen
+    and only for a folder, keeps ``logger=mlflow`` working with the light mlflow-skinny.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        uri = kwargs.get("tracking_uri")
+        if uri is None or str(uri).startswith("file:"):
+            os.environ.setdefault(FILE_STORE_OPT_IN, "true")
+        super().__init__(*args, **kwargs)
 
 
 def send_to_image_loggers(trainer: pl.Trainer, name: str, rgb: np.ndarray, final: bool) -> bool:
