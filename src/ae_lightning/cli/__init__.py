@@ -23,7 +23,8 @@ NOISY_WARNINGS = (
     # torch 2.14 deprecates a pytree class that Lightning 2.6 still checks against.
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
-NOISY_LOG_LINES = ("litlogger",)  # Lightning's advert for its cloud logger, on every Trainer
+# Lightning's adverts for its cloud products ("💡 Tip: ... litlogger / litmodels").
+NOISY_LOG_LINES = ("💡 Tip", "litlogger", "litmodels")
 LIGHTNING_LOGGERS = (
     "pytorch_lightning.utilities.rank_zero",
     "lightning_fabric.utilities.rank_zero",
