@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -31,7 +32,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import psutil
 import torch
 import torch.nn.functional as F
 from common import PROJECT, compose_config, train_with
@@ -41,6 +41,11 @@ from torchvision.datasets import MNIST
 
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.nets import build_encoder_decoder
+
+try:
+    import psutil
+except ImportError:
+    sys.exit("error: bench/speed.py needs psutil, which is not installed: pip install '.[bench]'.")
 
 MODELS = {"linear": [], "hidden1024": [1024]}
 

@@ -33,6 +33,7 @@ from ae_lightning.latent import (
     manifold_grid,
     pick_pair,
 )
+from ae_lightning.loggers import send_to_image_loggers
 from ae_lightning.plots import (
     interpolation_figure,
     manifold_figure,
@@ -44,6 +45,9 @@ from ae_lightning.plots import (
 from ae_lightning.tb import padded_codes
 
 log = logging.getLogger(__name__)
+# Per-epoch lines: the entry points' logging config shows them plainly and keeps them in
+# train.log; without any logging configured (a notebook, a test) they are printed.
+progress_log = logging.getLogger("ae_lightning.progress")
 
 
 def progress_display(refresh_every_steps: int = 25, steps_per_call: int = 1) -> Callback:
@@ -80,7 +84,10 @@ class EpochSummary(Callback):
         timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
         if timer is not None:
             parts.append(f"{timer.seconds(trainer.current_epoch, pl_module):.1f} s")
-        print("  ".join(parts), flush=True)
+        if progress_log.handlers:
+            progress_log.info("  ".join(parts))
+        else:
+            print("  ".join(parts), flush=True)
 
 
 class EpochTimer(Callback):
@@ -265,9 +272,10 @@ class FigureCallback(Callback):
                 )
             except OSError as err:
                 log.warning("Could not log figure %s to TensorBoard: %s", self.name, err)
-        elif id(trainer) not in _warned_no_tensorboard:
+        sent = send_to_image_loggers(trainer, self.name, rgb, final)  # MLflow
+        if tensorboard is None and not sent and id(trainer) not in _warned_no_tensorboard:
             _warned_no_tensorboard.add(id(trainer))
-            log.warning("No TensorBoard logger: figures are saved as PNG files only.")
+            log.warning("No TensorBoard logger (nor MLflow): figures are saved as PNG only.")
         folder = Path(trainer.default_root_dir) / "figures"
         if final:
             save_png(rgb, folder / f"{self.name}.png")

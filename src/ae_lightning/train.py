@@ -342,11 +342,10 @@ def _record(
     knobs = flat_hyperparameters(cfg, model, sweep_varying())
     for logger in trainer.loggers:
         logger.log_metrics(final, step=trainer.global_step)
-        if isinstance(logger, TensorBoardLogger):
-            if trainer.is_global_zero:
-                _record_tensorboard(cfg, logger, metrics, knobs, trainer.global_step)
-        else:
-            logger.log_hyperparams(knobs)
+        # hparams.yaml (and CSV/MLflow params); no metrics, so no second HParams record.
+        logger.log_hyperparams(knobs)
+        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+            _record_tensorboard(cfg, logger, metrics, knobs, trainer.global_step)
         logger.save()
     shown = ("test/mse", "test/knn_acc", "test/probe_acc")
     log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})

@@ -1,0 +1,314 @@
+"""A finished run for notebooks and export: ``run = ae_lightning.load_run("logs/runs/<run>")``.
+
+Everything in a run folder is read as data: the checkpoint with ``weights_only=True``, the
+saved config as plain YAML (never instantiated), ``metrics.json`` as JSON. Images go in as
+numpy arrays or tensors of shape ``(N, 28, 28)``, ``(N, 1, 28, 28)`` or ``(N, 784)``, uint8
+(0-255) or float in [0, 1]; results come back as tensors on the model's device.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ae_lightning.data import MNISTDataModule, to_unit_float
+from ae_lightning.errors import UserError
+from ae_lightning.latent import SAMPLERS, CodeSampler, encode_images
+from ae_lightning.latent import interpolate as line_between
+from ae_lightning.module import Autoencoder
+
+ArrayLike = np.ndarray | torch.Tensor
+IMAGE_SIDE, PIXELS = 28, 28 * 28
+SHAPES = "(N, 28, 28), (N, 1, 28, 28) or (N, 784)"
+
+
+# --- reading a run folder as data (private; to be unified with the run-folder reader) -------
+
+
+@dataclass
+class _RunFiles:
+    """Where a run's pieces are: its folder (None for a lone .ckpt) and the checkpoint."""
+
+    folder: Path | None
+    checkpoint: Path
+
+
+def _find_files(path: Path, checkpoint: str) -> _RunFiles:
+    """A run folder, a sweep job folder or a .ckpt file -> the checkpoint to load."""
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"checkpoint={checkpoint!r} is not a choice: use 'best' or 'last'.")
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            raise UserError(f"{path} is not a .ckpt file: pass a run folder or a checkpoint.")
+        folder = path.parent.parent if path.parent.name == "checkpoints" else None
+        return _RunFiles(folder, path)
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist: pass a run folder such as logs/runs/<run>.")
+    folder = path / "checkpoints"
+    order = ("best.ckpt", "last.ckpt") if checkpoint == "best" else ("last.ckpt", "best.ckpt")
+    for name in order:
+        if (folder / name).is_file():
+            return _RunFiles(path, folder / name)
+    jobs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir())
+    if jobs:
+        raise UserError(
+            f"{path} is a sweep with {len(jobs)} jobs, not one run: pass one job folder, "
+            f"e.g. {path / jobs[0]}."
+        )
+    raise UserError(
+        f"{path} has no checkpoints/best.ckpt or last.ckpt: pass a run folder that finished "
+        "at least one epoch."
+    )
+
+
+def _read_config(folder: Path | None) -> DictConfig:
+    """The run's saved config as plain data: the resolved copy if written, else config.yaml."""
+    if folder is None:
+        return OmegaConf.create({})
+    for name in ("config_resolved.yaml", "config.yaml"):
+        file = folder / ".hydra" / name
+        if file.is_file():
+            loaded = OmegaConf.load(file)
+            return loaded if isinstance(loaded, DictConfig) else OmegaConf.create({})
+    return OmegaConf.create({})
+
+
+def _read_metrics(folder: Path | None) -> dict[str, Any]:
+    file = folder / "metrics.json" if folder is not None else None
+    if file is None or not file.is_file():
+        return {}
+    return json.loads(file.read_text())
+
+
+def _known_value(config: DictConfig, key: str, default: Any) -> Any:
+    """One key of the saved config; an interpolation that does not resolve here -> default."""
+    try:
+        value = OmegaConf.select(config, key, default=default, throw_on_resolution_failure=True)
+    except Exception:  # e.g. ${hydra:...} outside Hydra: the saved value is not usable
+        return default
+    return default if value is None else value
+
+
+DATA_KEYS = {"root": "data", "val_size": 5000, "split_seed": 0}
+
+
+def _data_settings(config: DictConfig) -> dict[str, Any]:
+    """Known data keys of a saved config, as plain values for ``MNISTDataModule``."""
+    settings = {key: _known_value(config, f"data.{key}", d) for key, d in DATA_KEYS.items()}
+    settings["root"] = str(settings["root"])
+    for key in ("val_size", "split_seed"):
+        if not isinstance(settings[key], int) or isinstance(settings[key], bool):
+            settings[key] = DATA_KEYS[key]
+    return settings
+
+
+def _model_class(config: DictConfig) -> type[pl.LightningModule]:
+    """The run's LightningModule class, looked up among this package's own classes only."""
+    target = _known_value(config, "model._target_", "")
+    module_name, _, class_name = str(target).rpartition(".")
+    if module_name.startswith("ae_lightning."):
+        try:
+            found = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            found = None
+        if isinstance(found, type) and issubclass(found, pl.LightningModule):
+            return found
+    return Autoencoder
+
+
+# --- the public API -------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A trained model with its config and metrics, and image-level helpers for notebooks."""
+
+    path: Path
+    checkpoint: Path
+    model: pl.LightningModule
+    config: DictConfig
+    metrics: dict[str, Any]
+    data_root: str | None = None
+    _samplers: dict[tuple[str, int, int], CodeSampler] = field(default_factory=dict, repr=False)
+    _data: MNISTDataModule | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def bottleneck(self) -> int:
+        return int(self.model.bottleneck)
+
+    def to(self, device: torch.device | str) -> Run:
+        """Move the model (and so every result) to ``device``; returns the run."""
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: ArrayLike) -> torch.Tensor:
+        """Codes ``(N, z)`` of images (the mean code for a variational model)."""
+        return self.model.encode(self._pixels(images))
+
+    @torch.no_grad()
+    def decode(self, codes: ArrayLike) -> torch.Tensor:
+        """Images ``(N, 1, 28, 28)``, pixels in (0, 1), of codes ``(N, z)``."""
+        return self.model.decode(self._codes(codes))
+
+    @torch.no_grad()
+    def reconstruct(self, images: ArrayLike) -> torch.Tensor:
+        """``decode(encode(images))``: ``(N, 1, 28, 28)`` pixels in (0, 1)."""
+        return self.model.decode(self.model.encode(self._pixels(images)))
+
+    @torch.no_grad()
+    def interpolate(self, a: ArrayLike, b: ArrayLike, steps: int = 11) -> torch.Tensor:
+        """``steps`` images decoded along the straight line between the codes of ``a`` and ``b``.
+
+        ``a`` and ``b`` are one image each; the first and last outputs are their
+        reconstructions. A pixel cross-fade would only blend the two pictures.
+        """
+        if not isinstance(steps, int) or steps < 2:
+            raise UserError(f"steps={steps!r} is too few: an interpolation needs steps >= 2.")
+        ends = [self._pixels(self._one_image(x, name), name) for x, name in ((a, "a"), (b, "b"))]
+        z_a, z_b = (self.model.encode(x)[0] for x in ends)
+        return self.model.decode(line_between(z_a, z_b, steps))
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, sampler: str = "gaussian", seed: int = 0, fit_on: int = 10_000
+    ) -> torch.Tensor:
+        """``n`` images decoded from codes drawn by ``sampler`` (fitted to ``fit_on`` training
+        codes for ``gaussian``, ``gmm`` and ``box``; ``normal`` is N(0, I), sensible only for a
+        variational model)."""
+        if sampler not in SAMPLERS:
+            raise UserError(f"sampler={sampler!r} is not a sampler: choose one of {SAMPLERS}.")
+        if not isinstance(n, int) or n < 1:
+            raise UserError(f"n={n!r} is not a positive whole number of samples: use e.g. 16.")
+        key = (sampler, seed, fit_on)
+        if key not in self._samplers:
+            if sampler == "normal":
+                codes = torch.zeros(1, self.bottleneck)  # N(0, I) needs only the code size
+            else:
+                images, _ = self.train_images()
+                codes = encode_images(self.model.encode, images[:fit_on], device=self.device)
+            self._samplers[key] = CodeSampler(sampler, codes, seed=seed)
+        return self.model.decode(self._samplers[key].sample(n).to(self.device))
+
+    def test_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(uint8 images (N, 28, 28), labels (N,))`` of the official test split, on the CPU."""
+        return self._datamodule().split("test")
+
+    def train_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's own training split (its ``val_size`` and ``split_seed``), on the CPU."""
+        return self._datamodule().split("train")
+
+    # --- input checks: one sentence each -------------------------------------------------
+
+    def _datamodule(self) -> MNISTDataModule:
+        if self._data is None:
+            settings = _data_settings(self.config)
+            if self.data_root is not None:
+                settings["root"] = self.data_root
+            self._data = MNISTDataModule(download=False, **settings)
+            self._data.setup()
+        return self._data
+
+    @staticmethod
+    def _one_image(x: ArrayLike, name: str) -> ArrayLike:
+        if tuple(x.shape) in ((IMAGE_SIDE, IMAGE_SIDE), (PIXELS,), (1, IMAGE_SIDE, IMAGE_SIDE)):
+            return x.reshape(1, PIXELS)
+        if len(x.shape) >= 2 and x.shape[0] == 1:
+            return x
+        raise UserError(
+            f"{name} has shape {tuple(x.shape)}: interpolate takes one image each, of shape "
+            "(28, 28), (1, 28, 28) or (784,)."
+        )
+
+    def _pixels(self, images: ArrayLike, name: str = "images") -> torch.Tensor:
+        """``(N, 1, 28, 28)`` float32 on the model's device, or one sentence saying why not."""
+        x = _as_tensor(images, name)
+        shape = tuple(x.shape)
+        if not (
+            (x.dim() == 3 and shape[1:] == (IMAGE_SIDE, IMAGE_SIDE))
+            or (x.dim() == 4 and shape[1:] == (1, IMAGE_SIDE, IMAGE_SIDE))
+            or (x.dim() == 2 and shape[1] == PIXELS)
+        ):
+            hint = " (add a batch dimension: x[None])" if shape in ((28, 28), (784,)) else ""
+            raise UserError(f"{name} has shape {shape}: pass {SHAPES}{hint}.")
+        x = x.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+        if x.dtype == torch.uint8:
+            return to_unit_float(x.to(self.device))
+        if not x.is_floating_point():
+            raise UserError(
+                f"{name} has dtype {x.dtype}: pass uint8 (0-255) or float pixels in [0, 1]."
+            )
+        low, high = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
+        if not (low >= 0.0 and high <= 1.0):  # also catches NaN
+            hint = " (divide 0-255 values by 255, or pass uint8)" if high > 1 else ""
+            raise UserError(
+                f"{name} has float values from {low:g} to {high:g}: pixels must lie in "
+                f"[0, 1]{hint}."
+            )
+        return x.unsqueeze(1).to(self.device, torch.float32)
+
+    def _codes(self, codes: ArrayLike) -> torch.Tensor:
+        z = _as_tensor(codes, "codes")
+        if z.dim() == 1:
+            z = z.unsqueeze(0)
+        if z.dim() != 2 or z.shape[1] != self.bottleneck or not z.is_floating_point():
+            raise UserError(
+                f"codes have shape {tuple(codes.shape)} and dtype {z.dtype}: pass floats of "
+                f"shape (N, {self.bottleneck}), this model's code size."
+            )
+        return z.to(self.device, torch.float32)
+
+
+def _as_tensor(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise UserError(f"{name} is a {type(x).__name__}: pass a numpy array or a torch tensor.")
+
+
+def load_run(
+    path: str | Path,
+    checkpoint: str = "best",
+    device: torch.device | str | None = None,
+    data_root: str | Path | None = None,
+) -> Run:
+    """Load a finished run: a run folder, a sweep job folder or a ``.ckpt`` file.
+
+    ``checkpoint``: ``best`` (lowest val/mse, the default) or ``last``. ``device``: where the
+    model lives (default: a GPU if there is one). ``data_root``: MNIST somewhere other than
+    where the run read it.
+    """
+    files = _find_files(Path(path).expanduser(), checkpoint)
+    config = _read_config(files.folder)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model = _model_class(config).load_from_checkpoint(
+            files.checkpoint, map_location=device, weights_only=True
+        )
+    except Exception as err:
+        raise UserError(
+            f"{files.checkpoint} is not an ae-lightning checkpoint ({type(err).__name__}): "
+            "pass a run folder or a .ckpt written by ae-train."
+        ) from None
+    model.eval()
+    return Run(
+        path=files.folder or files.checkpoint,
+        checkpoint=files.checkpoint,
+        model=model,
+        config=config,
+        metrics=_read_metrics(files.folder),
+        data_root=str(data_root) if data_root is not None else None,
+    )

@@ -1,0 +1,94 @@
+"""Console entry points (``ae-train``, ``ae-eval``) and what every run's console shares.
+
+Kept apart from the library: the warning and log filters below are installed here, by the
+entry points, never on ``import ae_lightning``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from ae_lightning.errors import UserError
+from ae_lightning.extras import check_command_line
+
+# Third-party noise on every run that tells the user nothing about their run.
+NOISY_WARNINGS = (
+    # torch 2.14 deprecates a pytree class that Lightning 2.6 still checks against.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+# Lightning's adverts for its cloud products ("💡 Tip: ... litlogger / litmodels").
+NOISY_LOG_LINES = ("💡 Tip", "litlogger", "litmodels")
+LIGHTNING_LOGGERS = (
+    "pytorch_lightning.utilities.rank_zero",
+    "lightning_fabric.utilities.rank_zero",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in NOISY_LOG_LINES)
+
+
+def quiet_console() -> None:
+    """Hide the tips and deprecation warnings of third-party libraries on a normal run."""
+    for pattern in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+
+
+def check_extras() -> None:
+    """Exit 2 with one sentence if the command line asks for a feature of a missing extra."""
+    try:
+        check_command_line(sys.argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def record_config(cfg: DictConfig) -> None:
+    """Save the resolved config beside Hydra's own copy; print it as a tree if asked.
+
+    Hydra's ``config.yaml`` keeps ``${oc.env:...}`` and ``${hydra:...}`` unresolved, so it
+    does not say which data folder or run folder a run really used.
+    """
+    if rank_zero_only.rank != 0:  # DDP starts this script once per device
+        return
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.output_subdir is not None:
+            folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("print_config"):
+        print_config_tree(cfg)
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    """The resolved config as a Rich tree: one branch per top-level group."""
+    from rich import print as rich_print
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    plain = {}
+    for key, value in cfg.items():
+        if OmegaConf.is_config(value):
+            text = OmegaConf.to_yaml(value, resolve=True).rstrip() or "{}"
+            tree.add(str(key)).add(Syntax(text, "yaml", background_color="default", word_wrap=True))
+        else:
+            plain[key] = value
+    if plain:
+        text = OmegaConf.to_yaml(OmegaConf.create(plain), resolve=True).rstrip()
+        tree.add("top level").add(Syntax(text, "yaml", background_color="default", word_wrap=True))
+    rich_print(tree)

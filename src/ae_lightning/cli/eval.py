@@ -1,0 +1,25 @@
+"""``ae-eval``: ``python eval.py`` installed; test a saved checkpoint again, with figures."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from ae_lightning.cli import check_extras, quiet_console, record_config
+from ae_lightning.naming import quote_path_overrides
+from ae_lightning.train import ensure_writable_logs, evaluate, run_cli
+
+
+@hydra.main(version_base="1.3", config_path="pkg://ae_lightning.conf", config_name="train")
+def _eval(cfg: DictConfig) -> float:
+    quiet_console()
+    record_config(cfg)
+    return run_cli(cfg, task=evaluate)
+
+
+def main() -> None:
+    quiet_console()
+    check_extras()
+    ensure_writable_logs()
+    sys.argv = quote_path_overrides(sys.argv)  # run folders paste back as printed
+    _eval()

@@ -1,0 +1,121 @@
+"""``ae-export <run> --format onnx|torchscript``: the encoder and the decoder as two files.
+
+Each file takes and gives float32 tensors with a free batch size: the encoder maps pixels
+``(N, 1, 28, 28)`` in [0, 1] to codes ``(N, z)``, the decoder codes back to pixels in (0, 1).
+``model.json`` beside them records these shapes and the pixel range for the app that loads
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from ae_lightning.api import load_run
+from ae_lightning.errors import UserError
+from ae_lightning.extras import require
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+class _Encode(pl.LightningModule):
+    """The model's ``encode`` as a module of its own (the mean code for a variational model).
+
+    A LightningModule so that Lightning's public ``to_onnx`` and ``to_torchscript`` apply.
+    """
+
+    def __init__(self, model: pl.LightningModule) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(images)
+
+
+class _Decode(_Encode):
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(codes)
+
+
+def _save_onnx(module: pl.LightningModule, example: torch.Tensor, path: Path, names) -> None:
+    """torch.export-based ONNX (the exporter's default) in one file, any batch size."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter internals, not the user's concern
+        module.to_onnx(
+            path, example, input_names=[names[0]], output_names=[names[1]],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+            external_data=False,
+        )  # fmt: skip
+
+
+def _save_torchscript(module: pl.LightningModule, example: torch.Tensor, path: Path, names):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's own deprecation notice
+        module.to_torchscript(path, method="trace", example_inputs=example)
+
+
+def export_run(
+    run_path: str | Path, fmt: str = "onnx", out: str | Path | None = None, checkpoint: str = "best"
+) -> Path:
+    """Write ``encoder<ext>``, ``decoder<ext>`` and ``model.json`` into ``out``; return ``out``."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt} is not a format: use onnx or torchscript.")
+    if fmt == "onnx":
+        require("onnx", "export", "ae-export --format onnx")
+        require("onnxscript", "export", "ae-export --format onnx")
+    run = load_run(run_path, checkpoint=checkpoint, device="cpu")
+    folder = run.path if run.path.is_dir() else run.checkpoint.parent
+    out = Path(out) if out is not None else folder / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    z = run.bottleneck
+    pixels = torch.rand(2, 1, 28, 28)
+    codes = run.model.encode(pixels).detach()
+    save = _save_onnx if fmt == "onnx" else _save_torchscript
+    ext = FORMATS[fmt]
+    with torch.no_grad():
+        save(_Encode(run.model).eval(), pixels, out / f"encoder{ext}", ("images", "codes"))
+        save(_Decode(run.model).eval(), codes, out / f"decoder{ext}", ("codes", "images"))
+    pixel = {"dtype": "float32", "shape": ["N", 1, 28, 28], "range": [0.0, 1.0]}
+    code = {"dtype": "float32", "shape": ["N", z]}
+    manifest: dict[str, Any] = {
+        "format": fmt,
+        "encoder": {"file": f"encoder{ext}", "input": {"name": "images", **pixel},
+                    "output": {"name": "codes", **code}},
+        "decoder": {"file": f"decoder{ext}", "input": {"name": "codes", **code},
+                    "output": {"name": "images", **pixel}},
+        "bottleneck": z,
+        "pixels": "float32 in [0, 1] (uint8 / 255); the decoder ends in a sigmoid",
+        "checkpoint": str(run.checkpoint),
+    }  # fmt: skip
+    (out / "model.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="ae-export",
+        description="Write a run's encoder and decoder as two ONNX or TorchScript files, "
+        "plus model.json (input/output shapes and pixel range).",
+    )
+    parser.add_argument("run", help="a run folder, a sweep job folder or a .ckpt file")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="onnx")
+    parser.add_argument("--out", help="output folder (default: <run>/export)")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    args = parser.parse_args(argv)
+    try:
+        out = export_run(args.run, args.format, args.out, args.checkpoint)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"encoder, decoder and model.json -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""What a user sees on the console and in the run folder: quiet, logged, resolved, helpful."""
+
+import json
+
+import yaml
+
+from ae_lightning.train import train
+from conftest import compose_cfg, run_train_cli, tiny_overrides
+
+
+def test_normal_run_is_quiet_and_leaves_a_full_record(tiny_root, tmp_path):
+    result = run_train_cli([*tiny_overrides(tiny_root), "trainer.max_epochs=2"], logs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).lower().splitlines()
+    assert not [line for line in lines if "litlogger" in line or "deprecated" in line]
+
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 1/2  train/mse" in log and "epoch 2/2  train/mse" in log
+    assert "epoch 2/2  train/mse" in result.stdout  # shown plainly on the console too
+
+    resolved = yaml.safe_load((run_dir / ".hydra" / "config_resolved.yaml").read_text())
+    assert resolved["data"]["root"] == str(tiny_root)
+    assert resolved["run_dir"] == str(run_dir)
+    assert "${" not in (run_dir / ".hydra" / "config_resolved.yaml").read_text()
+
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    assert hparams["bottleneck"] == 2 and hparams["max_epochs"] == 2
+
+
+def test_help_lists_every_config_group(tmp_path):
+    result = run_train_cli(["--help"], logs=tmp_path)
+    assert result.returncode == 0
+    for group in ("model", "data", "trainer", "callbacks", "logger", "experiment", "debug"):
+        assert any(line.startswith(f"{group} ") for line in result.stdout.splitlines()), group
+    assert "debug: fast, limit, overfit, profile" in result.stdout
+    assert "+trainer.KEY=VALUE" in result.stdout
+
+
+def test_print_config_prints_a_tree(tiny_root, tmp_path):
+    result = run_train_cli([*tiny_overrides(tiny_root), "debug=fast", "print_config=true"],
+                           logs=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "├── model" in result.stdout and "bottleneck: 2" in result.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "print_config" not in run_dir.name  # a display switch, not part of the run's name
+
+
+def test_debug_fast_is_one_batch_without_figures(tiny_root, tmp_path):
+    metrics = train(compose_cfg([*tiny_overrides(tiny_root), "debug=fast"], run_dir=tmp_path))
+    assert metrics["global_step"] == 1 and metrics["epochs"] == 1
+    assert not (tmp_path / "figures").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["test/mse"] > 0
+
+
+def test_debug_profile_writes_the_profile_into_the_run_folder(tiny_root, tmp_path):
+    train(compose_cfg([*tiny_overrides(tiny_root), "debug=profile", "callbacks=minimal"],
+                      run_dir=tmp_path))  # fmt: skip
+    profile = (tmp_path / "fit-profile.txt").read_text()
+    assert "run_training_epoch" in profile
+
+
+def test_debug_overfit_and_limit_compose():
+    overfit = compose_cfg(["debug=overfit"])
+    assert overfit.trainer.overfit_batches == 3 and overfit.trainer.max_epochs == 50
+    limit = compose_cfg(["debug=limit"])
+    assert limit.trainer.limit_train_batches == 0.1 and limit.trainer.max_epochs == 3
