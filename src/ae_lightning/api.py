@@ -8,8 +8,6 @@ numpy arrays or tensors of shape ``(N, 28, 28)``, ``(N, 1, 28, 28)`` or ``(N, 78
 
 from __future__ import annotations
 
-import importlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,18 +17,18 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ae_lightning import runfolder
 from ae_lightning.data import MNISTDataModule, to_unit_float
 from ae_lightning.errors import UserError
 from ae_lightning.latent import SAMPLERS, CodeSampler, encode_images
 from ae_lightning.latent import interpolate as line_between
-from ae_lightning.module import Autoencoder
 
 ArrayLike = np.ndarray | torch.Tensor
 IMAGE_SIDE, PIXELS = 28, 28 * 28
 SHAPES = "(N, 28, 28), (N, 1, 28, 28) or (N, 784)"
 
 
-# --- reading a run folder as data (private; to be unified with the run-folder reader) -------
+# --- reading a run folder as data (through runfolder: nothing in it runs code) ------------
 
 
 @dataclass
@@ -81,47 +79,11 @@ def _read_config(folder: Path | None) -> DictConfig:
     return OmegaConf.create({})
 
 
-def _read_metrics(folder: Path | None) -> dict[str, Any]:
-    file = folder / "metrics.json" if folder is not None else None
-    if file is None or not file.is_file():
+def _data_settings(folder: Path | None) -> dict[str, Any]:
+    """The run's known data settings (``runfolder.data_settings``); defaults for a lone .ckpt."""
+    if folder is None or not (folder / ".hydra" / "config.yaml").is_file():
         return {}
-    return json.loads(file.read_text())
-
-
-def _known_value(config: DictConfig, key: str, default: Any) -> Any:
-    """One key of the saved config; an interpolation that does not resolve here -> default."""
-    try:
-        value = OmegaConf.select(config, key, default=default, throw_on_resolution_failure=True)
-    except Exception:  # e.g. ${hydra:...} outside Hydra: the saved value is not usable
-        return default
-    return default if value is None else value
-
-
-DATA_KEYS = {"root": "data", "val_size": 5000, "split_seed": 0}
-
-
-def _data_settings(config: DictConfig) -> dict[str, Any]:
-    """Known data keys of a saved config, as plain values for ``MNISTDataModule``."""
-    settings = {key: _known_value(config, f"data.{key}", d) for key, d in DATA_KEYS.items()}
-    settings["root"] = str(settings["root"])
-    for key in ("val_size", "split_seed"):
-        if not isinstance(settings[key], int) or isinstance(settings[key], bool):
-            settings[key] = DATA_KEYS[key]
-    return settings
-
-
-def _model_class(config: DictConfig) -> type[pl.LightningModule]:
-    """The run's LightningModule class, looked up among this package's own classes only."""
-    target = _known_value(config, "model._target_", "")
-    module_name, _, class_name = str(target).rpartition(".")
-    if module_name.startswith("ae_lightning."):
-        try:
-            found = getattr(importlib.import_module(module_name), class_name, None)
-        except ImportError:
-            found = None
-        if isinstance(found, type) and issubclass(found, pl.LightningModule):
-            return found
-    return Autoencoder
+    return runfolder.data_settings(folder)
 
 
 # --- the public API -------------------------------------------------------------------------
@@ -214,7 +176,7 @@ class Run:
 
     def _datamodule(self) -> MNISTDataModule:
         if self._data is None:
-            settings = _data_settings(self.config)
+            settings = _data_settings(self.path if self.path.is_dir() else None)
             if self.data_root is not None:
                 settings["root"] = self.data_root
             self._data = MNISTDataModule(download=False, **settings)
@@ -294,21 +256,12 @@ def load_run(
     files = _find_files(Path(path).expanduser(), checkpoint)
     config = _read_config(files.folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        model = _model_class(config).load_from_checkpoint(
-            files.checkpoint, map_location=device, weights_only=True
-        )
-    except Exception as err:
-        raise UserError(
-            f"{files.checkpoint} is not an ae-lightning checkpoint ({type(err).__name__}): "
-            "pass a run folder or a .ckpt written by ae-train."
-        ) from None
-    model.eval()
+    model = runfolder.load_autoencoder(files.checkpoint, map_location=device)
     return Run(
         path=files.folder or files.checkpoint,
         checkpoint=files.checkpoint,
         model=model,
         config=config,
-        metrics=_read_metrics(files.folder),
+        metrics=runfolder.metrics(files.folder) if files.folder is not None else {},
         data_root=str(data_root) if data_root is not None else None,
     )

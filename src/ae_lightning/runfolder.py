@@ -78,8 +78,13 @@ def _unreadable(path: Path, err: Exception) -> str:
     )
 
 
-def load_autoencoder(path: Path | str) -> Autoencoder:
-    """The model of a checkpoint on the CPU, in eval mode, loaded without running its code."""
+def load_autoencoder(
+    path: Path | str, map_location: torch.device | str = "cpu"
+) -> Autoencoder:
+    """The model of a checkpoint (on the CPU by default), in eval mode, without running code.
+
+    The class comes from the checkpoint's ``model_family`` among this package's own models.
+    """
     checkpoint = load_checkpoint(path)  # the one-sentence refusals
     family = checkpoint.get("model_family", "ae")
     model_class = FAMILIES.get(family) if isinstance(family, str) else None
@@ -89,7 +94,9 @@ def load_autoencoder(path: Path | str) -> Autoencoder:
             f"knows {sorted(FAMILIES)}; load it with the version that wrote it."
         )
     try:
-        model = model_class.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        model = model_class.load_from_checkpoint(
+            path, map_location=map_location, weights_only=True
+        )
     except Exception as err:
         raise UserError(
             f"{path} is not an ae-lightning checkpoint ({type(err).__name__}): point at a "
