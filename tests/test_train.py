@@ -97,3 +97,15 @@ def test_training_steps_never_wait_for_the_device(tiny_root, tmp_path, monkeypat
     metrics = train(cfg)
     assert metrics["global_step"] == 100
     assert len(calls) < 20, f"{len(calls)} .item() calls in 100 steps"
+
+
+def test_the_dataloader_path_trains_one_minibatch_per_step(tiny_root, tmp_path):
+    """``data.loader=dataloader`` (data that does not fit in memory) trains like the default."""
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), "data.loader=dataloader", "callbacks=minimal",
+         "latent_metrics=false"],
+        run_dir=tmp_path,
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["global_step"] == 10  # 500 training images in batches of 50
+    assert metrics["epochs"] == 1 and 0 < metrics["test/mse"] < 0.3

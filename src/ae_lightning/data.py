@@ -266,6 +266,15 @@ class InMemoryBatches:
         return min(self._resume_at[1], self.num_minibatches)
 
 
+def _stack_pair(samples: list[Batch]) -> Batch:
+    """A DataLoader batch as an ``(images, labels)`` tuple, like the in-memory loader's.
+
+    (PyTorch's default collate gives a list, which reads as a list of K minibatches.)
+    """
+    images, labels = zip(*samples, strict=True)
+    return torch.stack(images), torch.stack(labels)
+
+
 class MNISTDataModule(pl.LightningDataModule):
     """MNIST (or Fashion-MNIST, KMNIST: ``dataset``): a seeded train/val split of the 60k
     training images; the official 10k as test."""
@@ -394,6 +403,7 @@ class MNISTDataModule(pl.LightningDataModule):
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+                collate_fn=_stack_pair,
             )
         device = self._device()
         rank, world_size = self._rank_and_world()
