@@ -16,7 +16,8 @@ OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / gro
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_instantiates(group, option, tmp_path):
+def test_every_option_composes_and_instantiates(group, option, tmp_path, monkeypatch):
+    monkeypatch.setenv("AE_LOGS_DIR", str(tmp_path))  # logger=mlflow's store, not the checkout's
     cfg = compose_cfg([f"{group}={option}"], run_dir=tmp_path)
     validate_config(cfg)
     assert isinstance(instantiate(cfg.data), MNISTDataModule)
