@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import matplotlib.image
@@ -293,7 +293,8 @@ def save_png(rgb: np.ndarray, path: Path) -> None:
         matplotlib.image.imsave(tmp, rgb, format="png")
         os.replace(tmp, path)
     except OSError as err:
-        path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # a full disk keeps no half
+        with suppress(OSError):  # a full disk keeps no half-written file
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
         log.warning("Could not write figure %s: %s", path, err)
 
 

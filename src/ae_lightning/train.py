@@ -181,7 +181,7 @@ _JOB_TRAINERS: list[pl.Trainer] = []
 def share_cores(processes: int) -> None:
     """Torch threads = this machine's cores / processes running at once (not cores each).
 
-    Two processes with a thread per core each run ~4x slower on 2 cores than with their share.
+    Processes that each start a thread per core oversubscribe the cores and all run slower.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // max(1, processes)))
