@@ -184,13 +184,12 @@ def write_curves_layout(log_dir: Path | str) -> None:
 def metrics_table(metrics: Mapping[str, Any]) -> str:
     """A two-column Markdown table of the final metrics, for the Text tab."""
     lines = ["| metric | value |", "|---|---|"]
-    for key in sorted(metrics):
-        value = metrics[key]
+    for tag, value in sorted((FINAL_TAGS.get(k, k), v) for k, v in metrics.items()):
         if isinstance(value, float):
             value = f"{value:.5g}"
         elif isinstance(value, list):
             continue  # per-epoch lists belong in metrics.json, not a table cell
-        lines.append(f"| {FINAL_TAGS.get(key, key)} | {value} |")
+        lines.append(f"| {tag} | {value} |")
     return "\n".join(lines)
 
 

@@ -80,8 +80,10 @@ def flat_hyperparameters(
     hidden = list(model.hparams.get("hidden") or [])
     optimizer = cfg.model.get("optimizer") or {}
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    # The config group's name (`hidden1024`), unless an evaluated checkpoint differs from it.
+    same = list(cfg.model.get("hidden") or []) == hidden and cfg.bottleneck == model.bottleneck
     knobs = {
-        "model": str(choices.get("model") or type(model).__name__),
+        "model": str(choices.get("model") or type(model).__name__) if same else "checkpoint",
         "architecture": "-".join(str(size) for size in [784, *hidden, model.bottleneck]),
         **describe_run(cfg, model),
         "bottleneck": int(model.bottleneck),
