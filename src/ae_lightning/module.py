@@ -161,7 +161,7 @@ class Autoencoder(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if not self.automatic_optimization:
             # Lightning compares log_every_n_steps with its batch count, which counts calls
-            # here, not steps; train/mse is logged per step by `_log_train_loss` instead.
+            # here, not steps; train terms are logged per step by `_log_train_terms` instead.
             warnings.filterwarnings(
                 "ignore", message=r"The number of training batches \(\d+\) is smaller than"
             )
