@@ -53,7 +53,13 @@ METRIC_COLUMNS = [
     "test/knn_acc", "test/probe_acc",
 ]  # fmt: skip
 SUMMARY_COLUMNS = [
-    "run", "status", *DESCRIPTION_COLUMNS, "overrides", *METRIC_COLUMNS, "error", "path"
+    "run",
+    "status",
+    *DESCRIPTION_COLUMNS,
+    "overrides",
+    *METRIC_COLUMNS,
+    "error",
+    "path",
 ]
 
 
@@ -165,7 +171,9 @@ def _figures(
         dims = f"{codes.shape[1]}-D" + (", PCA" if projection.method == "pca" else "")
         titles.append(f"{name}\n({dims}, test MSE {run.metrics.get('test/mse', float('nan')):.4f})")
     figures["scatter"] = scatter_figure(
-        torch.stack(panels), test_labels, f"{datamodule.display_name} test codes coloured by class",
+        torch.stack(panels), test_labels,
+        f"{datamodule.display_name} test codes coloured by "
+        + ("digit" if datamodule.dataset == "mnist" else "class"),
         axis_labels, ax_titles=titles, class_names=datamodule.class_names,
     )  # fmt: skip
 

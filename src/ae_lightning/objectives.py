@@ -61,4 +61,3 @@ def corrupt(x: torch.Tensor, kind: str, level: float) -> torch.Tensor:
     if kind == "mask":
         return x * (torch.rand_like(x) >= level)
     raise ValueError(f"Unknown corruption {kind!r}: choose one of {list(CORRUPTIONS)}.")
-
