@@ -344,6 +344,8 @@ def _record(
     knobs = flat_hyperparameters(cfg, model, sweep_varying())
     for logger in trainer.loggers:
         logger.log_metrics(final, step=trainer.global_step)
+        if isinstance(logger, TensorBoardLogger):  # written empty at the start; save() keeps
+            Path(logger.log_dir, "hparams.yaml").unlink(missing_ok=True)  # an existing file
         # hparams.yaml (and CSV/MLflow params); no metrics, so no second HParams record.
         logger.log_hyperparams(knobs)
         if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
