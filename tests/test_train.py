@@ -109,3 +109,11 @@ def test_the_dataloader_path_trains_one_minibatch_per_step(tiny_root, tmp_path):
     metrics = train(cfg)
     assert metrics["global_step"] == 10  # 500 training images in batches of 50
     assert metrics["epochs"] == 1 and 0 < metrics["test/mse"] < 0.3
+
+
+def test_logger_none_trains_with_the_default_callbacks(tiny_root, tmp_path):
+    """No logger: the learning-rate monitor steps aside; metrics.json and PNGs still come."""
+    cfg = compose_cfg([*tiny_overrides(tiny_root), "logger=none"], run_dir=tmp_path)
+    metrics = train(cfg)
+    assert json.loads((tmp_path / "metrics.json").read_text())["test/mse"] == metrics["test/mse"]
+    assert (tmp_path / "figures" / "scatter.png").is_file()

@@ -31,7 +31,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -227,6 +227,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]
     Clipping and accumulation go to the module (``engine_options``), not to the Trainer.
     """
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    if not loggers:  # (`logger=none`): the learning-rate monitor has nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
