@@ -17,8 +17,15 @@ from conftest import compose_cfg, tiny_overrides
 @pytest.fixture(scope="module")
 def run_dir(tiny_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export_run")
-    overrides = [*tiny_overrides(tiny_root), "bottleneck=3", "model=hidden1024",
-                 "model.hidden=[32]", "callbacks=minimal", "logger=none", "latent_metrics=false"]
+    overrides = [
+        *tiny_overrides(tiny_root),
+        "bottleneck=3",
+        "model=hidden1024",
+        "model.hidden=[32]",
+        "callbacks=minimal",
+        "logger=none",
+        "latent_metrics=false",
+    ]
     train(compose_cfg(overrides, run_dir=run_dir))  # fmt: skip
     return run_dir
 

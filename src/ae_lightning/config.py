@@ -125,9 +125,7 @@ def _check_engine(cfg: DictConfig) -> None:
     )  # fmt: skip
     graphs = _select(cfg, "engine.cuda_graphs")
     if graphs not in CUDA_GRAPH_CHOICES:
-        raise UserError(
-            f"engine.cuda_graphs={graphs!r} is not a choice: use auto, true or false."
-        )
+        raise UserError(f"engine.cuda_graphs={graphs!r} is not a choice: use auto, true or false.")
     accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
     _positive_int(
         accumulate, "trainer.accumulate_grad_batches", "use e.g. trainer.accumulate_grad_batches=2"

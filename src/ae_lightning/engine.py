@@ -249,6 +249,7 @@ class GraphedSteps:
             self.optimizer.step()
         self.graph = graph
         self.static_outputs = (
-            loss.detach(), {name: value.detach() for name, value in terms.items()}
+            loss.detach(),
+            {name: value.detach() for name, value in terms.items()},
         )
         log.info("Captured the training step in a CUDA graph (batch %d)", len(self.static_input))

@@ -78,9 +78,7 @@ def _unreadable(path: Path, err: Exception) -> str:
     )
 
 
-def load_autoencoder(
-    path: Path | str, map_location: torch.device | str = "cpu"
-) -> Autoencoder:
+def load_autoencoder(path: Path | str, map_location: torch.device | str = "cpu") -> Autoencoder:
     """The model of a checkpoint (on the CPU by default), in eval mode, without running code.
 
     The class comes from the checkpoint's ``model_family`` among this package's own models.
@@ -94,9 +92,7 @@ def load_autoencoder(
             f"knows {sorted(FAMILIES)}; load it with the version that wrote it."
         )
     try:
-        model = model_class.load_from_checkpoint(
-            path, map_location=map_location, weights_only=True
-        )
+        model = model_class.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise UserError(
             f"{path} is not an ae-lightning checkpoint ({type(err).__name__}): point at a "
