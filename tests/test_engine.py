@@ -4,6 +4,7 @@ import logging
 import re
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -151,6 +152,29 @@ def test_the_loggers_count_optimizer_steps_with_k_steps_per_call(tiny_root, tmp_
     train(cfg)
     assert [s for s, _ in scalars(tmp_path, "val/mse")] == [9, 19]  # 10 steps an epoch
     assert [s for s, _ in scalars(tmp_path, "lr-Adam")] == [0, 10]  # at each epoch's start
+
+
+class CountBackward(pl.Callback):
+    """Counts ``on_after_backward`` calls (a gradient-norm logger would hook in here)."""
+
+    calls = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        CountBackward.calls += 1
+
+
+@pytest.mark.parametrize("listening", [False, True])
+def test_backward_hooks_run_every_step_whenever_someone_listens(tiny_root, tmp_path, listening):
+    """The plain ``loss.backward()`` shortcut is taken only when no backward hook is set."""
+    extra = ["+callbacks.count._target_=test_engine.CountBackward"] if listening else []
+    CountBackward.calls = 0
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), "callbacks=minimal", "latent_metrics=false", *extra],
+        run_dir=tmp_path,
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["global_step"] == 10
+    assert CountBackward.calls == (10 if listening else 0)
 
 
 # --- CUDA only ------------------------------------------------------------------------------

@@ -133,6 +133,7 @@ class Autoencoder(pl.LightningModule):
         self._graphed: GraphedSteps | None = None
         self._engine_optimizer: EngineOptimizer | None = None
         self._accumulated = 0  # minibatches whose gradients wait for the next step
+        self._plain_backward = False  # loss.backward() suffices (see `_backward_needs_lightning`)
         self.trained_epochs = 0  # epochs behind the weights, restored from checkpoints
 
     @property
@@ -206,7 +207,11 @@ class Autoencoder(pl.LightningModule):
             return terms
         loss, terms = self.training_loss(x)
         every = self.engine.accumulate_grad_batches
-        self.manual_backward(loss / every if every > 1 else loss)
+        loss = loss / every if every > 1 else loss
+        if self._plain_backward:
+            loss.backward()  # what manual_backward does here, less ~0.2 ms of hook dispatch
+        else:
+            self.manual_backward(loss)
         self._accumulated += 1
         if self._accumulated < every and not end_of_epoch:
             return None
@@ -352,6 +357,29 @@ class Autoencoder(pl.LightningModule):
         return {"fused": True} if "fused" in inspect.signature(target).parameters else {}
 
     # --- hooks ----------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._plain_backward = not self._backward_needs_lightning()
+
+    def _backward_needs_lightning(self) -> bool:
+        """Whether ``manual_backward`` does more here than ``loss.backward()``.
+
+        It scales fp16 losses, syncs DDP gradients and runs the ``on_before_backward`` /
+        ``on_after_backward`` hooks; in one 32-bit process with no such hook it adds only the
+        hook dispatch, ~0.2 ms a step, as much as a ``linear`` step itself on a CPU.
+        """
+        trainer = self.trainer
+        if trainer.world_size > 1 or str(trainer.precision) != "32-true":
+            return True
+        hooks = ("on_before_backward", "on_after_backward")
+        listeners = [
+            (type(callback), pl.Callback) for callback in trainer.callbacks
+        ] + [(type(self), pl.LightningModule)]
+        return any(
+            getattr(kind, hook) is not getattr(base, hook)
+            for kind, base in listeners
+            for hook in hooks
+        )
+
     def on_train_epoch_start(self) -> None:
         if self._accumulated:  # an epoch of unknown length left gradients unstepped
             self.optimizers().zero_grad(set_to_none=True)
