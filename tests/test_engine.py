@@ -48,6 +48,16 @@ def test_the_engine_graphs_where_it_can_and_says_why_not(
         assert mode.describe().startswith("CUDA-graph training steps: ")
 
 
+def test_a_vae_with_kl_warmup_steps_eagerly_and_says_why():
+    """A graph would freeze the warm-up's beta at its value on the capture step."""
+    from ae_lightning.module import VariationalAutoencoder
+
+    assert VariationalAutoencoder(bottleneck=2).graph_blocker is None
+    warming = VariationalAutoencoder(bottleneck=2, kl_warmup_steps=100)
+    mode = choose_step_mode(EngineOptions(), "cuda", ADAM, model_reason=warming.graph_blocker)
+    assert not mode.graphed and "model.kl_warmup_steps" in mode.describe()
+
+
 def test_clipping_zero_means_no_clipping():
     assert choose_step_mode(EngineOptions(gradient_clip_val=0.0), "cuda", ADAM).graphed
 

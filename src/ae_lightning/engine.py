@@ -68,13 +68,14 @@ def choose_step_mode(
     optimizer_class: type | None,
     precision: str = "32-true",
     world_size: int = 1,
+    model_reason: str | None = None,
 ) -> StepMode:
     """Graph replay where the run allows it, else eager with the first reason it does not.
 
     Anything a graph cannot hold keeps working, eagerly: clipping (a host-side decision per
     step in Lightning), fp16 loss scaling (skips steps on overflow), accumulation (steps
     every N minibatches), DDP (gradient all-reduce hooks), optimizers without capturable
-    state.
+    state. ``model_reason`` is the model's own, if its loss reads host values per step.
     """
     request = options.cuda_graphs
     if request not in CUDA_GRAPH_CHOICES:
@@ -95,6 +96,7 @@ def choose_step_mode(
             optimizer_class is None or not supports_capturable(optimizer_class),
             f"{name} has no capturable state",
         ),
+        (model_reason is not None, str(model_reason)),
     ]
     reason = next((why for blocked, why in blockers if blocked), None)
     if reason is not None:

@@ -156,6 +156,15 @@ class Autoencoder(pl.LightningModule):
         return self.decode(self.encode(x))
 
     @property
+    def graph_blocker(self) -> str | None:
+        """Why this model's loss cannot be replayed from a CUDA graph (None: it can).
+
+        A captured graph replays the tensor maths of its capture step; a loss that reads a
+        Python value that changes per step (the step count) would be frozen at that value.
+        """
+        return None
+
+    @property
     def default_sampler(self) -> str:
         """What ``samples.png`` decodes by default: a Gaussian fitted to the codes (an AE has
         no prior of its own)."""
@@ -325,8 +334,9 @@ class Autoencoder(pl.LightningModule):
         precision = str(trainer.precision) if trainer is not None else "32-true"
         world_size = trainer.world_size if trainer is not None else 1
         self.step_mode = choose_step_mode(
-            self.engine, self.device.type, type(optimizer), precision, world_size
-        )
+            self.engine, self.device.type, type(optimizer), precision, world_size,
+            self.graph_blocker,
+        )  # fmt: skip
         forced = self.engine.cuda_graphs is True and not self.step_mode.graphed
         if trainer is None or trainer.is_global_zero:
             log.log(logging.WARNING if forced else logging.INFO, self.step_mode.describe())
@@ -444,6 +454,12 @@ class VariationalAutoencoder(Autoencoder):
         if beta < 0:
             raise UserError(f"model.beta={beta!r} is negative: use e.g. model.beta=1.")
         self.beta, self.likelihood, self.kl_warmup_steps = beta, likelihood, kl_warmup_steps
+
+    @property
+    def graph_blocker(self) -> str | None:
+        if self.kl_warmup_steps > 0:
+            return "the KL warm-up (model.kl_warmup_steps) reads the step count each step"
+        return None
 
     @property
     def default_sampler(self) -> str:
