@@ -313,11 +313,6 @@ class CodesCache(Callback):
         self._key, self._store = None, {}
 
     @classmethod
-    def reset(cls) -> None:
-        """Drop the codes (a sweep's next job must not keep this one's tensors alive)."""
-        cls._key, cls._store = None, {}
-
-    @classmethod
     def get(
         cls, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, limit: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ae_lightning import tb
-from ae_lightning.callbacks import CodesCache, EpochTimer
+from ae_lightning.callbacks import EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
 from ae_lightning.data import metric_suffix
@@ -195,8 +195,7 @@ def _release_job() -> None:
         for logger in trainer.loggers:
             with contextlib.suppress(Exception):
                 logger.finalize("success" if trainer.state.status == "finished" else "failed")
-    _JOB_TRAINERS.clear()
-    CodesCache.reset()
+    _JOB_TRAINERS.clear()  # the codes cache is a callback of the trainer: freed with it
     gc.collect()  # trainer <-> module <-> callbacks cycles hold the job's tensors
 
 
