@@ -38,6 +38,26 @@ WORKFLOW = [("linear", 2), ("hidden1024", 2), ("hidden1024", 10)]
 VAE_BOTTLENECKS = [2, 20]
 SECTIONS = ["workflow", "vae", "deep30"]
 DEEP_DEFAULT = ["model=deep", "model.hidden=[1000,500,250]", "bottleneck=30"]
+MASK = ["model.corruption=mask"]
+# The recipes tried for experiment=deep30 (BENCHMARKS.md, "deep30"), each a set of overrides.
+DEEP_RECIPES = {
+    "default recipe": DEEP_DEFAULT,
+    "experiment=deep30": ["experiment=deep30"],
+    "mask 10%": [*DEEP_DEFAULT, *MASK, "model.corruption_level=0.1"],
+    "mask 30%": [*DEEP_DEFAULT, *MASK, "model.corruption_level=0.3"],
+    "gaussian 0.2": [*DEEP_DEFAULT, "model.corruption=gaussian", "model.corruption_level=0.2"],
+    "dropout 10%": [*DEEP_DEFAULT, "model.dropout=0.1"],
+    "cosine": [*DEEP_DEFAULT, "scheduler=cosine"],
+    "mask 20% + cosine": [*DEEP_DEFAULT, *MASK, "model.corruption_level=0.2", "scheduler=cosine"],
+    "mask 10% + cosine": [*DEEP_DEFAULT, *MASK, "model.corruption_level=0.1", "scheduler=cosine"],
+    "adamw 0.05 + cosine": [
+        *DEEP_DEFAULT, "optimizer=adamw", "model.optimizer.weight_decay=0.05", "scheduler=cosine"
+    ],
+    "mask 20% + onecycle 3e-3": [
+        *DEEP_DEFAULT, *MASK, "model.corruption_level=0.2", "scheduler=onecycle",
+        "model.optimizer.lr=3e-3", "+model.scheduler.cycle_momentum=false",
+    ],
+}  # fmt: skip
 
 
 class PlainVAE(nn.Module):
@@ -123,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
     parser.add_argument("--deep-epochs", type=int, default=100, help="epochs of the deep30 rows")
+    parser.add_argument(
+        "--deep-recipes", nargs="+", choices=list(DEEP_RECIPES),
+        default=["default recipe", "experiment=deep30"], help="the deep30 rows to train",
+    )  # fmt: skip
     parser.add_argument("--figures", action="store_true", help="keep the figure callbacks on")
     parser.add_argument(
         "--data-root", default=os.environ.get("AE_DATA_ROOT", str(PROJECT / "data"))
@@ -199,20 +223,21 @@ def vae_rows(args: argparse.Namespace, datamodule: MNISTDataModule, runs_dir: Pa
 
 
 def deep30_rows(args: argparse.Namespace, runs_dir: Path) -> list:
-    """experiment=deep30 and the same model with the default recipe, ``--deep-epochs`` each."""
+    """``--deep-recipes`` (experiment=deep30 and the same model with the default recipe, by
+    default), ``--deep-epochs`` each."""
     rows = []
-    for name, overrides in (("default recipe", DEEP_DEFAULT), ("experiment=deep30", [
-        "experiment=deep30"
-    ])):  # fmt: skip
+    for name in args.deep_recipes:
+        overrides = DEEP_RECIPES[name]
         run = train_with(
             argparse.Namespace(**{**vars(args), "epochs": args.deep_epochs}),
-            runs_dir / name.replace("=", "_").replace(" ", "_"), *overrides,
+            runs_dir / "".join(c if c.isalnum() else "_" for c in name), *overrides,
             f"seed={args.seeds[0]}", "callbacks=minimal", "logger=none", "latent_metrics=false",
         )  # fmt: skip
         rows.append(
             {"recipe": name, "recipe_words": run["recipe"], "epochs": run["epochs"],
              "test_mse": round(run["test/mse"], 5),
-             "best_val_mse": round(run.get("best_val/mse", float("nan")), 5)}
+             "best_val_mse": round(run.get("best_val/mse", float("nan")), 5),
+             "train_time_s": round(run["train_time_s"], 1)}
         )  # fmt: skip
     return rows
 

@@ -8,7 +8,9 @@
 (c) framework: `ae_lightning.train.train(cfg)` with default settings, figures off. Its epoch
     time includes its validation pass and checkpoint writes; the plain loop has neither;
 (d) on CUDA only, plain graph: the plain loop with each full step (forward, backward, fused
-    capturable Adam) replayed from one captured CUDA graph, the practical floor on a GPU.
+    capturable Adam) replayed from one captured CUDA graph, the practical floor on a GPU;
+(e) on CUDA only, framework eager: (c) with `engine.cuda_graphs=false`, one run, to show
+    what the graphs buy.
 
 All three train the same architecture with Adam (lr 1e-3) on the same 55k training images.
 (b) and (c) alternate for `--rounds` rounds so that a machine whose speed drifts slows both
@@ -197,11 +199,12 @@ def plain_graph_loop(args, hidden, images_u8, device) -> list[float]:
     return timed_epochs(epoch, args.epochs, device)
 
 
-def framework(args, model_name, run_dir) -> list[float]:
+def framework(args, model_name, run_dir, *overrides: str) -> list[float]:
     """(c) `train(cfg)` as `python train.py` runs it: default config, figure callbacks off."""
     metrics = train_with(
-        args, run_dir, f"model={model_name}", f"bottleneck={args.bottleneck}", "callbacks=none"
-    )
+        args, run_dir, f"model={model_name}", f"bottleneck={args.bottleneck}", "callbacks=none",
+        *overrides,
+    )  # fmt: skip
     return metrics["epoch_times_s"]
 
 
@@ -287,6 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
             with tempfile.TemporaryDirectory() as run_dir, peak_memory(device) as memory:
                 ours.append(framework(args, name, run_dir))
             framework_memory = {k: max(v, framework_memory.get(k, 0.0)) for k, v in memory.items()}
+        eager = []
+        if device.type == "cuda":  # (e) the framework's own eager steps, once
+            with tempfile.TemporaryDirectory() as run_dir:
+                eager.append(framework(args, name, run_dir, "engine.cuda_graphs=false"))
         row.update(
             reference_epoch_s=round(steady([reference]), 4),
             plain_epoch_s=round(steady(plain), 4),
@@ -305,6 +312,12 @@ def main(argv: list[str] | None = None) -> dict:
             row["plain_graph_epochs_s"] = [[round(t, 4) for t in run] for run in graphed]
             row["framework_vs_plain_graph"] = round(
                 row["framework_epoch_s"] / row["plain_graph_epoch_s"], 3
+            )
+        if eager:
+            row["framework_eager_epoch_s"] = round(steady(eager), 4)
+            row["framework_eager_epochs_s"] = [[round(t, 4) for t in run] for run in eager]
+            row["graphs_speedup"] = round(
+                row["framework_eager_epoch_s"] / row["framework_epoch_s"], 2
             )
         row["speedup_vs_reference"] = round(row["reference_epoch_s"] / row["framework_epoch_s"], 2)
         for key in ("reference", "plain", "framework"):
@@ -332,6 +345,7 @@ def markdown_table(results: dict) -> str:
     columns += ["plain graph s/epoch"] if graphed else []
     columns += ["framework s/epoch", "framework / plain"]
     columns += ["framework / plain graph"] if graphed else []
+    columns += ["framework eager s/epoch", "eager / framework"] if graphed else []
     columns += ["reference / framework", "framework samples/s", "peak RSS MB"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, row in results["models"].items():
@@ -339,6 +353,8 @@ def markdown_table(results: dict) -> str:
         cells += [f"{row['plain_graph_epoch_s']:.3f}"] if graphed else []
         cells += [f"{row['framework_epoch_s']:.3f}", f"{row['framework_vs_plain']:.2f}"]
         cells += [f"{row['framework_vs_plain_graph']:.2f}"] if graphed else []
+        if graphed:
+            cells += [f"{row['framework_eager_epoch_s']:.3f}", f"{row['graphs_speedup']:.1f}"]
         cells += [
             f"{row['speedup_vs_reference']:.1f}", str(row["framework_samples_per_s"]),
             f"{row['peak_rss_mb']:.0f}",

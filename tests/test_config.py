@@ -40,6 +40,17 @@ def test_the_documented_command_line_composes_as_written(tmp_path):
     assert model.encode.__self__.encoder.to_latent[0].out_features == 1024
 
 
+def test_an_experiment_wins_over_the_top_level_defaults(tmp_path):
+    """experiment=deep30 sets bottleneck: 30 at the top level, where train.yaml says 2."""
+    cfg = compose_cfg(["experiment=deep30"], run_dir=tmp_path)
+    model = instantiate(cfg.model, _convert_="all")
+    assert cfg.bottleneck == 30 and model.bottleneck == 30
+    assert list(cfg.model.hidden) == [1000, 500, 250] and cfg.trainer.max_epochs == 100
+    assert (cfg.model.corruption, cfg.model.corruption_level) == ("mask", 0.2)
+    overridden = compose_cfg(["experiment=deep30", "bottleneck=10"], run_dir=tmp_path)
+    assert overridden.bottleneck == 10  # the command line still wins
+
+
 def test_hidden_sizes_from_the_command_line(tmp_path):
     cfg = compose_cfg(["model=deep", "model.hidden=[256,64]", "bottleneck=5"], run_dir=tmp_path)
     model = instantiate(cfg.model, _convert_="all")

@@ -2,6 +2,7 @@
 
 import logging
 import re
+from functools import partial
 
 import pytest
 import pytorch_lightning as pl
@@ -15,6 +16,7 @@ from ae_lightning.engine import (
     StepMode,
     choose_step_mode,
     lr_as_device_tensor,
+    scheduler_blocker,
 )
 from ae_lightning.train import train
 from conftest import PROJECT, compose_cfg, tiny_overrides
@@ -56,6 +58,26 @@ def test_a_vae_with_kl_warmup_steps_eagerly_and_says_why():
     warming = VariationalAutoencoder(bottleneck=2, kl_warmup_steps=100)
     mode = choose_step_mode(EngineOptions(), "cuda", ADAM, model_reason=warming.graph_blocker)
     assert not mode.graphed and "model.kl_warmup_steps" in mode.describe()
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "blocked"),
+    [
+        (None, False),
+        (partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=10), False),
+        (partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=1e-3), True),
+        (partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=1e-3, cycle_momentum=False), False),
+    ],
+)
+def test_a_scheduler_that_cycles_momentum_steps_eagerly(scheduler, blocked):
+    """Adam's betas are numbers in the captured kernels; only the lr is read from memory."""
+    reason = scheduler_blocker(scheduler)
+    assert (reason is not None) == blocked
+    mode = choose_step_mode(EngineOptions(), "cuda", ADAM, model_reason=reason)
+    assert mode.graphed != blocked
+    if blocked:
+        assert "OneCycleLR cycles the optimizer's momentum" in mode.describe()
+        assert "cycle_momentum=false" in mode.describe()
 
 
 def test_clipping_zero_means_no_clipping():

@@ -62,6 +62,26 @@ def supports_capturable(optimizer_class: type) -> bool:
     return "capturable" in inspect.signature(optimizer_class).parameters
 
 
+def scheduler_blocker(scheduler_factory: Any) -> str | None:
+    """Why this scheduler cannot drive a captured step (None: it can).
+
+    A graph reads the learning rate from a device tensor that schedulers update in place,
+    but the Adam kernels take ``betas`` as numbers baked in at capture: a scheduler that
+    cycles momentum (OneCycleLR, CyclicLR) would be frozen at the capture step's betas.
+    """
+    target = getattr(scheduler_factory, "func", None)
+    if target is None:
+        return None
+    chosen = getattr(scheduler_factory, "keywords", None) or {}
+    parameter = inspect.signature(target).parameters.get("cycle_momentum")
+    if parameter is None or not chosen.get("cycle_momentum", parameter.default):
+        return None
+    return (
+        f"{target.__name__} cycles the optimizer's momentum each step, which a graph would "
+        "freeze (+model.scheduler.cycle_momentum=false allows graphs)"
+    )
+
+
 def choose_step_mode(
     options: EngineOptions,
     device_type: str,
@@ -190,6 +210,7 @@ class GraphedSteps:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_input: torch.Tensor | None = None
         self.static_outputs: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self.captured_lrs: list[torch.Tensor] = []
         self._explained: set[str] = set()
 
     def reason_for_eager(self, x: torch.Tensor) -> str | None:
@@ -229,8 +250,17 @@ class GraphedSteps:
         if self.graph is None:
             self._capture()
         assert self.graph is not None and self.static_outputs is not None
+        self._keep_lr_in_graph()
         self.graph.replay()
         return self.static_outputs
+
+    def _keep_lr_in_graph(self) -> None:
+        """A scheduler or checkpoint load that set a group's lr to a new object (a float, a
+        CPU tensor) would leave the graph reading the old one: copy its value in instead."""
+        for group, captured in zip(self.optimizer.param_groups, self.captured_lrs, strict=True):
+            if group["lr"] is not captured:
+                captured.fill_(float(group["lr"]))
+                group["lr"] = captured
 
     def eager_step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.optimizer.zero_grad(set_to_none=True)  # fresh grads, never the graph's buffers
@@ -250,6 +280,7 @@ class GraphedSteps:
             loss.backward()
             self.optimizer.step()
         self.graph = graph
+        self.captured_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.static_outputs = (
             loss.detach(),
             {name: value.detach() for name, value in terms.items()},

@@ -24,6 +24,7 @@ from ae_lightning.engine import (
     GraphedSteps,
     StepMode,
     choose_step_mode,
+    scheduler_blocker,
 )
 from ae_lightning.errors import UserError
 from ae_lightning.nets import OUTPUTS, build_encoder_decoder, count_parameters
@@ -335,7 +336,7 @@ class Autoencoder(pl.LightningModule):
         world_size = trainer.world_size if trainer is not None else 1
         self.step_mode = choose_step_mode(
             self.engine, self.device.type, type(optimizer), precision, world_size,
-            self.graph_blocker,
+            self.graph_blocker or scheduler_blocker(self.scheduler_factory),
         )  # fmt: skip
         forced = self.engine.cuda_graphs is True and not self.step_mode.graphed
         if trainer is None or trainer.is_global_zero:
