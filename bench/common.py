@@ -24,9 +24,10 @@ def train_with(args: argparse.Namespace, run_dir: Path | str, *overrides: str) -
         f"data.batch_size={args.batch_size}",
         f"data.val_size={args.val_size}",
         f"run_dir={run_dir}",
-        *overrides,
     ]
-    return train(compose_config(*settings))
+    chosen = {override.split("=", 1)[0].lstrip("+") for override in overrides}
+    settings = [s for s in settings if s.split("=", 1)[0] not in chosen]  # a recipe's own wins
+    return train(compose_config(*settings, *overrides))
 
 
 def compose_config(*overrides: str) -> DictConfig:

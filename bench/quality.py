@@ -57,6 +57,19 @@ DEEP_RECIPES = {
         *DEEP_DEFAULT, *MASK, "model.corruption_level=0.2", "scheduler=onecycle",
         "model.optimizer.lr=3e-3", "+model.scheduler.cycle_momentum=false",
     ],
+    "elu": [*DEEP_DEFAULT, "model.activation=elu"],
+    "silu": [*DEEP_DEFAULT, "model.activation=silu"],
+    "gelu": [*DEEP_DEFAULT, "model.activation=gelu"],
+    "leaky_relu": [*DEEP_DEFAULT, "model.activation=leaky_relu"],
+    "lr 3e-4": [*DEEP_DEFAULT, "model.optimizer.lr=3e-4"],
+    "lr 3e-3 + cosine": [*DEEP_DEFAULT, "model.optimizer.lr=3e-3", "scheduler=cosine"],
+    "batch 64": [*DEEP_DEFAULT, "data.batch_size=64"],
+    "elu + lr 2e-3 + cosine": [
+        *DEEP_DEFAULT, "model.activation=elu", "model.optimizer.lr=2e-3", "scheduler=cosine"
+    ],
+    "silu + batch 64 + cosine": [
+        *DEEP_DEFAULT, "model.activation=silu", "data.batch_size=64", "scheduler=cosine"
+    ],
 }  # fmt: skip
 
 

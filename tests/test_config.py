@@ -8,7 +8,7 @@ from pytorch_lightning import Trainer
 from ae_lightning.config import validate_config
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.module import Autoencoder
-from ae_lightning.train import _instantiate_group
+from ae_lightning.train import _instantiate_group, describe_run
 from conftest import CONF, compose_cfg
 
 GROUPS = ["model", "data", "trainer", "callbacks", "logger", "experiment", "hparams_search"]
@@ -46,9 +46,20 @@ def test_an_experiment_wins_over_the_top_level_defaults(tmp_path):
     model = instantiate(cfg.model, _convert_="all")
     assert cfg.bottleneck == 30 and model.bottleneck == 30
     assert list(cfg.model.hidden) == [1000, 500, 250] and cfg.trainer.max_epochs == 100
-    assert (cfg.model.corruption, cfg.model.corruption_level) == ("mask", 0.2)
+    assert cfg.model.activation == "elu" and cfg.model.optimizer.lr == 2e-3
+    assert cfg.model.scheduler.T_max == 100  # the cosine decays over the whole run
     overridden = compose_cfg(["experiment=deep30", "bottleneck=10"], run_dir=tmp_path)
     assert overridden.bottleneck == 10  # the command line still wins
+
+
+def test_the_recipe_in_words_names_what_differs_from_the_defaults(tmp_path):
+    cfg = compose_cfg(["experiment=deep30", "data.batch_size=64"], run_dir=tmp_path)
+    words = describe_run(cfg, instantiate(cfg.model, _convert_="all"))
+    assert words["recipe"] == "adam lr=0.002, cosine, elu, batch 64"
+    plain = compose_cfg(["model=hidden1024"], run_dir=tmp_path)
+    assert describe_run(plain, instantiate(plain.model, _convert_="all"))["recipe"] == (
+        "adam lr=0.001"
+    )
 
 
 def test_hidden_sizes_from_the_command_line(tmp_path):

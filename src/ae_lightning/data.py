@@ -26,6 +26,7 @@ from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 from ae_lightning.errors import UserError
 
 DATA_ENV_VAR = "AE_DATA_ROOT"
+DEFAULT_BATCH_SIZE = 128  # the reference workflow's
 IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # uint8, 3-D / 1-D
 Batch = tuple[torch.Tensor, torch.Tensor]
 # data.dataset -> (torchvision class, name in messages, class names). All three ship the same
@@ -282,7 +283,7 @@ class MNISTDataModule(pl.LightningDataModule):
     def __init__(
         self,
         root: str = "data",
-        batch_size: int = 128,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         eval_batch_size: int = 1000,
         val_size: int = 5000,
         split_seed: int = 0,

@@ -40,7 +40,7 @@ from ae_lightning import tb
 from ae_lightning.callbacks import EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
-from ae_lightning.data import metric_suffix
+from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
@@ -133,7 +133,8 @@ def _record_tensorboard(
 def describe_run(cfg: DictConfig, model: Autoencoder) -> dict[str, str]:
     """Model family, dataset and training recipe in words, for summaries and comparisons.
 
-    ``recipe`` is e.g. ``adamw lr=0.001 wd=0.01, cosine, mask 0.2, dropout 0.1``.
+    ``recipe`` is e.g. ``adamw lr=0.001 wd=0.01, cosine, elu, batch 64, mask 0.2, dropout
+    0.1``: what differs from the defaults (ReLU units, batch 128) is named.
     """
     optimizer = cfg.model.get("optimizer") or {}
     parts = [
@@ -145,6 +146,11 @@ def describe_run(cfg: DictConfig, model: Autoencoder) -> dict[str, str]:
     if scheduler.get("_target_"):
         parts.append(SCHEDULER_NAMES.get(scheduler._target_.rsplit(".", 1)[-1], "scheduler"))
     hparams = model.hparams
+    if hparams.get("hidden") and hparams.get("activation", "relu") != "relu":
+        parts.append(str(hparams["activation"]))
+    batch_size = cfg.data.get("batch_size")
+    if batch_size and batch_size != DEFAULT_BATCH_SIZE:
+        parts.append(f"batch {batch_size}")
     if hparams.get("corruption", "none") != "none":
         parts.append(f"{hparams['corruption']} {hparams.get('corruption_level')}")
     if hparams.get("dropout"):

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One GPU session's checks in one call (device time is short): the CUDA tests, the speed
+# benchmark alone on the card, then in parallel the 25-epoch graphed-vs-eager quality pair
+# and the deep30 recipes (quality only: their times are not speed claims). Each step has its
+# own time limit, a failure does not stop the next, and everything lands in one tarball.
+#
+#   bash bench/gpu_check.sh OUTDIR [SECONDS]   # SECONDS: the whole script's budget (540)
+#
+# Offline machines: wheels in .whl/ (hydra-core, omegaconf, antlr4) are installed to
+# /tmp/site, and MNIST in .carry/MNIST/raw/*.gz is unpacked to /tmp/data (AE_DATA_ROOT).
+set -u
+OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [SECONDS]}
+BUDGET=${2:-540}
+START=$(date +%s)
+RES=$OUT/res
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .carry/MNIST/raw ]; then
+    mkdir -p /tmp/data/MNIST/raw
+    for f in .carry/MNIST/raw/*.gz; do gunzip -c "$f" >"/tmp/data/MNIST/raw/$(basename "$f" .gz)"; done
+    export AE_DATA_ROOT=/tmp/data
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv | tee "$RES/gpu.txt"
+python3 -c "import torch, pytorch_lightning as pl, hydra; print('torch', torch.__version__,
+'lightning', pl.__version__, 'hydra', hydra.__version__, torch.cuda.get_device_name())" \
+    | tee -a "$RES/gpu.txt"
+
+left() { echo $((BUDGET - ($(date +%s) - START) - 25)); }
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to res/NAME.log, show the tail
+    local name=$1 limit=$2 t0=$(date +%s) rc
+    shift 2
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$RES/$name.log" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $(($(date +%s) - t0)) s"
+    tail -n "${TAIL:-15}" "$RES/$name.log"
+}
+
+# 1. The CUDA tests (graphed vs eager, schedule, resume, figures on the GPU) and the engine's.
+STEPS=${STEPS:-tests speed quality}  # a later session may rerun one part
+[[ $STEPS == *tests* ]] && TAIL=8 step tests 150 python3 -m pytest -q -p no:cacheprovider -o addopts= \
+    tests/test_engine.py tests/test_train.py::test_runs_on_the_gpu_when_there_is_one
+
+# 2. Speed, alone on the card.
+[[ $STEPS == *speed* ]] && TAIL=6 step speed 240 python3 bench/speed.py --device cuda --json "$RES/speed.json"
+
+# 3. Quality, in parallel (one CPU thread each): the documented command graphed and eager;
+# the deep30 recipes.
+export OMP_NUM_THREADS=1
+pids=()
+for mode in $([[ $STEPS == *quality* ]] && echo true false); do
+    timeout "$(left)" python3 train.py model=hidden1024 bottleneck=10 trainer=gpu \
+        engine.cuda_graphs=$mode run_dir=/tmp/h1024_z10_graphs_$mode \
+        >"$RES/h1024_graphs_$mode.log" 2>&1 &
+    pids+=($!)
+done
+i=0
+while read -r recipe; do
+    i=$((i + 1))
+    timeout "$(left)" python3 bench/quality.py --device cuda --sections deep30 \
+        --deep-recipes "$recipe" --json "$RES/deep30_$i.json" --runs-dir /tmp/deep30 \
+        >"$RES/deep30_$i.log" 2>&1 &
+    pids+=($!)
+done < <(python3 -c "import sys; sys.path.insert(0, 'bench'); import quality
+print('\n'.join(quality.DEEP_RECIPES))" | grep -x -E "${DEEP30:-.*}")
+for pid in "${pids[@]}"; do wait "$pid"; done
+echo "=== quality runs done after $(($(date +%s) - START)) s"
+for mode in $([[ $STEPS == *quality* ]] && echo true false); do
+    cp /tmp/h1024_z10_graphs_$mode/metrics.json "$RES/h1024_graphs_${mode}_metrics.json"
+    python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(sys.argv[2],
+{k: m.get(k) for k in ('test/mse', 'global_step', 'train_time_s')},
+'median epoch', sorted(m['epoch_times_s'])[len(m['epoch_times_s'])//2])" \
+        "$RES/h1024_graphs_${mode}_metrics.json" "graphs=$mode"
+    grep -h "training steps" "$RES/h1024_graphs_$mode.log" | head -2
+done
+cp /tmp/h1024_z10_graphs_true/figures/*.png "$RES/" 2>/dev/null
+grep -h "^| " "$RES"/deep30_*.log | sort -u
+tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
+echo "=== all done after $(($(date +%s) - START)) s"
