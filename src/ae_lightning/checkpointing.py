@@ -77,8 +77,14 @@ class RunCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        # Checkpoints written by a plain ModelCheckpoint keep loading into this one.
-        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+        # Checkpoints written by a plain ModelCheckpoint keep loading into this one. Cached:
+        # Lightning reads it for every hook it dispatches (twice per optimizer step), and
+        # building it formats the settings anew each time; they do not change after __init__.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+            self.__dict__["_state_key"] = key
+        return key
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("dirpath")
