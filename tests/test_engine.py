@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer import call as pl_call
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ae_lightning.module
@@ -17,6 +18,7 @@ from ae_lightning.engine import (
     choose_step_mode,
     lr_as_device_tensor,
     scheduler_blocker,
+    steps_without_closure,
 )
 from ae_lightning.train import train
 from conftest import PROJECT, compose_cfg, tiny_overrides
@@ -195,6 +197,15 @@ class CountBackward(pl.Callback):
         CountBackward.calls += 1
 
 
+class CountOptimizerSteps(pl.Callback):
+    """Counts ``on_before_optimizer_step`` calls (a gradient logger's other usual hook)."""
+
+    calls = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        CountOptimizerSteps.calls += 1
+
+
 @pytest.mark.parametrize("listening", [False, True])
 def test_backward_hooks_run_every_step_whenever_someone_listens(tiny_root, tmp_path, listening):
     """The plain ``loss.backward()`` shortcut is taken only when no backward hook is set."""
@@ -207,6 +218,37 @@ def test_backward_hooks_run_every_step_whenever_someone_listens(tiny_root, tmp_p
     metrics = train(cfg)
     assert metrics["global_step"] == 10
     assert CountBackward.calls == (10 if listening else 0)
+
+
+@pytest.mark.parametrize("listening", [False, True])
+def test_optimizer_step_hooks_run_every_step_whenever_someone_listens(
+    tiny_root, tmp_path, monkeypatch, listening
+):
+    """Lightning's ``on_before_optimizer_step`` dispatch (~25 us a step) is skipped only
+    when no callback or module overrides the hook."""
+    dispatched = []
+    original = pl_call._call_callback_hooks
+
+    def counting(trainer, hook_name, *args, **kwargs):
+        dispatched.append(hook_name)
+        return original(trainer, hook_name, *args, **kwargs)
+
+    monkeypatch.setattr(pl_call, "_call_callback_hooks", counting)
+    extra = ["+callbacks.count._target_=test_engine.CountOptimizerSteps"] if listening else []
+    CountOptimizerSteps.calls = 0
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), "callbacks=minimal", "latent_metrics=false", *extra],
+        run_dir=tmp_path,
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["global_step"] == 10
+    assert CountOptimizerSteps.calls == (10 if listening else 0)
+    assert dispatched.count("on_before_optimizer_step") == (10 if listening else 0)
+
+
+def test_only_optimizers_that_step_without_a_closure_are_wrapped():
+    assert steps_without_closure(torch.optim.Adam) and steps_without_closure(torch.optim.SGD)
+    assert not steps_without_closure(torch.optim.LBFGS)  # needs the loss closure each step
 
 
 # --- CUDA only ------------------------------------------------------------------------------

@@ -125,17 +125,20 @@ def choose_step_mode(
 
 
 class EngineOptimizer(torch.optim.Optimizer):
-    """The optimizer Lightning holds in graph mode, around the real (capturable) one.
+    """The optimizer Lightning holds, around the real one, where the engine steps it.
 
     Lightning counts optimizer steps (``global_step``) when its optimizer's ``step`` is
-    called. A graph replay already applied the update, so after one this ``step`` runs
-    Lightning's closure and hooks but not the update again; otherwise it steps the wrapped
-    optimizer. State, param groups and checkpoints are the wrapped optimizer's own.
+    called, and on the way runs its closure, which dispatches ``on_before_optimizer_step``
+    to every callback and the module (~25 us a step: a tenth of a ``linear`` step on a CPU).
+    This ``step`` runs that closure only while ``closure_needed`` (someone listens), and
+    applies the update unless a graph replay already did (``update_applied``). State,
+    param groups and checkpoints are the wrapped optimizer's own.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # no super(): shares state
         self.wrapped = optimizer
         self.update_applied = False
+        self.closure_needed = True
 
     @classmethod
     def around(cls, optimizer: torch.optim.Optimizer) -> EngineOptimizer:
@@ -156,7 +159,7 @@ class EngineOptimizer(torch.optim.Optimizer):
         return self.wrapped.defaults
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        result = closure() if closure is not None else None
+        result = closure() if closure is not None and self.closure_needed else None
         if self.update_applied:
             self.update_applied = False
         else:
@@ -174,6 +177,12 @@ class EngineOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.wrapped.add_param_group(param_group)
+
+
+def steps_without_closure(optimizer_class: type) -> bool:
+    """True for optimizers whose ``step`` needs no closure (all but LBFGS-like ones)."""
+    closure = inspect.signature(optimizer_class.step).parameters.get("closure")
+    return closure is None or closure.default is None
 
 
 def lr_as_device_tensor(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -25,6 +25,7 @@ from ae_lightning.engine import (
     StepMode,
     choose_step_mode,
     scheduler_blocker,
+    steps_without_closure,
 )
 from ae_lightning.errors import UserError
 from ae_lightning.nets import OUTPUTS, build_encoder_decoder, count_parameters
@@ -344,6 +345,15 @@ class Autoencoder(pl.LightningModule):
             log.log(logging.WARNING if forced else logging.INFO, self.step_mode.describe())
         self._graphed = self._engine_optimizer = None
         if not self.step_mode.graphed:
+            # Wrapped only where the wrapper can skip an unobserved hook dispatch: one 32-bit
+            # process (fp16's scaler and DDP call the optimizer their own way).
+            if (
+                world_size == 1
+                and precision == "32-true"
+                and steps_without_closure(type(optimizer))
+            ):
+                self._engine_optimizer = EngineOptimizer.around(optimizer)
+                return self._engine_optimizer
             return optimizer
         capturable = self.device.type == "cuda"  # (elsewhere only in tests, see test_engine)
         optimizer = self.optimizer_factory(self.parameters(), **extra, capturable=capturable)
@@ -371,6 +381,15 @@ class Autoencoder(pl.LightningModule):
     # --- hooks ----------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._plain_backward = not self._backward_needs_lightning()
+        if self._engine_optimizer is not None:
+            self._engine_optimizer.closure_needed = self._optimizer_step_observed()
+
+    def _optimizer_step_observed(self) -> bool:
+        """Whether anything listens to ``on_before_optimizer_step``: a callback or module
+        that overrides it, or this module's own while it clips gradients."""
+        return self.engine.clips or _overridden(
+            self.trainer, ("on_before_optimizer_step",), module_base=Autoencoder
+        )
 
     def _backward_needs_lightning(self) -> bool:
         """Whether ``manual_backward`` does more here than ``loss.backward()``.
@@ -382,15 +401,7 @@ class Autoencoder(pl.LightningModule):
         trainer = self.trainer
         if trainer.world_size > 1 or str(trainer.precision) != "32-true":
             return True
-        hooks = ("on_before_backward", "on_after_backward")
-        listeners = [
-            (type(callback), pl.Callback) for callback in trainer.callbacks
-        ] + [(type(self), pl.LightningModule)]
-        return any(
-            getattr(kind, hook) is not getattr(base, hook)
-            for kind, base in listeners
-            for hook in hooks
-        )
+        return _overridden(trainer, ("on_before_backward", "on_after_backward"))
 
     def on_train_epoch_start(self) -> None:
         if self._accumulated:  # an epoch of unknown length left gradients unstepped
@@ -496,6 +507,18 @@ class VariationalAutoencoder(Autoencoder):
 
 
 FAMILIES: dict[str, type[Autoencoder]] = {"ae": Autoencoder, "vae": VariationalAutoencoder}
+
+
+def _overridden(
+    trainer: pl.Trainer, hooks: Sequence[str], module_base: type = pl.LightningModule
+) -> bool:
+    """Whether a callback of ``trainer`` or its module overrides one of ``hooks`` (beyond
+    Lightning's no-ops, or beyond ``module_base``'s own for the module)."""
+    listeners = [(type(callback), pl.Callback) for callback in trainer.callbacks]
+    listeners.append((type(trainer.lightning_module), module_base))
+    return any(
+        getattr(kind, hook) is not getattr(base, hook) for kind, base in listeners for hook in hooks
+    )
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
