@@ -142,8 +142,11 @@ class EngineOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def around(cls, optimizer: torch.optim.Optimizer) -> EngineOptimizer:
-        """Named after the wrapped class, so loggers keep their tags (``lr-Adam``)."""
-        named = type(type(optimizer).__name__, (cls,), {"__module__": cls.__module__})
+        """Named after the wrapped class and a subclass of it, so loggers keep their tags
+        (``lr-Adam``) and ``isinstance(trainer.optimizers[0], torch.optim.Adam)`` holds.
+        Every method that touches state is this class's (first in the MRO), forwarded."""
+        kind = type(optimizer)
+        named = type(kind.__name__, (cls, kind), {"__module__": kind.__module__})
         return named(optimizer)
 
     @property

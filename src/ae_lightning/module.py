@@ -348,7 +348,8 @@ class Autoencoder(pl.LightningModule):
             # Wrapped only where the wrapper can skip an unobserved hook dispatch: one 32-bit
             # process (fp16's scaler and DDP call the optimizer their own way).
             if (
-                world_size == 1
+                trainer is not None  # (alone, no hooks are dispatched: the plain optimizer)
+                and world_size == 1
                 and precision == "32-true"
                 and steps_without_closure(type(optimizer))
             ):
