@@ -206,26 +206,13 @@ class CountOptimizerSteps(pl.Callback):
         CountOptimizerSteps.calls += 1
 
 
+@pytest.mark.parametrize("counter", [CountBackward, CountOptimizerSteps])
 @pytest.mark.parametrize("listening", [False, True])
-def test_backward_hooks_run_every_step_whenever_someone_listens(tiny_root, tmp_path, listening):
-    """The plain ``loss.backward()`` shortcut is taken only when no backward hook is set."""
-    extra = ["+callbacks.count._target_=test_engine.CountBackward"] if listening else []
-    CountBackward.calls = 0
-    cfg = compose_cfg(
-        [*tiny_overrides(tiny_root), "callbacks=minimal", "latent_metrics=false", *extra],
-        run_dir=tmp_path,
-    )  # fmt: skip
-    metrics = train(cfg)
-    assert metrics["global_step"] == 10
-    assert CountBackward.calls == (10 if listening else 0)
-
-
-@pytest.mark.parametrize("listening", [False, True])
-def test_optimizer_step_hooks_run_every_step_whenever_someone_listens(
-    tiny_root, tmp_path, monkeypatch, listening
+def test_per_step_hooks_run_every_step_whenever_someone_listens(
+    tiny_root, tmp_path, monkeypatch, counter, listening
 ):
-    """Lightning's ``on_before_optimizer_step`` dispatch (~25 us a step) is skipped only
-    when no callback or module overrides the hook."""
+    """The shortcuts (``loss.backward()`` for ``manual_backward``; no ``on_before_optimizer_
+    step`` dispatch, ~25 us a step) are taken only when nobody overrides those hooks."""
     dispatched = []
     original = pl_call._call_callback_hooks
 
@@ -234,16 +221,17 @@ def test_optimizer_step_hooks_run_every_step_whenever_someone_listens(
         return original(trainer, hook_name, *args, **kwargs)
 
     monkeypatch.setattr(pl_call, "_call_callback_hooks", counting)
-    extra = ["+callbacks.count._target_=test_engine.CountOptimizerSteps"] if listening else []
-    CountOptimizerSteps.calls = 0
+    extra = [f"+callbacks.count._target_=test_engine.{counter.__name__}"] if listening else []
+    counter.calls = 0
     cfg = compose_cfg(
         [*tiny_overrides(tiny_root), "callbacks=minimal", "latent_metrics=false", *extra],
         run_dir=tmp_path,
     )  # fmt: skip
     metrics = train(cfg)
     assert metrics["global_step"] == 10
-    assert CountOptimizerSteps.calls == (10 if listening else 0)
-    assert dispatched.count("on_before_optimizer_step") == (10 if listening else 0)
+    assert counter.calls == (10 if listening else 0)
+    hook = "on_after_backward" if counter is CountBackward else "on_before_optimizer_step"
+    assert dispatched.count(hook) == (10 if listening else 0)
 
 
 def test_only_optimizers_that_step_without_a_closure_are_wrapped():
