@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,10 @@ class CheckpointOnSigterm(Callback):
     ) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
-        trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
+        # Writes, never reads: Lightning's `weights_only=False` here means "with the optimizer
+        # and loop state" (what resume= needs), not torch.load's unpickling flag. Every load
+        # of a checkpoint in this package uses torch.load(weights_only=True).
+        trainer.save_checkpoint(self.path, weights_only=False)
         self.saved_step = trainer.global_step
 
 
@@ -75,16 +79,12 @@ class RunCheckpoint(ModelCheckpoint):
     file names are the same) so ``resume=`` of a moved or copied run keeps its best model.
     """
 
-    @property
+    @cached_property
     def state_key(self) -> str:
         # Checkpoints written by a plain ModelCheckpoint keep loading into this one. Cached:
-        # Lightning reads it for every hook it dispatches (twice per optimizer step), and
-        # building it formats the settings anew each time; they do not change after __init__.
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
-            self.__dict__["_state_key"] = key
-        return key
+        # Lightning reads it for every hook it dispatches, and building it formats the
+        # settings anew each time; they do not change after __init__.
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("dirpath")
