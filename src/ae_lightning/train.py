@@ -43,7 +43,7 @@ from ae_lightning.config import validate_config
 from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.latent import latent_quality
-from ae_lightning.module import Autoencoder
+from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
 from ae_lightning.runfolder import load_autoencoder, load_checkpoint
 from ae_lightning.runlock import RunFolderBusy, run_lock
@@ -155,8 +155,7 @@ def describe_run(cfg: DictConfig, model: Autoencoder) -> dict[str, str]:
         parts.append(f"{hparams['corruption']} {hparams.get('corruption_level')}")
     if hparams.get("dropout"):
         parts.append(f"dropout {hparams['dropout']}")
-    if model.family == "vae":
-        parts.append(f"beta {hparams.get('beta')} {hparams.get('likelihood')}")
+    parts += model.recipe_words()  # the family's own knobs
     return {
         "family": model.family,
         "dataset": str(cfg.data.get("dataset", "mnist")),
