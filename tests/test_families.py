@@ -18,7 +18,9 @@ import yaml
 
 from ae_lightning.callbacks import SamplesFigure, describe
 from ae_lightning.errors import UserError
+from ae_lightning.limits import check_model_size
 from ae_lightning.models import families, family_class
+from ae_lightning.nets import PIXELS
 from ae_lightning.runfolder import load_autoencoder
 from ae_lightning.train import train
 from conftest import CONF, PROJECT, compose_cfg, tiny_overrides
@@ -61,6 +63,8 @@ def test_family_builds_with_defaults_and_keeps_the_contract(family):
         assert model.prior_description
     assert all(isinstance(word, str) for word in model.recipe_words())
     assert model.graph_blocker is None or isinstance(model.graph_blocker, str)
+    counted = check_model_size(3, [8], None, PIXELS, "model", code_outputs=cls.code_outputs)
+    assert counted == model.num_parameters  # the size limit's arithmetic matches the nets
 
 
 @pytest.mark.parametrize(

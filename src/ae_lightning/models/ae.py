@@ -30,7 +30,9 @@ class Autoencoder(TrainingSystem):
     - ``recipe_words() -> list[str]``: the family's own knobs in words for the recipe column
       of summaries (e.g. ``["beta 1.0 bernoulli"]``).
     - ``label``: the family in figure titles (``MLP 784-1024-2``, ``VAE 784-1024-2``).
-    - ``family`` (its name in checkpoints) and ``encoder_class`` (the encoder net it needs).
+    - ``family`` (its name in checkpoints), ``encoder_class`` (the encoder net it needs) and
+      ``code_outputs``, the values that encoder emits per code dimension, for the size
+      arithmetic of ``limits.check_model_size`` (nothing is built to count).
 
     ``dropout`` drops hidden units in training; ``output`` is the decoder's last layer:
     ``sigmoid`` (pixels in (0, 1), like the targets) or ``linear`` (unbounded; the loss is MSE
@@ -43,6 +45,7 @@ class Autoencoder(TrainingSystem):
     family = "ae"
     label = "MLP"
     encoder_class: type[torch.nn.Module] = Encoder
+    code_outputs = 1
     prior_description: str | None = None
 
     def __init__(

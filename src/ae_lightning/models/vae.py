@@ -36,6 +36,7 @@ class VariationalAutoencoder(Autoencoder):
     family = "vae"
     label = "VAE"
     encoder_class = VariationalEncoder
+    code_outputs = 2  # a mean and a log-variance
     prior_description = "standard normal N(0, I)"
 
     def __init__(
