@@ -119,6 +119,20 @@ def test_a_name_from_a_file_is_looked_up_never_imported(tmp_path):
         load_autoencoder(path)
 
 
+def test_no_module_outside_models_names_a_family():
+    """Callers ask the model (the contract); a family name in their code is a missing method."""
+    quoted = re.compile("|".join(rf"[\"']{re.escape(name)}[\"']" for name in NAMES))
+    package = PROJECT / "src" / "ae_lightning"
+    hits = [
+        f"{path.relative_to(package)}:{number}"
+        for path in sorted(package.rglob("*.py"))
+        if path.parent.name != "models"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if quoted.search(line.split("#")[0])
+    ]
+    assert hits == []
+
+
 TOY_FAMILY = '''
 from ae_lightning.models.ae import Autoencoder
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.errors import UserError
-from ae_lightning.models import families, family_class
+from ae_lightning.models import checkpoint_family, families, family_class
 from ae_lightning.models.ae import Autoencoder
 
 DATA_TARGET = "ae_lightning.data.MNISTDataModule"
@@ -85,7 +85,7 @@ def load_autoencoder(path: Path | str, map_location: torch.device | str = "cpu")
     The class comes from the checkpoint's ``model_family`` among this package's own models.
     """
     checkpoint = load_checkpoint(path)  # the one-sentence refusals
-    family = checkpoint.get("model_family", "ae")
+    family = checkpoint_family(checkpoint)
     model_class = family_class(family)  # looked up among our classes, never imported
     if model_class is None:
         raise UserError(

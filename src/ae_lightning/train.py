@@ -43,6 +43,7 @@ from ae_lightning.config import validate_config
 from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.latent import latent_quality
+from ae_lightning.models import checkpoint_family
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
 from ae_lightning.runfolder import load_autoencoder, load_checkpoint
@@ -272,7 +273,7 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
             "finished at least one epoch."
         )
     checkpoint = load_checkpoint(path)  # tensors and plain data only
-    family = checkpoint.get("model_family", "ae")
+    family = checkpoint_family(checkpoint)
     if family != model.family:
         raise UserError(
             f"{path} holds a {family} model but this config builds a {model.family}: repeat "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Mapping
 from functools import cache
 
 from ae_lightning.system import TrainingSystem
@@ -48,6 +49,11 @@ def families() -> dict[str, type[TrainingSystem]]:
                 )
             found[value.family] = value
     return found
+
+
+def checkpoint_family(checkpoint: Mapping[str, object]) -> object:
+    """The family a loaded checkpoint names; those written before the key hold plain AEs."""
+    return checkpoint.get("model_family", "ae")
 
 
 def family_class(name: object) -> type[TrainingSystem] | None:
