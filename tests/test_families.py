@@ -4,6 +4,7 @@ The parameter lists come from ``ae_lightning.models.families()``: a new file in 
 tested here with no edit (``test_a_new_family_file_is_registered_and_tested`` shows it).
 """
 
+import json
 import math
 import os
 import re
@@ -23,7 +24,7 @@ from ae_lightning.models import families, family_class
 from ae_lightning.nets import PIXELS
 from ae_lightning.runfolder import load_autoencoder
 from ae_lightning.train import train
-from conftest import CONF, PROJECT, compose_cfg, tiny_overrides
+from conftest import CONF, PROJECT, compose_cfg, run_train_cli, tiny_overrides
 
 DATA = Path(__file__).parent / "data"
 NAMES = sorted(families())
@@ -106,6 +107,23 @@ def test_checkpoints_of_older_code_load_and_reconstruct_as_before(name):
     assert model.family == {"main_linear_ae": "ae", "main_vae": "vae"}[name]
     with torch.no_grad():
         assert torch.equal(model(expected["images"]), expected[name])
+
+
+def test_an_older_checkpoint_continues_and_one_of_another_family_is_refused(tiny_root, tmp_path):
+    old_ae, old_vae = DATA / "main_linear_ae.ckpt", DATA / "main_vae.ckpt"
+    before = {path: path.read_bytes() for path in (old_ae, old_vae)}
+    common = [*tiny_overrides(tiny_root), "callbacks=minimal", "logger=none",
+              "latent_metrics=false", "trainer.max_epochs=2"]  # fmt: skip
+    refused = run_train_cli([*common, f"ckpt_path={old_vae}"], logs=tmp_path / "refused")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds a vae model but this config builds a ae" in errors[0]
+    resumed = run_train_cli([*common, f"ckpt_path={old_ae}"], logs=tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (run,) = (tmp_path / "resumed" / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["family"] == "ae" and metrics["global_step"] == 20  # epoch 2 after epoch 1
+    assert {path: path.read_bytes() for path in before} == before  # the kept files untouched
 
 
 def test_a_name_from_a_file_is_looked_up_never_imported(tmp_path):
