@@ -1,8 +1,9 @@
 """The model families, one file each, registered by being in this folder.
 
 A family is a class in a module here that declares its own ``family`` name (the string
-checkpoints store as ``model_family``) and subclasses ``ae_lightning.models.ae.Autoencoder``
-(or ``ae_lightning.system.TrainingSystem`` for a model with other nets). To add one:
+checkpoints store as ``model_family``) and subclasses ``ae_lightning.models.ae.Autoencoder``,
+which holds the family contract (a family with other nets sets ``encoder_class`` or
+overrides ``encode``/``decode``). To add one:
 
 1. ``models/<name>.py``: a subclass with ``family = "<name>"``, its own knobs as keyword
    arguments of its own ``__init__`` (the shared ones arrive through ``**kwargs``, passed on
