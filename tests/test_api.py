@@ -82,6 +82,14 @@ def test_samples_are_images_and_repeat_with_the_seed(run):
     assert len(train_images) == 600 - 100  # the run's own val_size=100 held out
 
 
+def test_the_prior_sampler_decodes_the_models_own_prior():
+    vae = ae_lightning.load_run(PROJECT / "tests" / "data" / "main_vae.ckpt")
+    expected = vae.decode(vae.model.prior_sample(4, seed=2))
+    torch.testing.assert_close(vae.sample(4, sampler="prior", seed=2), expected)
+    codes = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(expected, vae.decode(codes.float()))  # N(0, I) for a VAE
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
@@ -103,6 +111,8 @@ def test_other_refusals(run, run_dir, tmp_path):
         run.decode(torch.zeros(1, 2))
     with pytest.raises(UserError, match="sampler='vamp' is not a sampler"):
         run.sample(2, sampler="vamp")
+    with pytest.raises(UserError, match="ae model has none: use sampler='gaussian'"):
+        run.sample(2, sampler="prior")  # a plain autoencoder has no prior to draw from
     with pytest.raises(UserError, match="does not exist"):
         ae_lightning.load_run(tmp_path / "nowhere")
     with pytest.raises(UserError, match="is a sweep with 1 jobs, not one run"):

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.trainer import call as pl_call
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import ae_lightning.module
+import ae_lightning.system
 from ae_lightning.engine import (
     EngineOptimizer,
     EngineOptions,
@@ -54,7 +54,7 @@ def test_the_engine_graphs_where_it_can_and_says_why_not(
 
 def test_a_vae_with_kl_warmup_steps_eagerly_and_says_why():
     """A graph would freeze the warm-up's beta at its value on the capture step."""
-    from ae_lightning.module import VariationalAutoencoder
+    from ae_lightning.models.vae import VariationalAutoencoder
 
     assert VariationalAutoencoder(bottleneck=2).graph_blocker is None
     warming = VariationalAutoencoder(bottleneck=2, kl_warmup_steps=100)
@@ -136,7 +136,7 @@ def test_steps_the_engine_applies_train_like_lightnings_optimizer_step(
     for forced in (False, True):
         if forced:
             monkeypatch.setattr(
-                ae_lightning.module, "choose_step_mode", lambda *a: StepMode(True, "forced")
+                ae_lightning.system, "choose_step_mode", lambda *a: StepMode(True, "forced")
             )
         run_dir = tmp_path / str(forced)
         cfg = compose_cfg(
@@ -173,7 +173,7 @@ def test_lightning_private_names_stay_in_one_function():
                 function = line.split("def ")[1].split("(")[0]
             if private.search(line.split("#")[0]):
                 hits.append((path.name, function))
-    assert hits == [("module.py", "align_logger_step")]
+    assert hits == [("system.py", "align_logger_step")]
 
 
 def test_the_loggers_count_optimizer_steps_with_k_steps_per_call(tiny_root, tmp_path):

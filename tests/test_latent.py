@@ -10,7 +10,7 @@ from ae_lightning.latent import (
     manifold_grid,
     pick_pair,
 )
-from ae_lightning.module import Autoencoder
+from ae_lightning.models.ae import Autoencoder
 
 
 def test_interpolation_endpoints_decode_to_the_reconstructions():

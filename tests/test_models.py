@@ -11,7 +11,8 @@ from torch.distributions import Normal, kl_divergence
 
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.errors import UserError
-from ae_lightning.module import Autoencoder, VariationalAutoencoder
+from ae_lightning.models.ae import Autoencoder
+from ae_lightning.models.vae import VariationalAutoencoder
 from ae_lightning.nets import PIXELS
 from ae_lightning.objectives import corrupt, gaussian_kl, kl_weight, reconstruction_nats
 from ae_lightning.runfolder import load_autoencoder

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ae_lightning.module import Autoencoder
+from ae_lightning.models.ae import Autoencoder
 from ae_lightning.nets import Decoder, Encoder, build_encoder_decoder, count_parameters
 
 

@@ -6,7 +6,7 @@ import traceback
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ae_lightning.module import Autoencoder
+from ae_lightning.models.ae import Autoencoder
 from ae_lightning.train import train
 from conftest import compose_cfg, tiny_overrides
 

@@ -147,13 +147,22 @@ class Run:
     def sample(
         self, n: int, sampler: str = "gaussian", seed: int = 0, fit_on: int = 10_000
     ) -> torch.Tensor:
-        """``n`` images decoded from codes drawn by ``sampler`` (fitted to ``fit_on`` training
-        codes for ``gaussian``, ``gmm`` and ``box``; ``normal`` is N(0, I), sensible only for a
-        variational model)."""
-        if sampler not in SAMPLERS:
-            raise UserError(f"sampler={sampler!r} is not a sampler: choose one of {SAMPLERS}.")
+        """``n`` images decoded from codes drawn by ``sampler``: ``prior``, the model's own
+        prior (a VAE's N(0, I)); ``gaussian``, ``gmm`` or ``box`` fitted to ``fit_on``
+        training codes; ``normal``, N(0, I) whatever the model."""
+        if sampler != "prior" and sampler not in SAMPLERS:
+            choices = ("prior", *SAMPLERS)
+            raise UserError(f"sampler={sampler!r} is not a sampler: choose one of {choices}.")
         if not isinstance(n, int) or n < 1:
             raise UserError(f"n={n!r} is not a positive whole number of samples: use e.g. 16.")
+        if sampler == "prior":
+            prior = self.model.prior_sample(n, seed)
+            if prior is None:
+                raise UserError(
+                    f"sampler='prior' needs a model with a prior of its own, and this run's "
+                    f"{self.model.family} model has none: use sampler='gaussian'."
+                )
+            return self.model.decode(prior.to(self.device))
         key = (sampler, seed, fit_on)
         if key not in self._samplers:
             if sampler == "normal":

@@ -192,7 +192,7 @@ class DivergenceCheck(Callback):
 def describe(pl_module: pl.LightningModule) -> str:
     """``MLP 784-1024-2`` (``VAE 784-1024-2``) style name of the model, for figure titles."""
     hidden = list(pl_module.hparams.get("hidden") or [])
-    kind = "VAE" if getattr(pl_module, "family", "ae") == "vae" else "MLP"
+    kind = getattr(pl_module, "label", "MLP")
     return f"{kind} " + "-".join(str(s) for s in [784, *hidden, pl_module.hparams["bottleneck"]])
 
 
@@ -408,7 +408,8 @@ class InterpolationFigure(FigureCallback):
 class SamplesFigure(FigureCallback):
     """``n`` images decoded from random codes drawn by ``sampler`` (see ``latent.SAMPLERS``).
 
-    ``auto`` asks the model: a VAE samples its prior N(0, I), other models a fitted Gaussian.
+    ``auto`` asks the model: its own prior (``prior_sample``; a VAE's N(0, I)), or a
+    Gaussian fitted to the training codes for a model with none.
     """
 
     name = "samples"
@@ -422,13 +423,15 @@ class SamplesFigure(FigureCallback):
         self.n, self.sampler, self.fit_on, self.seed = n, sampler, fit_on, seed
 
     def make_figure(self, trainer, pl_module, title):
-        kind = pl_module.default_sampler if self.sampler == "auto" else self.sampler
-        codes, _ = CodesCache.get(trainer, pl_module, "train", self.fit_on)
-        sampler = CodeSampler(kind, codes, seed=self.seed)
-        images = decode_codes(pl_module.decode, sampler.sample(self.n), pl_module.device)
-        what = sampler.description
-        if kind == "normal" and getattr(pl_module, "family", "ae") == "vae":
-            what += ", the VAE's prior"
+        prior = pl_module.prior_sample(self.n, self.seed) if self.sampler == "auto" else None
+        if prior is not None:
+            drawn, what = prior, f"{pl_module.prior_description}, the {pl_module.label}'s prior"
+        else:
+            kind = "gaussian" if self.sampler == "auto" else self.sampler
+            codes, _ = CodesCache.get(trainer, pl_module, "train", self.fit_on)
+            sampler = CodeSampler(kind, codes, seed=self.seed)
+            drawn, what = sampler.sample(self.n), sampler.description
+        images = decode_codes(pl_module.decode, drawn, pl_module.device)
         return samples_figure(images, f"Decoded samples: {what}\n{title}")
 
 

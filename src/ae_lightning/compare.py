@@ -35,7 +35,7 @@ from ae_lightning.latent import (
     interpolate,
     pick_pair,
 )
-from ae_lightning.module import Autoencoder
+from ae_lightning.models.ae import Autoencoder
 from ae_lightning.plots import (
     interpolation_figure,
     reconstructions_figure,

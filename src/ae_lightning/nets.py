@@ -161,12 +161,15 @@ def build_encoder_decoder(
     decoder_hidden: Sequence[int] | None = None,
     dropout: float = 0.0,
     output: str = "sigmoid",
-    variational: bool = False,
-) -> tuple[Encoder | VariationalEncoder, Decoder]:
-    """Encoder with ``hidden`` sizes and a decoder that mirrors it unless told otherwise."""
+    encoder_class: type[nn.Module] = Encoder,
+) -> tuple[nn.Module, Decoder]:
+    """Encoder with ``hidden`` sizes and a decoder that mirrors it unless told otherwise.
+
+    ``encoder_class`` is the encoder the model asks for (``Encoder``, ``VariationalEncoder``
+    or any class taking the same arguments).
+    """
     hidden = list(hidden)
     mirrored = list(reversed(hidden)) if decoder_hidden is None else list(decoder_hidden)
-    encoder_class = VariationalEncoder if variational else Encoder
     return (
         encoder_class(bottleneck, hidden, activation, dropout=dropout),
         Decoder(bottleneck, mirrored, activation, dropout=dropout, output=output),

@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.errors import UserError
-from ae_lightning.module import FAMILIES, Autoencoder
+from ae_lightning.models import checkpoint_family, families, family_class
+from ae_lightning.models.ae import Autoencoder
 
 DATA_TARGET = "ae_lightning.data.MNISTDataModule"
 # Data keys a comparison may take from a run, with the types they must have.
@@ -84,12 +85,12 @@ def load_autoencoder(path: Path | str, map_location: torch.device | str = "cpu")
     The class comes from the checkpoint's ``model_family`` among this package's own models.
     """
     checkpoint = load_checkpoint(path)  # the one-sentence refusals
-    family = checkpoint.get("model_family", "ae")
-    model_class = FAMILIES.get(family) if isinstance(family, str) else None
+    family = checkpoint_family(checkpoint)
+    model_class = family_class(family)  # looked up among our classes, never imported
     if model_class is None:
         raise UserError(
             f"{path} holds an unknown model family {family!r}: this version of ae-lightning "
-            f"knows {sorted(FAMILIES)}; load it with the version that wrote it."
+            f"knows {sorted(families())}; load it with the version that wrote it."
         )
     try:
         model = model_class.load_from_checkpoint(path, map_location=map_location, weights_only=True)

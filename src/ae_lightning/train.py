@@ -43,7 +43,8 @@ from ae_lightning.config import validate_config
 from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.latent import latent_quality
-from ae_lightning.module import Autoencoder
+from ae_lightning.models import checkpoint_family
+from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
 from ae_lightning.runfolder import load_autoencoder, load_checkpoint
 from ae_lightning.runlock import RunFolderBusy, run_lock
@@ -155,8 +156,7 @@ def describe_run(cfg: DictConfig, model: Autoencoder) -> dict[str, str]:
         parts.append(f"{hparams['corruption']} {hparams.get('corruption_level')}")
     if hparams.get("dropout"):
         parts.append(f"dropout {hparams['dropout']}")
-    if model.family == "vae":
-        parts.append(f"beta {hparams.get('beta')} {hparams.get('likelihood')}")
+    parts += model.recipe_words()  # the family's own knobs
     return {
         "family": model.family,
         "dataset": str(cfg.data.get("dataset", "mnist")),
@@ -273,7 +273,7 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
             "finished at least one epoch."
         )
     checkpoint = load_checkpoint(path)  # tensors and plain data only
-    family = checkpoint.get("model_family", "ae")
+    family = checkpoint_family(checkpoint)
     if family != model.family:
         raise UserError(
             f"{path} holds a {family} model but this config builds a {model.family}: repeat "

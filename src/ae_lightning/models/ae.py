@@ -1,0 +1,109 @@
+"""The plain MLP autoencoder y = g(f(x)) on squared L2 loss, and the base of every family."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ae_lightning.errors import UserError
+from ae_lightning.nets import OUTPUTS, Encoder, build_encoder_decoder
+from ae_lightning.objectives import CORRUPTIONS, corrupt
+from ae_lightning.system import TrainingSystem, check_choice
+
+
+class Autoencoder(TrainingSystem):
+    """The encoder f and decoder g MLPs; the family contract with the plain AE's answers.
+
+    What the rest of the package asks a family (override what differs):
+
+    - ``training_loss(x) -> (loss, terms)`` and ``evaluation_terms(x)`` (at least ``mse``):
+      the objective, see ``TrainingSystem``; ``graph_blocker`` likewise.
+    - ``encode(x) -> codes`` and ``decode(codes) -> images``: ``(B, 1, 28, 28)`` pixels in
+      [0, 1] to ``(B, z)`` codes and back; figures, probes, comparisons and ``load_run`` use
+      only these (a stochastic encoder gives its mean code).
+    - ``prior_sample(n, seed) -> codes | None``: ``(n, z)`` draws from the family's own prior
+      (what ``samples.png`` decodes by default), or None for a family with none (a fitted
+      Gaussian is used then); ``prior_description`` names it in figure titles.
+    - ``recipe_words() -> list[str]``: the family's own knobs in words for the recipe column
+      of summaries (e.g. ``["beta 1.0 bernoulli"]``).
+    - ``label``: the family in figure titles (``MLP 784-1024-2``, ``VAE 784-1024-2``).
+    - ``family`` (its name in checkpoints), ``encoder_class`` (the encoder net it needs) and
+      ``code_outputs``, the values that encoder emits per code dimension, for the size
+      arithmetic of ``limits.check_model_size`` (nothing is built to count).
+
+    ``dropout`` drops hidden units in training; ``output`` is the decoder's last layer:
+    ``sigmoid`` (pixels in (0, 1), like the targets) or ``linear`` (unbounded; the loss is MSE
+    either way). ``corruption`` (``gaussian`` noise of std ``corruption_level``, or ``mask``:
+    pixels zeroed with probability ``corruption_level``) makes a denoising autoencoder: the
+    input is corrupted in training only, the target and every evaluation stay clean. The
+    training knobs (optimizer, scheduler, engine) go on to ``TrainingSystem``.
+    """
+
+    family = "ae"
+    label = "MLP"
+    encoder_class: type[torch.nn.Module] = Encoder
+    code_outputs = 1
+    prior_description: str | None = None
+
+    def __init__(
+        self,
+        bottleneck: int = 2,
+        hidden: Sequence[int] = (),
+        activation: str = "relu",
+        decoder_hidden: Sequence[int] | None = None,
+        dropout: float = 0.0,
+        output: str = "sigmoid",
+        corruption: str = "none",
+        corruption_level: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_choice("model.output", output, OUTPUTS)
+        check_choice("model.corruption", corruption, CORRUPTIONS)
+        if not 0 <= dropout < 1:
+            raise UserError(f"model.dropout={dropout!r} is not in [0, 1): use e.g. 0.1.")
+        if corruption_level < 0 or (corruption == "mask" and corruption_level >= 1):
+            raise UserError(
+                f"model.corruption_level={corruption_level!r} does not suit "
+                f"model.corruption={corruption}: use a noise std >= 0 or a mask probability "
+                "in [0, 1), e.g. 0.2."
+            )
+        self.encoder, self.decoder = build_encoder_decoder(
+            bottleneck, hidden, activation, decoder_hidden, dropout, output, self.encoder_class
+        )
+        self.corruption, self.corruption_level = corruption, corruption_level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """f: ``(B, 1, 28, 28)`` pixels in [0, 1] -> ``(B, z)`` codes."""
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """g: ``(B, z)`` codes -> ``(B, 1, 28, 28)`` pixels in (0, 1)."""
+        return self.decoder(z)
+
+    @property
+    def bottleneck(self) -> int:
+        return self.encoder.bottleneck
+
+    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pixel MSE of the reconstruction of corrupted inputs (denoising) against ``x``."""
+        inputs = corrupt(x, self.corruption, self.corruption_level)
+        loss = F.mse_loss(self(inputs), x)  # mean squared error per pixel
+        return loss, {"mse": loss}
+
+    def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mse": F.mse_loss(self(x), x)}
+
+    def prior_sample(self, n: int, seed: int = 0) -> torch.Tensor | None:
+        """None: a plain AE has no prior of its own (decoding N(0, I) would be arbitrary)."""
+        return None
+
+    def recipe_words(self) -> list[str]:
+        """The shared knobs are described by ``train.describe_run``: nothing of its own."""
+        return []
