@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import pytest
 import yaml
 
 from ae_lightning.train import train
@@ -113,3 +115,31 @@ def test_terminal_bar_counts_optimizer_steps_and_hides_every_run_notices(tiny_ro
     (run_dir,) = (tmp_path / "runs").iterdir()
     log = (run_dir / "train.log").read_text()
     assert "TPU available" in log and "the device is cpu" in log  # kept for the record
+
+
+def test_run_folder_holds_history_curves_and_provenance(tiny_root, tmp_path):
+    result = run_train_cli([*tiny_overrides(tiny_root), "trainer.max_epochs=3",
+                            "figures.every_n_epochs=0"], logs=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = metrics["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert [row["step"] for row in history] == [10, 20, 30]
+    for row in history:
+        assert row["train/mse"] > 0 and row["val/mse"] > 0 and row["lr"] == 3e-3
+        assert row["epoch_s"] == pytest.approx(metrics["epoch_times_s"][row["epoch"] - 1])
+    assert history[-1]["val/mse"] < history[0]["val/mse"]  # it learns
+    curves = plt.imread(run_dir / "figures" / "curves.png")
+    assert curves.shape[0] > 200 and curves.shape[1] > 600
+
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["code"]["commit"] == subprocess.run(
+        ["git", "-C", str(PROJECT), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert isinstance(info["code"]["dirty"], bool)
+    assert info["argv"][0].endswith("train.py") and "trainer.max_epochs=3" in info["argv"]
+    assert info["device"] == "cpu" and info["device_name"]
+    assert info["versions"]["torch"] and info["versions"]["pytorch-lightning"]
+    assert info["versions"]["ae-lightning"] and info["versions"]["python"]
+    assert info["started"] <= info["ended"]

@@ -43,6 +43,7 @@ from ae_lightning.latent import (
 )
 from ae_lightning.loggers import send_to_image_loggers
 from ae_lightning.plots import (
+    curves_figure,
     interpolation_figure,
     manifold_figure,
     reconstructions_figure,
@@ -228,6 +229,75 @@ class EpochTimer(Callback):
     def _sync(pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+class EpochHistory(Callback):
+    """Per-epoch train and val terms, learning rate and epoch time, for ``metrics.json``.
+
+    The train terms are the mean of the values the module read at its logging steps during
+    the epoch (it reads them only there, to keep host syncs off the other steps); val terms
+    are the epoch's. The rows travel in checkpoints, so a resumed run keeps its history.
+    ``figures/curves.png`` draws them when training ends.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._seen: dict[str, float] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a resumed run's rows arrive later, through load_state_dict
+            self.rows, self._sums, self._counts, self._seen = [], {}, {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for name, value in trainer.callback_metrics.items():
+            if not name.startswith("train/"):
+                continue
+            value = float(value)  # a float the module already read: no device sync
+            if self._seen.get(name) != value:  # a new logging step's value
+                self._seen[name] = value
+                self._sums[name] = self._sums.get(name, 0.0) + value
+                self._counts[name] = self._counts.get(name, 0) + 1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row: dict[str, float] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
+        row.update({name: total / self._counts[name] for name, total in self._sums.items()})
+        metrics = trainer.callback_metrics
+        row.update({k: float(v) for k, v in metrics.items() if k.startswith("val/")})
+        if trainer.optimizers:
+            row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+        if timer is not None:
+            row["epoch_s"] = round(timer.seconds(trainer.current_epoch, pl_module), 4)
+        self.rows.append(row)
+        self._sums, self._counts = {}, {}
+
+    def state_dict(self) -> dict[str, list[dict[str, float]]]:
+        return {"rows": [dict(row) for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, list[dict[str, float]]]) -> None:
+        rows = state_dict.get("rows") if isinstance(state_dict, dict) else None
+        if isinstance(rows, list):  # plain numbers only: a received checkpoint is data
+            self.rows = [
+                {str(k): v for k, v in row.items() if type(v) in (int, float)}
+                for row in rows
+                if isinstance(row, dict)
+            ]
+
+
+class CurvesFigure(Callback):
+    """``figures/curves.png`` when training ends: the run's ``EpochHistory``, drawn."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        history = next((c for c in trainer.callbacks if isinstance(c, EpochHistory)), None)
+        if not trainer.is_global_zero or history is None:
+            return
+        fig = curves_figure(history.rows, f"training curves: {describe(pl_module)}")
+        if fig is not None:
+            save_png(render_rgb(fig), Path(trainer.default_root_dir) / "figures" / "curves.png")
 
 
 class TrainingDivergedError(UserError):
