@@ -64,6 +64,11 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tiny_root, tmp_path):
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)  # bit-identical
     for tag in ("val/mse", "train/mse"):  # one continuous history, no step twice
         assert scalar_steps(run_dir, tag) == scalar_steps(reference_dir, tag)
+    # metrics.json's history came through the checkpoint: every epoch once, same val/mse
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
+    assert [r["val/mse"] for r in metrics["history"]] == [
+        r["val/mse"] for r in expected["history"]
+    ]
 
 
 def test_an_outside_sigterm_stops_within_seconds_with_143(tiny_root, tmp_path):

@@ -5,12 +5,18 @@ The API is imported on first use, so ``import ae_lightning`` stays light (no tor
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = version("ae-lightning")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:
     from ae_lightning.api import Run, load_run
 
-__all__ = ["Run", "load_run"]
+__all__ = ["Run", "load_run"]  # (and __version__)
 
 
 def __getattr__(name: str) -> Any:

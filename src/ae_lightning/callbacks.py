@@ -16,9 +16,17 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
-from pytorch_lightning.callbacks import Callback, RichProgressBar
+from pytorch_lightning.callbacks import Callback, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from ae_lightning.data import to_unit_float
 from ae_lightning.errors import UserError
@@ -35,6 +43,7 @@ from ae_lightning.latent import (
 )
 from ae_lightning.loggers import send_to_image_loggers
 from ae_lightning.plots import (
+    curves_figure,
     interpolation_figure,
     manifold_figure,
     reconstructions_figure,
@@ -55,12 +64,102 @@ def progress_display(refresh_every_steps: int = 25, steps_per_call: int = 1) -> 
 
     Logs and CI output stay readable (no carriage-return bars), and a terminal user
     still sees live progress. Refreshing about every ``refresh_every_steps`` optimizer
-    steps keeps its cost small; the bar counts Lightning steps of ``steps_per_call`` each.
+    steps keeps its cost small.
     """
     if sys.stdout.isatty():
-        refresh_rate = max(1, refresh_every_steps // steps_per_call)
-        return RichProgressBar(refresh_rate=refresh_rate, leave=True)
+        return StepProgressBar(refresh_every_steps)
     return EpochSummary()
+
+
+class StepProgressBar(ProgressBar):
+    """A Rich bar per epoch in the plain line's terms: optimizer steps, epochs from 1, train terms.
+
+    Lightning's own bar counts its calls, each of ``engine.steps_per_call`` optimizer steps,
+    and numbers epochs from 0 (``Epoch 0/0 ... 22/22`` for a one-epoch run of 430 steps);
+    this one shows ``Epoch 1/1 ... 430/430`` with ``train/mse`` beside it, and ``val/mse``
+    once the epoch's validation is done. Validation and
+    test take a fraction of a second from memory and get no bar. Each epoch's finished bar
+    stays on screen.
+    """
+
+    def __init__(self, refresh_every_steps: int = 25) -> None:
+        super().__init__()
+        self.refresh_every_steps = max(1, refresh_every_steps)
+        self._enabled = True
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._first_step = 0
+        self._shown_step = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._enabled:
+            return
+        self._close()
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs not in (None, -1) else ""
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[terms]}"),
+            auto_refresh=False,
+        )
+        self._progress.start()
+        self._first_step = self._shown_step = trainer.global_step
+        self._task = self._progress.add_task(
+            f"Epoch {trainer.current_epoch + 1}{epochs}", total=self._steps_in_epoch(), terms=""
+        )
+        self._progress.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._progress is None and self._enabled:  # resumed mid-epoch: no epoch start
+            self.on_train_epoch_start(trainer, pl_module)
+            done = trainer.global_step - trainer.current_epoch * self._steps_in_epoch()
+            self._first_step = trainer.global_step - max(0, int(done))
+        if self._progress is None:
+            return
+        step = trainer.global_step
+        if step - self._shown_step >= self.refresh_every_steps:
+            self._show(trainer, step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._progress is not None:
+            self._show(trainer, trainer.global_step)
+            self._close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._close()
+
+    def _steps_in_epoch(self) -> int | float:
+        """Optimizer steps this epoch: the loader's minibatches, within Lightning's limits."""
+        calls = self.total_train_batches
+        loader = self.trainer.train_dataloader
+        per_call = getattr(loader, "steps_per_call", 1)
+        return min(getattr(loader, "num_minibatches", calls * per_call), calls * per_call)
+
+    def _show(self, trainer: pl.Trainer, step: int) -> None:
+        terms = "  ".join(
+            f"{name} {float(value):.5f}"
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith(("train/", "val/"))
+        )  # values already read at the logging steps and validation: no device sync here
+        self._progress.update(self._task, completed=step - self._first_step, terms=terms)
+        self._progress.refresh()
+        self._shown_step = step
+
+    def _close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        self._progress, self._task = None, None
 
 
 class EpochSummary(Callback):
@@ -130,6 +229,75 @@ class EpochTimer(Callback):
     def _sync(pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+class EpochHistory(Callback):
+    """Per-epoch train and val terms, learning rate and epoch time, for ``metrics.json``.
+
+    The train terms are the mean of the values the module read at its logging steps during
+    the epoch (it reads them only there, to keep host syncs off the other steps); val terms
+    are the epoch's. The rows travel in checkpoints, so a resumed run keeps its history.
+    ``figures/curves.png`` draws them when training ends.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._seen: dict[str, float] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a resumed run's rows arrive later, through load_state_dict
+            self.rows, self._sums, self._counts, self._seen = [], {}, {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for name, value in trainer.callback_metrics.items():
+            if not name.startswith("train/"):
+                continue
+            value = float(value)  # a float the module already read: no device sync
+            if self._seen.get(name) != value:  # a new logging step's value
+                self._seen[name] = value
+                self._sums[name] = self._sums.get(name, 0.0) + value
+                self._counts[name] = self._counts.get(name, 0) + 1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row: dict[str, float] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
+        row.update({name: total / self._counts[name] for name, total in self._sums.items()})
+        metrics = trainer.callback_metrics
+        row.update({k: float(v) for k, v in metrics.items() if k.startswith("val/")})
+        if trainer.optimizers:
+            row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+        if timer is not None:
+            row["epoch_s"] = round(timer.seconds(trainer.current_epoch, pl_module), 4)
+        self.rows.append(row)
+        self._sums, self._counts = {}, {}
+
+    def state_dict(self) -> dict[str, list[dict[str, float]]]:
+        return {"rows": [dict(row) for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, list[dict[str, float]]]) -> None:
+        rows = state_dict.get("rows") if isinstance(state_dict, dict) else None
+        if isinstance(rows, list):  # plain numbers only: a received checkpoint is data
+            self.rows = [
+                {str(k): v for k, v in row.items() if type(v) in (int, float)}
+                for row in rows
+                if isinstance(row, dict)
+            ]
+
+
+class CurvesFigure(Callback):
+    """``figures/curves.png`` when training ends: the run's ``EpochHistory``, drawn."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        history = next((c for c in trainer.callbacks if isinstance(c, EpochHistory)), None)
+        if not trainer.is_global_zero or history is None:
+            return
+        fig = curves_figure(history.rows, f"training curves: {describe(pl_module)}")
+        if fig is not None:
+            save_png(render_rgb(fig), Path(trainer.default_root_dir) / "figures" / "curves.png")
 
 
 class TrainingDivergedError(UserError):

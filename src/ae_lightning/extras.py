@@ -20,6 +20,7 @@ CHOICES_NEEDING_EXTRAS = (
     ("hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper", "sweeps",
      "hparams_search=optuna"),
     ("logger=mlflow", "mlflow", "mlflow", "logger=mlflow"),
+    ("logger=wandb", "wandb", "wandb", "logger=wandb"),
 )  # fmt: skip
 
 

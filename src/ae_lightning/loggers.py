@@ -1,21 +1,24 @@
-"""MLflow as a logger: a local store that MLflow 3 accepts, and figures sent to it.
+"""MLflow and Weights & Biases as loggers, and the figures sent to them.
 
-TensorBoard gets its images in ``callbacks.FigureCallback``; CSV stores no images; the PNG
-files in ``figures/`` are written whatever the loggers.
+MLflow gets a local store that MLflow 3 accepts; W&B runs offline unless an account is set
+up. TensorBoard gets its images in ``callbacks.FigureCallback``; CSV stores no images; the
+PNG files in ``figures/`` are written whatever the loggers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
 
 log = logging.getLogger(__name__)
 FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
+WANDB_HOST = "api.wandb.ai"
 
 
 class LocalMLFlowLogger(MLFlowLogger):
@@ -33,23 +36,60 @@ class LocalMLFlowLogger(MLFlowLogger):
         super().__init__(*args, **kwargs)
 
 
-def send_to_image_loggers(trainer: pl.Trainer, name: str, rgb: np.ndarray, final: bool) -> bool:
-    """Log ``rgb`` (H, W, 3 uint8) as ``figures/<name>`` to every MLflow logger.
+def wandb_account_configured() -> bool:
+    """Whether W&B can reach an account: an API key, a chosen mode, or a login in ~/.netrc.
 
-    Periodic figures become MLflow images at the global step (its UI shows them as a step
-    slider); the final one also becomes the artifact ``figures/<name>.png``. Returns whether
+    ``wandb login`` writes its key to ``~/.netrc``; without any of these an online run would
+    stop to ask for a key, so the logger goes offline instead.
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.is_file() and WANDB_HOST in netrc.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+class OfflineFirstWandbLogger(WandbLogger):
+    """Lightning's W&B logger, offline unless an account is configured (``offline: auto``).
+
+    An offline run lands in ``<save_dir>/wandb/offline-run-*`` and uploads later with
+    ``wandb sync``. Lightning finalizes a logger after fit and again after test, so the W&B
+    run stays open until the next job's logger is built (or the process exits): the jobs of
+    a sweep in one process get one W&B run each instead of sharing the first.
+    """
+
+    def __init__(self, *args: Any, offline: bool | str = "auto", **kwargs: Any) -> None:
+        import wandb
+
+        if wandb.run is not None:  # the previous job's run, in a sweep of one process
+            wandb.run.finish()
+        if offline == "auto":
+            offline = not wandb_account_configured()
+        super().__init__(*args, offline=bool(offline), **kwargs)
+
+
+def send_to_image_loggers(trainer: pl.Trainer, name: str, rgb: np.ndarray, final: bool) -> bool:
+    """Log ``rgb`` (H, W, 3 uint8) as ``figures/<name>`` to every MLflow and W&B logger.
+
+    Periodic figures become images at the global step (both UIs show them as a step slider);
+    for MLflow the final one also becomes the artifact ``figures/<name>.png``. Returns whether
     any logger took the image.
     """
     sent = False
     for logger in trainer.loggers:
-        if not isinstance(logger, MLFlowLogger):
-            continue
         try:
-            client, run_id = logger.experiment, logger.run_id
-            client.log_image(run_id, rgb, key=f"figures/{name}", step=trainer.global_step)
-            if final:
-                client.log_image(run_id, rgb, artifact_file=f"figures/{name}.png")
+            if isinstance(logger, MLFlowLogger):
+                client, run_id = logger.experiment, logger.run_id
+                client.log_image(run_id, rgb, key=f"figures/{name}", step=trainer.global_step)
+                if final:
+                    client.log_image(run_id, rgb, artifact_file=f"figures/{name}.png")
+            elif isinstance(logger, WandbLogger):
+                logger.log_image(f"figures/{name}", [rgb], step=trainer.global_step)
+            else:
+                continue
             sent = True
         except Exception as err:  # a full disk or a lost server must not stop training
-            log.warning("Could not log figure %s to MLflow: %s", name, err)
+            log.warning("Could not log figure %s to %s: %s", name, type(logger).__name__, err)
     return sent

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid
 
 DIGIT_COLOURS = [
@@ -162,6 +163,48 @@ def manifold_figure(images: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, ti
     ax.set_xlabel("z[0]")
     ax.set_ylabel("z[1]")
     fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def curves_figure(history: Sequence[dict[str, float]], title: str) -> Figure | None:
+    """Training curves from ``metrics.json``'s history: every train/val term per epoch, the
+    learning rate and the epoch time, each on its own panel (None with no epoch yet).
+
+    Terms share a panel when they share a name after the stage (``train/mse`` with
+    ``val/mse``); a term that falls by more than a factor of 10 gets a log scale.
+    """
+    if not history:
+        return None
+    epochs = [row["epoch"] for row in history]
+    names = {key.split("/", 1)[1] for row in history for key in row if "/" in key}
+    first = [name for name in ("mse", "loss") if name in names]  # what every model reports
+    terms = first + sorted(names - set(first))
+    panels = [(term, [f"train/{term}", f"val/{term}"]) for term in terms]
+    panels += [(key, [key]) for key in ("lr", "epoch_s") if any(key in row for row in history)]
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (name, keys) in zip(axes, panels, strict=False):
+        for key, style in zip(keys, ("-o", "--s"), strict=False):
+            points = [(e, row[key]) for e, row in zip(epochs, history, strict=True) if key in row]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, style, markersize=3, label=key)
+        values = [v for row in history for k, v in row.items() if k in keys]
+        if name not in ("lr", "epoch_s") and min(values) > 0 and max(values) > 10 * min(values):
+            ax.set_yscale("log")  # a loss falling by orders of magnitude
+        elif name == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax.set_title({"lr": "learning rate", "epoch_s": "seconds per epoch"}.get(name, name))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
     return fig
 
 

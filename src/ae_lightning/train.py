@@ -36,8 +36,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ae_lightning import tb
-from ae_lightning.callbacks import EpochTimer
+from ae_lightning import provenance, tb
+from ae_lightning.callbacks import EpochHistory, EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
 from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
@@ -46,7 +46,7 @@ from ae_lightning.latent import latent_quality
 from ae_lightning.models import checkpoint_family
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
-from ae_lightning.runfolder import load_autoencoder, load_checkpoint
+from ae_lightning.runfolder import load_autoencoder, load_checkpoint, read_json
 from ae_lightning.runlock import RunFolderBusy, run_lock
 
 log = logging.getLogger(__name__)
@@ -358,9 +358,33 @@ def _record(
         if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
             _record_tensorboard(cfg, logger, metrics, knobs, trainer.global_step)
         logger.save()
+    if trainer.is_global_zero:
+        record_run_info(run_dir, trainer, ended=True)
     shown = ("test/mse", "test/knn_acc", "test/probe_acc")
     log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})
     return metrics
+
+
+def record_run_info(run_dir: Path, trainer: pl.Trainer, ended: bool = False) -> None:
+    """``run_info.json``: the run's provenance when it starts, its end time when it ends.
+
+    A resumed run keeps the first start and lists each later one under ``resumed``.
+    """
+    if not trainer.is_global_zero:
+        return
+    path = run_dir / "run_info.json"
+    info = read_json(path)
+    if ended:
+        if info:
+            write_json(path, {**info, "ended": provenance.now()})
+        return
+    device = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else provenance.cpu_name()
+    fresh = provenance.run_info(str(device), name)
+    if info.get("started"):  # resume=: this folder's run started before
+        resumes = [*info.get("resumed", []), {k: fresh[k] for k in ("argv", "host", "started")}]
+        fresh = {**info, "resumed": resumes, "ended": None}
+    write_json(path, fresh)
 
 
 @contextmanager
@@ -385,6 +409,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
     callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm]
     trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
+    record_run_info(run_dir, trainer)
 
     start = time.perf_counter()
     try:
@@ -424,6 +449,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
     if timer is not None:
         metrics["epoch_times_s"] = [round(t, 4) for t in timer.epoch_times]
+    history = next((c for c in callbacks if isinstance(c, EpochHistory)), None)
+    if history is not None:
+        metrics["history"] = history.rows
     if trainer.is_global_zero:  # the test result is safe on disk before anything else is tried
         write_json(run_dir / "metrics.json", metrics)
     return _record(cfg, run_dir, trainer, model, datamodule, metrics)
@@ -451,6 +479,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         c for c in _instantiate_group(cfg.get("callbacks")) if not isinstance(c, ModelCheckpoint)
     ]
     trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
+    record_run_info(run_dir, trainer)
     (test_metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
     metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
