@@ -134,9 +134,9 @@ def test_run_folder_holds_history_curves_and_provenance(tiny_root, tmp_path):
     assert curves.shape[0] > 200 and curves.shape[1] > 600
 
     info = json.loads((run_dir / "run_info.json").read_text())
-    assert info["code"]["commit"] == subprocess.run(
-        ["git", "-C", str(PROJECT), "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    git = ["git", "-C", str(PROJECT), "rev-parse", "HEAD"]
+    head = subprocess.run(git, capture_output=True, text=True).stdout.strip()
+    assert info["code"]["commit"] == head
     assert isinstance(info["code"]["dirty"], bool)
     assert info["argv"][0].endswith("train.py") and "trainer.max_epochs=3" in info["argv"]
     assert info["device"] == "cpu" and info["device_name"]

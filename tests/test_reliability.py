@@ -66,9 +66,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tiny_root, tmp_path):
         assert scalar_steps(run_dir, tag) == scalar_steps(reference_dir, tag)
     # metrics.json's history came through the checkpoint: every epoch once, same val/mse
     assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
-    assert [r["val/mse"] for r in metrics["history"]] == [
-        r["val/mse"] for r in expected["history"]
-    ]
+    assert [r["val/mse"] for r in metrics["history"]] == [r["val/mse"] for r in expected["history"]]
 
 
 def test_an_outside_sigterm_stops_within_seconds_with_143(tiny_root, tmp_path):
