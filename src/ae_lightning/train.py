@@ -15,7 +15,6 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -50,16 +49,6 @@ from ae_lightning.runlock import RunFolderBusy, run_lock
 
 log = logging.getLogger(__name__)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-
-
-def _resume_or(resume: str | None, default: str, resumed: str | None = None) -> str:
-    """``${ae_resume_or:${resume},A[,B]}``: A normally; when resuming, the folder (or B)."""
-    if resume is None:
-        return default
-    return resumed if resumed is not None else str(resume)
-
-
-OmegaConf.register_new_resolver("ae_resume_or", _resume_or, replace=True)
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -455,33 +444,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
     metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
     return _record(cfg, run_dir, trainer, model, datamodule, metrics)
-
-
-def ensure_writable_logs(argv: list[str] | None = None) -> None:
-    """Exit with one sentence if the logs folder cannot be written, before Hydra tries to.
-
-    Checks ``AE_LOGS_DIR`` (or ``logs/``) and any plain ``hydra.run.dir=``/``hydra.sweep.dir=``
-    on the command line.
-    """
-    logs = Path(os.environ.get("AE_LOGS_DIR", "logs"))
-    folders = [(logs, f"the logs folder {logs}", LOGS_FIX)]
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
-            fix = f"point {key.lstrip('+')} at a writable folder"
-            folders.append((Path(value), f"{key.lstrip('+')}={value}", fix))
-    for folder, name, fix in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            reason = err.strerror or type(err).__name__
-            print(f"error: {name} cannot be written ({reason}): {fix}.", file=sys.stderr)
-            sys.exit(2)
-
-
-LOGS_FIX = "make it writable or point AE_LOGS_DIR at a writable folder"
 
 
 def _quiet_write_failures(args: threading.ExceptHookArgs) -> None:
