@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import matplotlib.image
 import numpy as np
@@ -20,6 +21,7 @@ from pytorch_lightning.callbacks import Callback, RichProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ae_lightning.cpu import THREADS_AUTO, ThreadSearch, available_cores
 from ae_lightning.data import to_unit_float
 from ae_lightning.errors import UserError
 from ae_lightning.latent import (
@@ -130,6 +132,78 @@ class EpochTimer(Callback):
     def _sync(pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+class CpuThreads(Callback):
+    """Torch's intra-op thread count while a CPU run fits and tests (``engine.threads``).
+
+    A number forces that count. ``auto`` on a single-process CPU run times the training
+    steps at the current count and its neighbours and keeps the fastest (``ThreadSearch``),
+    so another busy process on the machine slows epochs little. The process's own count
+    comes back when each stage ends.
+    """
+
+    def __init__(self, threads: int | str = THREADS_AUTO) -> None:
+        self.threads = threads
+        self.search: ThreadSearch | None = None
+        self._restore: int | None = None
+        self._settled = 0  # the count the last search chose (logged when it changes)
+        self._batch_start = 0.0
+        self._batch_step = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore = torch.get_num_threads()
+        if self.threads != THREADS_AUTO:
+            torch.set_num_threads(int(self.threads))
+            if stage == "fit":
+                log.info("CPU threads: %s (engine.threads)", self.threads)
+        elif stage == "fit":
+            ceiling = min(self._restore, available_cores())
+            alone_on_cpu = trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1
+            # DDP ranks share the cores already (train.share_cores); a GPU run barely uses them.
+            self.search = ThreadSearch(ceiling, ceiling) if alone_on_cpu and ceiling > 1 else None
+            self._settled = ceiling
+        elif self.search is not None:
+            torch.set_num_threads(self.search.threads)  # the test after fit: the chosen count
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.search is not None:
+            torch.set_num_threads(self.search.start())
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.search is not None:
+            self._batch_start, self._batch_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if self.search is None:
+            return
+        was_searching, before = self.search.searching, torch.get_num_threads()
+        threads = self.search.record(
+            time.perf_counter() - self._batch_start, trainer.global_step - self._batch_step
+        )
+        if threads != before:
+            torch.set_num_threads(threads)
+        if was_searching and not self.search.searching and threads != self._settled:
+            log.info("CPU threads: %d of %d, the fastest now", threads, self.search.ceiling)
+            self._settled = threads
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_threads()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_threads()
+
+    def _restore_threads(self) -> None:
+        if self._restore is not None:
+            torch.set_num_threads(self._restore)
+            self._restore = None
 
 
 class TrainingDivergedError(UserError):

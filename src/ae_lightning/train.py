@@ -36,9 +36,10 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ae_lightning import tb
-from ae_lightning.callbacks import EpochTimer
+from ae_lightning.callbacks import CpuThreads, EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
+from ae_lightning.cpu import available_cores, flush_denormals
 from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.latent import latent_quality
@@ -180,8 +181,7 @@ def share_cores(processes: int) -> None:
 
     Processes that each start a thread per core oversubscribe the cores and all run slower.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // max(1, processes)))
+    torch.set_num_threads(max(1, available_cores() // max(1, processes)))
 
 
 def _release_job() -> None:
@@ -240,6 +240,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]
         # every Adam step asks NVML for the device count (~0.2 ms a step). One process
         # forks nothing, so plain CUDA checks are safe and cheaper.
         os.environ.pop(NVML_CHECK, None)
+    if trainer.strategy.root_device.type == "cpu":
+        flush_denormals(cfg.engine.flush_denormals)  # set per run: the switch works in-process
     return trainer
 
 
@@ -372,7 +374,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg)
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
     on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
-    callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm]
+    threads = CpuThreads(cfg.engine.threads)
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm, threads]
     trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
 
     start = time.perf_counter()
@@ -439,6 +442,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [
         c for c in _instantiate_group(cfg.get("callbacks")) if not isinstance(c, ModelCheckpoint)
     ]
+    callbacks.append(CpuThreads(cfg.engine.threads))
     trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
     (test_metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
