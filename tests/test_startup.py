@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import PROJECT
+from conftest import PROJECT, tiny_overrides
 
 HEAVY = ("torch", "pytorch_lightning", "torchvision", "sklearn", "matplotlib")
 # Runs a console entry point as a user would, then reports which heavy packages it imported.
@@ -79,3 +79,66 @@ def test_export_choices_are_the_exporters_formats():
     from ae_lightning.export import FORMATS
 
     assert sorted(FORMAT_CHOICES) == sorted(FORMATS)
+
+
+PROBE = """
+import json
+import sys
+from pytorch_lightning.callbacks import Callback
+import watch
+
+
+class ImportProbe(Callback):
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module):
+        loaded = [m for m in watch.WATCHED if m in sys.modules]
+        with open(self.out, "w") as f:
+            json.dump({"ours": watch.OURS, "loaded": loaded}, f)
+"""
+# Notes every `import` of a watched package that a module of this package executes, even of
+# one already loaded by a library.
+WATCH = """
+import builtins
+WATCHED = ("sklearn", "matplotlib", "torchmetrics")
+OURS = []
+_import = builtins.__import__
+
+
+def watching(name, globals=None, locals=None, fromlist=(), level=0):
+    importer = str((globals or {}).get("__name__", ""))
+    if level == 0 and name.partition(".")[0] in WATCHED and importer.startswith("ae_lightning"):
+        OURS.append(f"{importer} imports {name}")
+    return _import(name, globals, locals, fromlist, level)
+
+
+builtins.__import__ = watching
+"""
+
+
+def test_debug_fast_imports_no_figures_or_probes_of_its_own(tiny_root, tmp_path):
+    """sklearn, matplotlib and torchmetrics: none imported by this package before training.
+
+    (Lightning itself imports torchmetrics, which imports matplotlib.pyplot when installed.)
+    """
+    (tmp_path / "watch.py").write_text(WATCH)
+    (tmp_path / "import_probe.py").write_text(PROBE)
+    out = tmp_path / "importers.json"
+    code = "import watch, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], "
+    code += "run_name='__main__')"
+    args = ["debug=fast", *tiny_overrides(tiny_root), "+callbacks.probe._target_=import_probe."
+            "ImportProbe", f"+callbacks.probe.out={out}"]  # fmt: skip
+    env = {
+        **os.environ,
+        "AE_LOGS_DIR": str(tmp_path / "logs"),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(PROJECT / "train.py"), *args],
+        capture_output=True, text=True, cwd=PROJECT, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    assert seen["ours"] == []
+    assert "sklearn" not in seen["loaded"]  # no kNN or probe fits: latent_metrics=false

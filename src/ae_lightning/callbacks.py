@@ -10,13 +10,11 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib.image
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from matplotlib.figure import Figure
 from pytorch_lightning.callbacks import Callback, RichProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -45,6 +43,9 @@ from ae_lightning.plots import (
     scatter_figure,
 )
 from ae_lightning.tb import padded_codes
+
+if TYPE_CHECKING:  # matplotlib is imported by the first figure saved
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 # Per-epoch lines: the entry points' logging config shows them plainly and keeps them in
@@ -361,6 +362,8 @@ class FigureCallback(Callback):
 
 def save_png(rgb: np.ndarray, path: Path) -> None:
     """Write atomically (tmp file + rename); on failure warn and carry on."""
+    import matplotlib.image
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
