@@ -106,10 +106,21 @@ def test_engine_threads_forces_the_count_while_training(tiny_root, tmp_path, pro
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to choose")
 def test_auto_threads_train_within_the_cores(tiny_root, tmp_path, probe):
-    cfg = compose_cfg([*tiny_overrides(tiny_root), *probe, "trainer.max_epochs=2"], tmp_path)
-    train(cfg)
+    overrides = [*tiny_overrides(tiny_root), *probe, "trainer.max_epochs=2", "engine.threads=auto"]
+    train(compose_cfg(overrides, tmp_path))
     assert CpuProbe.threads
     assert all(1 <= n <= len(os.sched_getaffinity(0)) for n in CpuProbe.threads)
+
+
+def test_a_deterministic_run_keeps_its_thread_count(tiny_root, tmp_path, probe):
+    before = torch.get_num_threads()
+    overrides = [*tiny_overrides(tiny_root), *probe, "engine.threads=auto",
+                 "trainer.deterministic=true"]  # fmt: skip
+    try:
+        train(compose_cfg(overrides, tmp_path))
+    finally:
+        torch.use_deterministic_algorithms(False)  # Lightning leaves it set
+    assert set(CpuProbe.threads) == {before}
 
 
 def test_flushing_denormals_leaves_the_results_and_the_switch_turns_it_off(

@@ -140,8 +140,9 @@ class CpuThreads(Callback):
 
     A number forces that count. ``auto`` on a single-process CPU run times the training
     steps at the current count and its neighbours and keeps the fastest (``ThreadSearch``),
-    so another busy process on the machine slows epochs little. The process's own count
-    comes back when each stage ends.
+    so another busy process on the machine slows epochs little; the count it picks depends
+    on the load, and with it the last bits of the results. The process's own count comes
+    back when each stage ends.
     """
 
     def __init__(self, threads: int | str = THREADS_AUTO) -> None:
@@ -162,7 +163,10 @@ class CpuThreads(Callback):
             ceiling = min(self._restore, available_cores())
             alone_on_cpu = trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1
             # DDP ranks share the cores already (train.share_cores); a GPU run barely uses them.
-            self.search = ThreadSearch(ceiling, ceiling) if alone_on_cpu and ceiling > 1 else None
+            # CPU reductions round differently with another count, so a run that asks for
+            # determinism (trainer.deterministic=true) keeps the count it has.
+            searches = alone_on_cpu and not torch.are_deterministic_algorithms_enabled()
+            self.search = ThreadSearch(ceiling, ceiling) if searches and ceiling > 1 else None
             self._settled = ceiling
         elif self.search is not None:
             torch.set_num_threads(self.search.threads)  # the test after fit: the chosen count
