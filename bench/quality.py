@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from common import PROJECT, train_with
 from torch import nn
 
+from ae_lightning.cpu import flush_denormals
 from ae_lightning.data import MNISTDataModule, to_unit_float
 
 WORKFLOW = [("linear", 2), ("hidden1024", 2), ("hidden1024", 10)]
@@ -111,6 +112,7 @@ def plain_vae(
     datamodule: MNISTDataModule, bottleneck: int, epochs: int, batch_size: int, seed: int
 ) -> dict[str, float]:
     """Train and test PlainVAE like examples/vae; test/nelbo and the mean code's test/mse."""
+    flush_denormals(True)  # on the CPU, as the framework's runs (engine.flush_denormals)
     torch.manual_seed(seed)
     model = PlainVAE(bottleneck)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -14,18 +14,27 @@
 
 All three train the same architecture with Adam (lr 1e-3) on the same 55k training images.
 (b) and (c) alternate for `--rounds` rounds so that a machine whose speed drifts slows both
-alike; each reports the median of all epochs after each run's first (warm-up) epoch.
+alike; each reports the median of all epochs after each run's first (warm-up) epoch. On the
+CPU all of them flush denormal floats, as the framework does by default
+(`engine.flush_denormals`), so the ratios compare the loops and not the float mode.
+
+`--competitor` adds, on the CPU, the framework's epochs with `engine.threads=auto` and with
+each forced thread count, idle and beside one busy process that this script starts and
+stops itself (plus the plain loop at torch's default count), for every model.
 
     python bench/speed.py --device cpu --json speed.json
+    python bench/speed.py --device cpu --competitor --json speed.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,6 +50,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
+from ae_lightning.cpu import available_cores, flush_denormals
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.nets import build_encoder_decoder
 
@@ -208,6 +218,39 @@ def framework(args, model_name, run_dir, *overrides: str) -> list[float]:
     return metrics["epoch_times_s"]
 
 
+@contextmanager
+def busy_neighbour() -> Iterator[int]:
+    """One other process that keeps a core busy (a pure-Python loop) while the block runs."""
+    process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # running before the first timed step
+        yield process.pid
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def thread_rows(args, name: str, train_images: torch.Tensor) -> dict:
+    """Framework epochs with engine.threads=auto and each forced count, idle and contended."""
+    counts = list(range(1, min(torch.get_num_threads(), available_cores()) + 1))
+    rows: dict = {}
+    for situation in ("idle", "contended"):
+        with busy_neighbour() if situation == "contended" else contextlib.nullcontext() as pid:
+            row: dict = {"competitor_pid": pid} if pid else {}
+            for threads in ["auto", *counts]:
+                with tempfile.TemporaryDirectory() as run_dir:
+                    times = framework(args, name, run_dir, f"engine.threads={threads}")
+                row[f"threads_{threads}_epoch_s"] = round(steady([times]), 4)
+            row["plain_default_threads_epoch_s"] = round(
+                steady([plain_loop(args, MODELS[name], train_images, torch.device("cpu"))]), 4
+            )
+        best = min(row[f"threads_{n}_epoch_s"] for n in counts)
+        row["best_forced_epoch_s"] = best
+        row["auto_vs_best"] = round(row["threads_auto_epoch_s"] / best, 3)
+        rows[situation] = row
+    return rows
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -242,12 +285,21 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--val-size", type=int, default=5000, help="held out, as data.val_size")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--competitor", action="store_true",
+        help="CPU: also time engine.threads=auto and each forced count, idle and beside a busy "
+        "process (started and stopped here)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error(f"--epochs {args.epochs}: need at least 2 (one warm-up, one measured)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible here; use --device cpu")
+    if args.competitor and args.device != "cpu":
+        parser.error("--competitor measures CPU threads: use it with --device cpu")
     device = torch.device(args.device)
+    if device.type == "cpu":
+        flush_denormals(True)  # every loop here, as the framework's CPU runs by default
     # Importing Lightning sets this, which makes every Adam step query NVML; a plain
     # script would not have it, so neither does the plain loop here.
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
@@ -272,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps_per_call": compose_config().engine.steps_per_call,
         "cuda_graphs": str(compose_config().engine.cuda_graphs),
         "train_images": n,
+        "flush_denormals": device.type == "cpu",
         "models": {},
     }
     for name in args.models:
@@ -323,8 +376,12 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("reference", "plain", "framework"):
             row[f"{key}_samples_per_s"] = round(n / row[f"{key}_epoch_s"])
         results["models"][name] = row
+        if args.competitor:
+            results.setdefault("threads", {})[name] = thread_rows(args, name, train_images)
 
     print(markdown_table(results))
+    if "threads" in results:
+        print("\n" + threads_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -359,6 +416,25 @@ def markdown_table(results: dict) -> str:
             f"{row['speedup_vs_reference']:.1f}", str(row["framework_samples_per_s"]),
             f"{row['peak_rss_mb']:.0f}",
         ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def threads_table(results: dict) -> str:
+    """engine.threads=auto beside each forced count, idle and with a busy neighbour."""
+    rows = [(name, situation, row) for name, situations in results["threads"].items()
+            for situation, row in situations.items()]  # fmt: skip
+    counts = sorted(
+        int(key.split("_")[1]) for key in rows[0][2]
+        if key.startswith("threads_") and key.split("_")[1].isdigit()
+    )  # fmt: skip
+    columns = ["model", "machine", "auto s/epoch", *[f"{n} threads s/epoch" for n in counts]]
+    columns += ["auto / best", "plain loop (default threads) s/epoch"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for name, situation, row in rows:
+        cells = [name, situation, f"{row['threads_auto_epoch_s']:.3f}"]
+        cells += [f"{row[f'threads_{n}_epoch_s']:.3f}" for n in counts]
+        cells += [f"{row['auto_vs_best']:.2f}", f"{row['plain_default_threads_epoch_s']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import PROJECT
 
@@ -81,3 +82,25 @@ def test_quality_benchmark_puts_the_vae_beside_a_plain_loop_and_deep30_beside_it
     assert "elu" in results["deep30"][1]["recipe_words"]  # the recipe is named in words
     assert "cosine" in results["deep30"][1]["recipe_words"]
     assert "| 20 |" in table.read_text() and "| experiment=deep30 |" in table.read_text()
+
+
+def test_speed_benchmark_with_a_competitor_times_each_thread_count(tiny_root, tmp_path):
+    out = tmp_path / "speed.json"
+    result = run_bench(
+        "speed.py", "--device", "cpu", "--epochs", "2", "--rounds", "1", "--models", "linear",
+        "--batch-size", "50", "--val-size", "100", "--reference-workers", "1",
+        "--data-root", str(tiny_root), "--json", str(out), "--competitor",
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["flush_denormals"] is True
+    situations = data["threads"]["linear"]
+    assert set(situations) == {"idle", "contended"}
+    for row in situations.values():
+        assert row["threads_auto_epoch_s"] > 0 and row["threads_1_epoch_s"] > 0
+        assert row["best_forced_epoch_s"] > 0 and row["plain_default_threads_epoch_s"] > 0
+        ratio = row["threads_auto_epoch_s"] / row["best_forced_epoch_s"]
+        assert abs(row["auto_vs_best"] - ratio) < 0.01
+    assert "| linear | contended |" in result.stdout
+    # The busy neighbour ran during the contended runs only, and was stopped.
+    assert "competitor_pid" not in situations["idle"]
+    assert not Path(f"/proc/{situations['contended']['competitor_pid']}").exists()

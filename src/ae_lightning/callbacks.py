@@ -10,12 +10,11 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import matplotlib.image
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from matplotlib.figure import Figure
 from pytorch_lightning.callbacks import Callback, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -28,6 +27,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from ae_lightning.cpu import THREADS_AUTO, ThreadSearch, available_cores
 from ae_lightning.data import to_unit_float
 from ae_lightning.errors import UserError
 from ae_lightning.latent import (
@@ -52,6 +52,9 @@ from ae_lightning.plots import (
     scatter_figure,
 )
 from ae_lightning.tb import padded_codes
+
+if TYPE_CHECKING:  # matplotlib is imported by the first figure saved
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 # Per-epoch lines: the entry points' logging config shows them plainly and keeps them in
@@ -300,6 +303,82 @@ class CurvesFigure(Callback):
             save_png(render_rgb(fig), Path(trainer.default_root_dir) / "figures" / "curves.png")
 
 
+class CpuThreads(Callback):
+    """Torch's intra-op thread count while a CPU run fits and tests (``engine.threads``).
+
+    A number forces that count. ``auto`` on a single-process CPU run times the training
+    steps at the current count and its neighbours and keeps the fastest (``ThreadSearch``),
+    so another busy process on the machine slows epochs little; the count it picks depends
+    on the load, and with it the last bits of the results. The process's own count comes
+    back when each stage ends.
+    """
+
+    def __init__(self, threads: int | str = THREADS_AUTO) -> None:
+        self.threads = threads
+        self.search: ThreadSearch | None = None
+        self._restore: int | None = None
+        self._settled = 0  # the count the last search chose (logged when it changes)
+        self._batch_start = 0.0
+        self._batch_step = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore = torch.get_num_threads()
+        if self.threads != THREADS_AUTO:
+            torch.set_num_threads(int(self.threads))
+            if stage == "fit":
+                log.info("CPU threads: %s (engine.threads)", self.threads)
+        elif stage == "fit":
+            ceiling = min(self._restore, available_cores())
+            alone_on_cpu = trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1
+            # DDP ranks share the cores already (train.share_cores); a GPU run barely uses them.
+            # CPU reductions round differently with another count, so a run that asks for
+            # determinism (trainer.deterministic=true) keeps the count it has.
+            searches = alone_on_cpu and not torch.are_deterministic_algorithms_enabled()
+            self.search = ThreadSearch(ceiling, ceiling) if searches and ceiling > 1 else None
+            self._settled = ceiling
+        elif self.search is not None:
+            torch.set_num_threads(self.search.threads)  # the test after fit: the chosen count
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.search is not None:
+            torch.set_num_threads(self.search.start())
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.search is not None:
+            self._batch_start, self._batch_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if self.search is None:
+            return
+        was_searching, before = self.search.searching, torch.get_num_threads()
+        threads = self.search.record(
+            time.perf_counter() - self._batch_start, trainer.global_step - self._batch_step
+        )
+        if threads != before:
+            torch.set_num_threads(threads)
+        if was_searching and not self.search.searching and threads != self._settled:
+            log.info("CPU threads: %d of %d, the fastest now", threads, self.search.ceiling)
+            self._settled = threads
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_threads()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_threads()
+
+    def _restore_threads(self) -> None:
+        if self._restore is not None:
+            torch.set_num_threads(self._restore)
+            self._restore = None
+
+
 class TrainingDivergedError(UserError):
     """The loss became NaN/infinite, or the model does no better than a constant image."""
 
@@ -455,6 +534,8 @@ class FigureCallback(Callback):
 
 def save_png(rgb: np.ndarray, path: Path) -> None:
     """Write atomically (tmp file + rename); on failure warn and carry on."""
+    import matplotlib.image
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

@@ -8,11 +8,8 @@ TensorBoard event file with the same figures.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
-import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +20,7 @@ import yaml
 
 from ae_lightning import runfolder
 from ae_lightning.callbacks import save_png
+from ae_lightning.cli.compare import main  # noqa: F401  (`python -m ae_lightning.compare`)
 from ae_lightning.data import MNISTDataModule, to_unit_float
 from ae_lightning.errors import UserError
 from ae_lightning.latent import (
@@ -326,28 +324,6 @@ def _check_writable(out: Path) -> None:
             f"The comparison cannot be written to {out} ({err.strerror or type(err).__name__}): "
             "pass --out /a/writable/folder."
         ) from None
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="ae-compare", description="Compare autoencoder runs side by side."
-    )
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders and/or sweep folders")
-    parser.add_argument("--out", type=Path, default=None, help="default: <sweep>/comparison")
-    parser.add_argument("--data-root", default=None, help="MNIST root (default: the runs')")
-    parser.add_argument("--sampler", default="gaussian", help="gaussian, normal, gmm or box")
-    parser.add_argument("--seed", type=int, default=0, help="the interpolation pair and samples")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = compare(args.runs, args.out, args.data_root, args.sampler, args.seed)
-    except UserError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"comparison written to {out}")
-    print((out / "summary.md").read_text())
 
 
 if __name__ == "__main__":

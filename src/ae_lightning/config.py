@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ae_lightning.cpu import THREADS_AUTO
 from ae_lightning.engine import CUDA_GRAPH_CHOICES
 from ae_lightning.errors import UserError
 from ae_lightning.nets import ACTIVATIONS
@@ -126,6 +127,18 @@ def _check_engine(cfg: DictConfig) -> None:
     graphs = _select(cfg, "engine.cuda_graphs")
     if graphs not in CUDA_GRAPH_CHOICES:
         raise UserError(f"engine.cuda_graphs={graphs!r} is not a choice: use auto, true or false.")
+    flush = _select(cfg, "engine.flush_denormals")
+    if not isinstance(flush, bool):
+        raise UserError(
+            f"engine.flush_denormals={flush!r} is not true or false: use "
+            "engine.flush_denormals=true (faster CPU epochs) or false (keep denormal floats)."
+        )
+    threads = _select(cfg, "engine.threads")
+    if threads != THREADS_AUTO and (not _is_int(threads) or threads < 1):
+        raise UserError(
+            f"engine.threads={threads!r} is not a thread count: use engine.threads=auto, or a "
+            "whole number from 1 up, e.g. engine.threads=1."
+        )
     accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
     _positive_int(
         accumulate, "trainer.accumulate_grad_batches", "use e.g. trainer.accumulate_grad_batches=2"

@@ -8,9 +8,7 @@ them.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from ae_lightning.api import load_run
+from ae_lightning.cli.export import main  # noqa: F401  (`python -m ae_lightning.export`)
 from ae_lightning.errors import UserError
 from ae_lightning.extras import require
 
@@ -96,25 +95,6 @@ def export_run(
     }  # fmt: skip
     (out / "model.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="ae-export",
-        description="Write a run's encoder and decoder as two ONNX or TorchScript files, "
-        "plus model.json (input/output shapes and pixel range).",
-    )
-    parser.add_argument("run", help="a run folder, a sweep job folder or a .ckpt file")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="onnx")
-    parser.add_argument("--out", help="output folder (default: <run>/export)")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    args = parser.parse_args(argv)
-    try:
-        out = export_run(args.run, args.format, args.out, args.checkpoint)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"encoder, decoder and model.json -> {out}")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,17 @@ def _run_suffix_resolver(*, _root_: DictConfig) -> str:
     return run_suffix(list(_root_.hydra.overrides.task))
 
 
+def _resume_or(resume: str | None, default: str, resumed: str | None = None) -> str:
+    """``${ae_resume_or:${resume},A[,B]}``: A normally; when resuming, the folder (or B)."""
+    if resume is None:
+        return default
+    return resumed if resumed is not None else str(resume)
+
+
+# Every resolver the configs use, registered once, here: Hydra resolves the run folder's
+# name before any heavy module is imported.
 # `${ae_pid:}` in run folder names keeps runs that start in the same second apart.
 OmegaConf.register_new_resolver("ae_pid", lambda: str(os.getpid()), use_cache=True, replace=True)
 OmegaConf.register_new_resolver("ae_job_dirname", _job_dirname_resolver, replace=True)
 OmegaConf.register_new_resolver("ae_run_suffix", _run_suffix_resolver, replace=True)
+OmegaConf.register_new_resolver("ae_resume_or", _resume_or, replace=True)

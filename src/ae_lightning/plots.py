@@ -7,12 +7,13 @@ so brightness means the same in every figure. The caller closes (drops) the figu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from torchvision.utils import make_grid
+
+if TYPE_CHECKING:  # matplotlib is imported by the first figure, not by a run without any
+    from matplotlib.figure import Figure
 
 DIGIT_COLOURS = [
     "#1f77b4",
@@ -31,6 +32,8 @@ PAD_VALUE = 0.35  # grey gutters between tiles: visible against black and white 
 
 def tile(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
     """``(N, 1, H, W)`` pixels -> one ``(rows*H, nrow*W)`` array, tiles in reading order."""
+    from torchvision.utils import make_grid
+
     grid = make_grid(
         images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=padding, pad_value=PAD_VALUE
     )
@@ -59,6 +62,8 @@ def scatter_figure(
     ``class_names`` name the labels 0-9 in the legend (the digits themselves by default).
     ``axis_labels`` one (x, y) pair for all panels or one pair per panel.
     """
+    from matplotlib.figure import Figure
+
     names = [str(d) for d in range(10)] if class_names is None else list(class_names)
     panels = points.unsqueeze(0) if points.dim() == 2 else points
     if isinstance(axis_labels[0], str):
@@ -101,6 +106,8 @@ def reconstructions_figure(
     nrow: int = 8,
 ) -> Figure:
     """Originals as an 8x8 grid, then each model's reconstructions of them beside it."""
+    from matplotlib.figure import Figure
+
     if isinstance(reconstructions, torch.Tensor):
         reconstructions = [reconstructions]
     grids = [originals, *reconstructions]
@@ -116,6 +123,8 @@ def interpolation_figure(
     rows: Sequence[torch.Tensor], row_names: Sequence[str], title: str
 ) -> Figure:
     """One row of images per interpolation (latent rows first, the pixel cross-fade last)."""
+    from matplotlib.figure import Figure
+
     steps = len(rows[0])
     fig = Figure(figsize=(0.85 * steps + 1.6, 1.0 * len(rows) + 0.7), layout="constrained")
     # A label column of its own: the layout engine sizes it, so long names are never cut.
@@ -135,6 +144,8 @@ def samples_figure(
     samples: torch.Tensor | Sequence[torch.Tensor], title: str, names: Sequence[str] = ("",)
 ) -> Figure:
     """Decoded random codes: one 8x8 grid per model."""
+    from matplotlib.figure import Figure
+
     if isinstance(samples, torch.Tensor):
         samples = [samples]
     fig = Figure(figsize=(max(3.6 * len(samples), 5.6), 4.6), layout="constrained")
@@ -151,6 +162,8 @@ def manifold_figure(images: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, ti
     ``images`` is in the row order of :func:`ae_lightning.latent.manifold_grid` (top row =
     highest y). Tick labels give the code values at tile centres.
     """
+    from matplotlib.figure import Figure
+
     n = len(xs)
     canvas = tile(images, nrow=n, padding=0)
     fig = Figure(figsize=(7.4, 7.4), layout="constrained")
@@ -175,6 +188,9 @@ def curves_figure(history: Sequence[dict[str, float]], title: str) -> Figure | N
     """
     if not history:
         return None
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [row["epoch"] for row in history]
     names = {key.split("/", 1)[1] for row in history for key in row if "/" in key}
     first = [name for name in ("mse", "loss") if name in names]  # what every model reports

@@ -15,7 +15,6 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -37,9 +36,10 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ae_lightning import provenance, tb
-from ae_lightning.callbacks import EpochHistory, EpochTimer
+from ae_lightning.callbacks import CpuThreads, EpochHistory, EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
+from ae_lightning.cpu import available_cores, flush_denormals
 from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.latent import latent_quality
@@ -51,16 +51,6 @@ from ae_lightning.runlock import RunFolderBusy, run_lock
 
 log = logging.getLogger(__name__)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-
-
-def _resume_or(resume: str | None, default: str, resumed: str | None = None) -> str:
-    """``${ae_resume_or:${resume},A[,B]}``: A normally; when resuming, the folder (or B)."""
-    if resume is None:
-        return default
-    return resumed if resumed is not None else str(resume)
-
-
-OmegaConf.register_new_resolver("ae_resume_or", _resume_or, replace=True)
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -191,8 +181,7 @@ def share_cores(processes: int) -> None:
 
     Processes that each start a thread per core oversubscribe the cores and all run slower.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // max(1, processes)))
+    torch.set_num_threads(max(1, available_cores() // max(1, processes)))
 
 
 def _release_job() -> None:
@@ -251,6 +240,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]
         # every Adam step asks NVML for the device count (~0.2 ms a step). One process
         # forks nothing, so plain CUDA checks are safe and cheaper.
         os.environ.pop(NVML_CHECK, None)
+    if trainer.strategy.root_device.type == "cpu":
+        flush_denormals(cfg.engine.flush_denormals)  # set per run: the switch works in-process
     return trainer
 
 
@@ -407,7 +398,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg)
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
     on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
-    callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm]
+    threads = CpuThreads(cfg.engine.threads)
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm, threads]
     trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
     record_run_info(run_dir, trainer)
 
@@ -478,39 +470,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [
         c for c in _instantiate_group(cfg.get("callbacks")) if not isinstance(c, ModelCheckpoint)
     ]
+    callbacks.append(CpuThreads(cfg.engine.threads))
     trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
     record_run_info(run_dir, trainer)
     (test_metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
     metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
     return _record(cfg, run_dir, trainer, model, datamodule, metrics)
-
-
-def ensure_writable_logs(argv: list[str] | None = None) -> None:
-    """Exit with one sentence if the logs folder cannot be written, before Hydra tries to.
-
-    Checks ``AE_LOGS_DIR`` (or ``logs/``) and any plain ``hydra.run.dir=``/``hydra.sweep.dir=``
-    on the command line.
-    """
-    logs = Path(os.environ.get("AE_LOGS_DIR", "logs"))
-    folders = [(logs, f"the logs folder {logs}", LOGS_FIX)]
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
-            fix = f"point {key.lstrip('+')} at a writable folder"
-            folders.append((Path(value), f"{key.lstrip('+')}={value}", fix))
-    for folder, name, fix in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            reason = err.strerror or type(err).__name__
-            print(f"error: {name} cannot be written ({reason}): {fix}.", file=sys.stderr)
-            sys.exit(2)
-
-
-LOGS_FIX = "make it writable or point AE_LOGS_DIR at a writable folder"
 
 
 def _quiet_write_failures(args: threading.ExceptHookArgs) -> None:

@@ -7,13 +7,14 @@ entry points, never on ``import ae_lightning``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning.errors import UserError
 from ae_lightning.extras import check_command_line
@@ -25,6 +26,7 @@ NOISY_WARNINGS = (
 )
 # Lightning's adverts for its cloud products ("💡 Tip: ... litlogger / litmodels").
 NOISY_LOG_LINES = ("💡 Tip", "litlogger", "litmodels")
+LIGHTNING_PACKAGES = ("pytorch_lightning", "lightning_fabric")
 LIGHTNING_LOGGERS = (
     "pytorch_lightning.utilities.rank_zero",
     "lightning_fabric.utilities.rank_zero",
@@ -45,6 +47,25 @@ def quiet_console() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise())
+    _lightning_lines_on_stderr()
+
+
+def _lightning_lines_on_stderr() -> None:
+    """Lightning's own lines (devices, checkpoint restores) plainly on the console.
+
+    Lightning sets this up itself when it is imported before anything configures logging;
+    the entry points now import it only once Hydra has configured logging, so they set it
+    up first, the same way. Inside a run, Hydra's job-logging config (conf/hydra/
+    job_logging) replaces these handlers so Lightning's lines reach train.log as well.
+    """
+    if logging.getLogger().hasHandlers():
+        return
+    for name in LIGHTNING_PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+        logger.propagate = False
 
 
 def check_extras() -> None:
@@ -56,12 +77,41 @@ def check_extras() -> None:
         sys.exit(2)
 
 
+def ensure_writable_logs(argv: list[str] | None = None) -> None:
+    """Exit with one sentence if the logs folder cannot be written, before Hydra tries to.
+
+    Checks ``AE_LOGS_DIR`` (or ``logs/``) and any plain ``hydra.run.dir=``/``hydra.sweep.dir=``
+    on the command line.
+    """
+    logs = Path(os.environ.get("AE_LOGS_DIR", "logs"))
+    folders = [(logs, f"the logs folder {logs}", LOGS_FIX)]
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            fix = f"point {key.lstrip('+')} at a writable folder"
+            folders.append((Path(value), f"{key.lstrip('+')}={value}", fix))
+    for folder, name, fix in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            print(f"error: {name} cannot be written ({reason}): {fix}.", file=sys.stderr)
+            sys.exit(2)
+
+
+LOGS_FIX = "make it writable or point AE_LOGS_DIR at a writable folder"
+
+
 def record_config(cfg: DictConfig) -> None:
     """Save the resolved config beside Hydra's own copy; print it as a tree if asked.
 
     Hydra's ``config.yaml`` keeps ``${oc.env:...}`` and ``${hydra:...}`` unresolved, so it
     does not say which data folder or run folder a run really used.
     """
+    from pytorch_lightning.utilities import rank_zero_only  # the run has imported Lightning
+
     if rank_zero_only.rank != 0:  # DDP starts this script once per device
         return
     if HydraConfig.initialized():

@@ -1,18 +1,22 @@
-"""``ae-eval``: ``python eval.py`` installed; test a saved checkpoint again, with figures."""
+"""``ae-eval``: ``python eval.py`` installed; test a saved checkpoint again, with figures.
+
+Light until a run starts, as ``ae-train``: the heavy stack is imported in the task function.
+"""
 
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from ae_lightning.cli import check_extras, quiet_console, record_config
+from ae_lightning.cli import check_extras, ensure_writable_logs, quiet_console, record_config
 from ae_lightning.naming import quote_path_overrides
-from ae_lightning.train import ensure_writable_logs, evaluate, run_cli
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ae_lightning.conf", config_name="train")
 def _eval(cfg: DictConfig) -> float:
     quiet_console()
+    from ae_lightning.train import evaluate, run_cli  # the heavy stack, only now
+
     record_config(cfg)
     return run_cli(cfg, task=evaluate)
 

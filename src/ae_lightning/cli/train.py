@@ -1,18 +1,23 @@
-"""``ae-train``: ``python train.py`` installed; the same Hydra overrides, from any folder."""
+"""``ae-train``: ``python train.py`` installed; the same Hydra overrides, from any folder.
+
+Light until a run starts: ``--help``, ``--cfg job`` and shell completion need Hydra only, so
+torch and Lightning are imported inside the task function.
+"""
 
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from ae_lightning.cli import check_extras, quiet_console, record_config
+from ae_lightning.cli import check_extras, ensure_writable_logs, quiet_console, record_config
 from ae_lightning.naming import quote_path_overrides
-from ae_lightning.train import ensure_writable_logs, run_cli
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ae_lightning.conf", config_name="train")
 def _train(cfg: DictConfig) -> float:
     quiet_console()  # again here: a sweep's job may run in a fresh worker process
+    from ae_lightning.train import run_cli  # the heavy stack, only now that a run starts
+
     record_config(cfg)
     return run_cli(cfg)
 
