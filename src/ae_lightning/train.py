@@ -37,6 +37,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ae_lightning import tb
+from ae_lightning.atomic import write_atomic
 from ae_lightning.callbacks import EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
@@ -174,13 +175,7 @@ SCHEDULER_NAMES = {
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically: a reader never sees half a file, a crash never leaves one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 _JOB_TRAINERS: list[pl.Trainer] = []
