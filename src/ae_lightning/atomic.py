@@ -37,7 +37,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
     try:
         fd = _create_exclusive(tmp)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(fd, "wb") as f:
                 if callable(data):
                     data(f)
                 else:
