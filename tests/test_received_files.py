@@ -269,6 +269,14 @@ def nan_weights(run):
     edit_checkpoints(run, change)
 
 
+def wrong_shape(run):
+    def change(checkpoint):
+        name = next(iter(checkpoint["state_dict"]))
+        checkpoint["state_dict"][name] = torch.zeros(3, 3)
+
+    edit_checkpoints(run, change)
+
+
 def yaml_tag(run):
     path = run / ".hydra" / "config_resolved.yaml"
     path.write_text(path.read_text() + "note: !!python/object/apply:os.getcwd []\n")
@@ -297,6 +305,7 @@ BAD_FILES = {
     "callbacks_list": (key("callbacks", [1]), "callbacks=list"),
     "state_dict_numbers": (key("state_dict", {"w": 5}), "state_dict=dict"),
     "nan_weights": (nan_weights, "non-finite weights"),
+    "wrong_shape": (wrong_shape, "not an ae-lightning checkpoint (RuntimeError)"),
     "yaml_tag": (yaml_tag, "config_resolved.yaml cannot be read"),
     "split_seed": (split_seed, "data.split_seed=100000000000000000000"),
 }
@@ -320,6 +329,7 @@ def test_load_run_refuses_each_bad_file_in_one_sentence(case, received, tmp_path
 ENTRY_POINTS = {  # the bad file and where a user meets it
     "resume_epoch_word": ("epoch_word", "resume"),
     "ckpt_path_wide_hidden": ("wide_hidden", "ckpt_path"),
+    "resume_wrong_shape": ("wrong_shape", "resume", "of shape (3, 3) but this config's model"),
     "eval_nan_weights": ("nan_weights", "eval"),
     "compare_alias_bomb": ("alias_bomb", "compare"),
     "compare_deep_metrics": ("deep_metrics", "compare"),
@@ -333,8 +343,9 @@ def test_each_entry_point_refuses_a_bad_file_in_one_sentence(
     case, received, tiny_root, tmp_path, capsys
 ):
     run, victim = received
-    bad, where = ENTRY_POINTS[case]
+    bad, where, *said = ENTRY_POINTS[case]
     make, fragment = BAD_FILES[bad]
+    fragment = said[0] if said else fragment  # the entry point's own words
     make(run)
     before = outside(tmp_path, run)
     common = [*tiny_overrides(tiny_root), "model=linear", "callbacks=minimal", "logger=none"]

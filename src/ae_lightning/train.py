@@ -282,7 +282,17 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
                 f"{key}={model.hparams.get(key)!r}: repeat the run's original overrides "
                 f"(see its .hydra/overrides.yaml)."
             )
-    reached = int(checkpoint.get("epoch", -1)) + 1  # the epoch it was trained in (1-based)
+    # The weights themselves, not only the settings that claim to describe them.
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    for name in sorted(expected.keys() | found.keys()):
+        if expected.get(name) != found.get(name):
+            raise UserError(
+                f"{path} holds {name[:80]} of shape {found.get(name)} but this config's model "
+                f"has {expected.get(name)}: repeat the run's original overrides (see its "
+                ".hydra/overrides.yaml)."
+            )
+    reached = checkpoint.get("epoch", -1) + 1  # the epoch it was trained in (1-based)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs not in (None, -1) and max_epochs < reached:
         raise UserError(
