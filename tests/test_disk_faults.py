@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from ae_lightning import checkpointing
+from ae_lightning import atomic
 from ae_lightning.train import run_cli
 from conftest import compose_cfg, run_train_cli, tiny_overrides
 
@@ -38,7 +38,7 @@ def test_a_checkpoint_on_a_full_disk_is_one_sentence_and_no_tmp(tiny_root, tmp_p
     def full_disk_open(path, mode="r", *args, **kwargs):
         return FullDiskFile(path) if "w" in mode else open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(checkpointing, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(atomic, "open", full_disk_open, raising=False)  # every write
     run_dir = tmp_path / "run"
     cfg = compose_cfg([*tiny_overrides(tiny_root), "callbacks=minimal"], run_dir=run_dir)
     code, lines = run(cfg, capsys)

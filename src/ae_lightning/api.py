@@ -28,64 +28,6 @@ IMAGE_SIDE, PIXELS = 28, 28 * 28
 SHAPES = "(N, 28, 28), (N, 1, 28, 28) or (N, 784)"
 
 
-# --- reading a run folder as data (through runfolder: nothing in it runs code) ------------
-
-
-@dataclass
-class _RunFiles:
-    """Where a run's pieces are: its folder (None for a lone .ckpt) and the checkpoint."""
-
-    folder: Path | None
-    checkpoint: Path
-
-
-def _find_files(path: Path, checkpoint: str) -> _RunFiles:
-    """A run folder, a sweep job folder or a .ckpt file -> the checkpoint to load."""
-    if checkpoint not in ("best", "last"):
-        raise UserError(f"checkpoint={checkpoint!r} is not a choice: use 'best' or 'last'.")
-    if path.is_file():
-        if path.suffix != ".ckpt":
-            raise UserError(f"{path} is not a .ckpt file: pass a run folder or a checkpoint.")
-        folder = path.parent.parent if path.parent.name == "checkpoints" else None
-        return _RunFiles(folder, path)
-    if not path.is_dir():
-        raise UserError(f"{path} does not exist: pass a run folder such as logs/runs/<run>.")
-    folder = path / "checkpoints"
-    order = ("best.ckpt", "last.ckpt") if checkpoint == "best" else ("last.ckpt", "best.ckpt")
-    for name in order:
-        if (folder / name).is_file():
-            return _RunFiles(path, folder / name)
-    jobs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir())
-    if jobs:
-        raise UserError(
-            f"{path} is a sweep with {len(jobs)} jobs, not one run: pass one job folder, "
-            f"e.g. {path / jobs[0]}."
-        )
-    raise UserError(
-        f"{path} has no checkpoints/best.ckpt or last.ckpt: pass a run folder that finished "
-        "at least one epoch."
-    )
-
-
-def _read_config(folder: Path | None) -> DictConfig:
-    """The run's saved config as plain data: the resolved copy if written, else config.yaml."""
-    if folder is None:
-        return OmegaConf.create({})
-    for name in ("config_resolved.yaml", "config.yaml"):
-        file = folder / ".hydra" / name
-        if file.is_file():
-            loaded = OmegaConf.load(file)
-            return loaded if isinstance(loaded, DictConfig) else OmegaConf.create({})
-    return OmegaConf.create({})
-
-
-def _data_settings(folder: Path | None) -> dict[str, Any]:
-    """The run's known data settings (``runfolder.data_settings``); defaults for a lone .ckpt."""
-    if folder is None or not (folder / ".hydra" / "config.yaml").is_file():
-        return {}
-    return runfolder.data_settings(folder)
-
-
 # --- the public API -------------------------------------------------------------------------
 
 
@@ -185,7 +127,7 @@ class Run:
 
     def _datamodule(self) -> MNISTDataModule:
         if self._data is None:
-            settings = _data_settings(self.path if self.path.is_dir() else None)
+            settings = runfolder.saved_data_settings(self.path if self.path.is_dir() else None)
             if self.data_root is not None:
                 settings["root"] = self.data_root
             self._data = MNISTDataModule(download=False, **settings)
@@ -262,8 +204,8 @@ def load_run(
     model lives (default: a GPU if there is one). ``data_root``: MNIST somewhere other than
     where the run read it.
     """
-    files = _find_files(Path(path).expanduser(), checkpoint)
-    config = _read_config(files.folder)
+    files = runfolder.find_files(Path(path).expanduser(), checkpoint)
+    config = OmegaConf.create(runfolder.saved_config(files.folder))  # plain values only
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = runfolder.load_autoencoder(files.checkpoint, map_location=device)
     return Run(

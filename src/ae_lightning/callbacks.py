@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from ae_lightning.atomic import write_atomic
 from ae_lightning.cpu import THREADS_AUTO, ThreadSearch, available_cores
 from ae_lightning.data import to_unit_float
 from ae_lightning.errors import UserError
@@ -533,17 +533,13 @@ class FigureCallback(Callback):
 
 
 def save_png(rgb: np.ndarray, path: Path) -> None:
-    """Write atomically (tmp file + rename); on failure warn and carry on."""
+    """Write atomically (``write_atomic``); on failure warn and carry on."""
     import matplotlib.image
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        matplotlib.image.imsave(tmp, rgb, format="png")
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: matplotlib.image.imsave(f, rgb, format="png"))
     except OSError as err:
-        with suppress(OSError):  # a full disk keeps no half-written file
-            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
         log.warning("Could not write figure %s: %s", path, err)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import stat
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,11 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ae_lightning.atomic import write_atomic
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<path>.tmp`` beside ``path``, then renames it over ``path``.
+    """Writes ``<path>.tmp`` beside ``path``, then renames it over ``path`` (``write_atomic``).
 
     A rename within one folder is atomic, so a kill during the save (SIGKILL, power, a full
     disk) leaves the previous ``last.ckpt`` intact instead of a truncated file. The temporary
@@ -29,21 +33,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialised first: a disk error stays an OSError
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-            os.replace(tmp, path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise OSError(err.errno, err.strerror, str(path)) from err  # name the file
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, buffer.getbuffer())
 
 
 class CheckpointOnSigterm(Callback):
@@ -71,12 +63,15 @@ class CheckpointOnSigterm(Callback):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that follows its run folder when the folder is moved.
+    """``ModelCheckpoint`` whose restored paths always lie in its own ``checkpoints/`` folder.
 
-    Lightning forgets the best score and path when a checkpoint's saved ``dirpath`` differs
-    from the current one; a moved run would then test on the last weights, or overwrite
-    best.ckpt with a worse model. The saved paths are mapped into the current folder (the
-    file names are the same) so ``resume=`` of a moved or copied run keeps its best model.
+    A checkpoint's saved paths come from a file someone may have crafted, and Lightning
+    deletes the "previous" best or last checkpoint by those paths (recursively): a path of
+    ``/x/..`` or ``<dirpath>/../../victim`` would remove folders. Every saved path is
+    re-derived as a plain file name this callback itself writes (``best.ckpt``,
+    ``last.ckpt``) inside the current ``dirpath`` where that file exists, or dropped. That
+    also keeps a moved or copied run's best model: Lightning forgets it when the saved
+    ``dirpath`` differs.
     """
 
     @cached_property
@@ -87,21 +82,50 @@ class RunCheckpoint(ModelCheckpoint):
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("dirpath")
-        if saved and self.dirpath and os.path.realpath(saved) != os.path.realpath(self.dirpath):
-            here = Path(self.dirpath)
+        here = Path(self.dirpath) if self.dirpath else None
 
-            def moved(path: Any) -> Any:
-                return str(here / Path(path).name) if path else path
+        def own(path: Any) -> str:
+            """The same name in ``here`` if it is one of ours and a file there, else ``""``."""
+            name = path.rsplit("/", 1)[-1].rsplit("\\", 1)[-1] if isinstance(path, str) else ""
+            if here is None or not self._is_own_name(name):
+                return ""
+            try:  # a plain file, not a link or a folder (lstat: the name itself)
+                regular = stat.S_ISREG(os.lstat(here / name).st_mode)
+            except OSError:
+                regular = False
+            return str(here / name) if regular else ""
 
-            state_dict = {
-                **state_dict,
+        def score(value: Any) -> torch.Tensor | None:
+            return value if isinstance(value, torch.Tensor) and value.numel() == 1 else None
+
+        saved_k = state_dict.get("best_k_models")
+        best_k = {
+            own(k): v for k, v in (saved_k.items() if isinstance(saved_k, dict) else ())
+            if own(k) and score(v) is not None
+        }  # fmt: skip
+        kth_value = score(state_dict.get("kth_value"))
+        best = own(state_dict.get("best_model_path"))
+        super().load_state_dict(
+            {
+                "monitor": self.monitor,
                 "dirpath": self.dirpath,
-                "best_model_path": moved(state_dict.get("best_model_path")),
-                "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
-                "last_model_path": moved(state_dict.get("last_model_path")),
-                "best_k_models": {
-                    moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()
-                },
+                "best_model_score": score(state_dict.get("best_model_score")) if best else None,
+                "current_score": score(state_dict.get("current_score")),
+                "best_model_path": best,
+                "kth_best_model_path": own(state_dict.get("kth_best_model_path")),
+                "last_model_path": own(state_dict.get("last_model_path")),
+                "best_k_models": best_k,
+                **({"kth_value": kth_value} if kth_value is not None else {}),
             }
-        super().load_state_dict(state_dict)
+        )
+
+    def _is_own_name(self, name: str) -> bool:
+        """A file name this callback writes: ``<filename>.ckpt`` or ``last.ckpt``."""
+        last = self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+        if self.filename and "{" not in self.filename:
+            return name in (self.filename + self.FILE_EXTENSION, last)
+        # A formatted name (``epoch=3-step=40.ckpt``): plain characters, no folder part.
+        return name == last or bool(OWN_NAME.fullmatch(name))
+
+
+OWN_NAME = re.compile(r"[A-Za-z0-9_=+-][A-Za-z0-9._=+-]*\.ckpt")

@@ -11,12 +11,10 @@ from __future__ import annotations
 import csv
 import logging
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ae_lightning import runfolder
 from ae_lightning.callbacks import save_png
@@ -41,6 +39,7 @@ from ae_lightning.plots import (
     samples_figure,
     scatter_figure,
 )
+from ae_lightning.runfolder import RunRecord, find_runs, is_run, read_run
 from ae_lightning.tb import COMPARISON_GROUP, monospace_table
 
 log = logging.getLogger(__name__)
@@ -61,81 +60,10 @@ SUMMARY_COLUMNS = [
 ]
 
 
-@dataclass
-class Run:
-    """One run folder as the comparison sees it."""
-
-    path: Path
-    overrides: list[str] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    checkpoint: Path | None = None
-    error: str = ""
-    label: str = ""
-    status: str = ""  # "interrupted" or "failed" from the folder's own files
-
-    @property
-    def ok(self) -> bool:
-        return self.checkpoint is not None and not self.error
-
-
-def is_run(path: Path) -> bool:
-    return (path / ".hydra" / "config.yaml").is_file()
-
-
-def find_runs(paths: list[Path]) -> list[Path]:
-    """Run folders among ``paths``: each one itself, or a sweep's job folders in job order."""
-    runs = []
-    for path in paths:
-        if is_run(path):
-            runs.append(path)
-            continue
-        jobs = [p for p in path.iterdir() if p.is_dir() and is_run(p)] if path.is_dir() else []
-        runs.extend(sorted(jobs, key=lambda p: (_job_number(p), p.name)))
-    if not runs:
-        shown = ", ".join(str(p) for p in paths)
-        raise UserError(
-            f"No run folders (with .hydra/config.yaml) in {shown}: pass run folders from "
-            "logs/runs/ or a sweep folder from logs/multiruns/."
-        )
-    return runs
-
-
-def _job_number(path: Path) -> int:
-    """The job's number in its sweep (folders are named by what varies, not by number)."""
-    try:
-        saved = yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text())  # data, not code
-        return int(saved["hydra"]["job"]["num"])
-    except Exception:  # a hand-made or older run folder: after the numbered ones
-        head = path.name.split("_", 1)[0]
-        return int(head) if head.isdigit() else 1 << 30
-
-
-def load_run(path: Path) -> Run:
-    """Overrides, metrics and best checkpoint of a run, read as data; problems become ``error``.
-
-    A run folder whose saved config asks to build code is refused (``UserError``).
-    """
-    run = Run(path)
-    runfolder.data_settings(path)  # refuses a data section that names code to build
-    overrides_file = path / ".hydra" / "overrides.yaml"
-    if overrides_file.is_file():
-        try:
-            overrides = yaml.safe_load(overrides_file.read_text()) or []
-        except yaml.YAMLError:
-            overrides = []
-        run.overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
-    run.metrics = runfolder.metrics(path)
-    run.status, run.error = runfolder.status(path)
-    run.checkpoint = runfolder.choose_checkpoint(path)
-    if run.checkpoint is None:
-        run.error = run.error or "no checkpoint (the run did not finish an epoch)"
-    return run
-
-
 IGNORED_IN_LABELS = ("data.root", "data.download", "trainer.accelerator", "resume", "ckpt_path")
 
 
-def label_runs(runs: list[Run]) -> None:
+def label_runs(runs: list[RunRecord]) -> None:
     """Name each run by the overrides that differ between the runs (its folder otherwise)."""
     common = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
     for run in runs:
@@ -145,14 +73,17 @@ def label_runs(runs: list[Run]) -> None:
         run.label = " ".join(distinct) or run.path.name
 
 
-def _data_for(run: Run, data_root: str | None) -> MNISTDataModule:
+def _data_for(run: RunRecord, data_root: str | None) -> MNISTDataModule:
     datamodule = runfolder.data_module(run.path, data_root)
     datamodule.setup()
     return datamodule
 
 
 def _figures(
-    models: list[tuple[Run, Autoencoder]], datamodule: MNISTDataModule, sampler: str, seed: int
+    models: list[tuple[RunRecord, Autoencoder]],
+    datamodule: MNISTDataModule,
+    sampler: str,
+    seed: int,
 ) -> dict[str, Any]:
     """The four comparison figures, every model on the same images, pair and sampler."""
     test_images, test_labels = datamodule.split("test")
@@ -227,7 +158,7 @@ def _wrap(text: str, width: int = 14) -> str:
     return "\n".join(lines)
 
 
-def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
+def summary_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
     """One row per run, finished runs by test MSE, failed ones after them."""
     rows = []
     for run in runs:
@@ -275,7 +206,7 @@ def compare(
     except ValueError as err:
         raise UserError(f"--sampler {sampler}: {err}") from None
     paths = [Path(p) for p in paths]
-    runs = [load_run(p) for p in find_runs(paths)]
+    runs = [read_run(p) for p in find_runs(paths)]
     label_runs(runs)
     if out is None:
         out = (paths[0] if not is_run(paths[0]) else paths[0].parent) / "comparison"
@@ -290,8 +221,8 @@ def compare(
             model = runfolder.load_autoencoder(run.checkpoint)
         except runfolder.UnsafeCheckpointError:
             raise  # a file that tries to run code stops the comparison
-        except UserError:  # a corrupt or foreign checkpoint: a failed row, not a crash
-            run.error = f"cannot load {run.checkpoint.name}: not a readable checkpoint"
+        except UserError as err:  # a corrupt, foreign or diverged checkpoint: a failed row
+            run.error = f"cannot load {run.checkpoint.name}: {err}"
             continue
         models.append((run, model))
     write_summary(summary_rows(runs), out)

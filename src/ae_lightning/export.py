@@ -9,6 +9,7 @@ them.
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from ae_lightning.api import load_run
+from ae_lightning.atomic import check_no_links_out, write_atomic
 from ae_lightning.cli.export import main  # noqa: F401  (`python -m ae_lightning.export`)
 from ae_lightning.errors import UserError
 from ae_lightning.extras import require
@@ -71,16 +73,24 @@ def export_run(
         require("onnxscript", "export", "ae-export --format onnx")
     run = load_run(run_path, checkpoint=checkpoint, device="cpu")
     folder = run.path if run.path.is_dir() else run.checkpoint.parent
-    out = Path(out) if out is not None else folder / "export"
+    if out is None:  # inside the received folder: no link there may carry the files out
+        check_no_links_out(folder, f"ae-export {run_path}")
+        out = folder / "export"
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     z = run.bottleneck
     pixels = torch.rand(2, 1, 28, 28)
     codes = run.model.encode(pixels).detach()
     save = _save_onnx if fmt == "onnx" else _save_torchscript
     ext = FORMATS[fmt]
-    with torch.no_grad():
-        save(_Encode(run.model).eval(), pixels, out / f"encoder{ext}", ("images", "codes"))
-        save(_Decode(run.model).eval(), codes, out / f"decoder{ext}", ("codes", "images"))
+    with torch.no_grad(), tempfile.TemporaryDirectory() as staging:
+        # The exporters write by path: staged outside, then put in place by write_atomic.
+        for module, example, name, names in (
+            (_Encode(run.model), pixels, f"encoder{ext}", ("images", "codes")),
+            (_Decode(run.model), codes, f"decoder{ext}", ("codes", "images")),
+        ):
+            save(module.eval(), example, Path(staging, name), names)
+            write_atomic(out / name, Path(staging, name).read_bytes())
     pixel = {"dtype": "float32", "shape": ["N", 1, 28, 28], "range": [0.0, 1.0]}
     code = {"dtype": "float32", "shape": ["N", z]}
     manifest: dict[str, Any] = {
@@ -93,7 +103,7 @@ def export_run(
         "pixels": "float32 in [0, 1] (uint8 / 255); the decoder ends in a sigmoid",
         "checkpoint": str(run.checkpoint),
     }  # fmt: skip
-    (out / "model.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(out / "model.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,9 +36,13 @@ def _alive(pid: int) -> bool:
 
 
 def _holder(path: Path) -> dict:
+    """The lock's content; a received folder's lock may be a link, a pipe or huge: read 4 kB."""
     try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+            holder = json.loads(f.read(4096)) if regular else {}
+    except (OSError, ValueError, RecursionError):
         return {}  # being written right now, or garbage: treated as held (below) or stale
     return holder if isinstance(holder, dict) else {}
 

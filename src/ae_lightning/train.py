@@ -36,6 +36,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ae_lightning import provenance, tb
+from ae_lightning.atomic import write_atomic
 from ae_lightning.callbacks import CpuThreads, EpochHistory, EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
@@ -164,13 +165,7 @@ SCHEDULER_NAMES = {
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically: a reader never sees half a file, a crash never leaves one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 _JOB_TRAINERS: list[pl.Trainer] = []
@@ -278,7 +273,17 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
                 f"{key}={model.hparams.get(key)!r}: repeat the run's original overrides "
                 f"(see its .hydra/overrides.yaml)."
             )
-    reached = int(checkpoint.get("epoch", -1)) + 1  # the epoch it was trained in (1-based)
+    # The weights themselves, not only the settings that claim to describe them.
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    for name in sorted(expected.keys() | found.keys()):
+        if expected.get(name) != found.get(name):
+            raise UserError(
+                f"{path} holds {name[:80]} of shape {found.get(name)} but this config's model "
+                f"has {expected.get(name)}: repeat the run's original overrides (see its "
+                ".hydra/overrides.yaml)."
+            )
+    reached = checkpoint.get("epoch", -1) + 1  # the epoch it was trained in (1-based)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs not in (None, -1) and max_epochs < reached:
         raise UserError(

@@ -9,6 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from ae_lightning.atomic import refuse_links_out_of_resume
 from ae_lightning.cli import check_extras, ensure_writable_logs, quiet_console, record_config
 from ae_lightning.naming import quote_path_overrides
 
@@ -26,5 +27,6 @@ def main() -> None:
     quiet_console()
     check_extras()
     ensure_writable_logs()
+    refuse_links_out_of_resume()  # before Hydra writes .hydra-resumed/ and train.log there
     sys.argv = quote_path_overrides(sys.argv)  # run folders paste back as printed
     _train()

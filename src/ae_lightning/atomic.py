@@ -1,0 +1,126 @@
+"""Writes into run folders that people send each other: atomic, and never through a link.
+
+``write_atomic`` is the one way this package writes a file: a temporary file created
+exclusively beside the target (``O_CREAT | O_EXCL | O_NOFOLLOW``: an existing name, a planted
+symlink included, is never opened), fsync, then ``os.replace``, which swaps the name itself
+and never follows a link at the target. ``check_no_links_out`` walks a received run folder
+before anything writes into it: a link there pointing outside would carry every later write
+(logs, Hydra's ``.hydra*``, figures, checkpoints, exports) to its target.
+
+Standard library only: the command line calls it before Hydra (or torch) starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from ae_lightning.errors import UserError
+
+# More entries than any run folder holds (figures per epoch, event files); the walk stops
+# there so a folder of millions of files cannot stall a start.
+MAX_WALK_ENTRIES = 100_000
+_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically.
+
+    A reader never sees half a file and a crash never leaves one. An ``OSError`` names
+    ``path`` itself (not the temporary file), and the temporary file is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = _create_exclusive(tmp)
+        try:
+            with open(fd, "wb") as f:
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the file
+            os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
+
+
+def _create_exclusive(tmp: Path) -> int:
+    """A new file at ``tmp``; a leftover name there (a killed write, a link) is removed first.
+
+    Removing a name never touches what a link points at.
+    """
+    try:
+        return os.open(tmp, _EXCLUSIVE, 0o644)
+    except FileExistsError:
+        _remove(tmp)
+        return os.open(tmp, _EXCLUSIVE, 0o644)
+
+
+def _remove(path: Path) -> None:
+    try:
+        if not path.is_dir() or path.is_symlink():
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def check_no_links_out(folder: str | os.PathLike, what: str) -> None:
+    """One sentence if anything in ``folder`` is a symlink pointing outside it (``UserError``).
+
+    The walk never follows a link and stops after ``MAX_WALK_ENTRIES`` entries. ``what``
+    names the command-line value in the sentence (``resume=<folder>``).
+    """
+    top = Path(folder)
+    root = Path(os.path.realpath(top))
+    pending, seen = [top], 0
+    while pending:
+        current = pending.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue  # unreadable: nothing will be written there either
+        for entry in entries:
+            seen += 1
+            if seen > MAX_WALK_ENTRIES:
+                raise UserError(
+                    f"{what} holds more than {MAX_WALK_ENTRIES:,} files: that is not a run "
+                    "folder written by train.py; point it at one."
+                )
+            if entry.is_symlink():
+                target = Path(os.path.realpath(entry.path))
+                if target != root and root not in target.parents:
+                    raise UserError(
+                        f"{what}: {entry.path} is a link to {target}, outside the run folder, "
+                        "so writing the run would overwrite it: replace the link with a plain "
+                        "file or folder (or delete it)."
+                    )
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+
+
+def refuse_links_out_of_resume(argv: list[str] | None = None) -> None:
+    """Exit 2 with one sentence if ``resume=<folder>`` holds a link out, before Hydra writes.
+
+    Hydra writes ``.hydra-resumed/`` and ``train.log`` into the resumed folder before any task
+    code runs, so this reads ``resume=`` off the command line itself.
+    """
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, _, value = arg.partition("=")
+        value = value.strip().strip("'\"")
+        if key.lstrip("+") != "resume" or not value or "${" in value:
+            continue
+        if not Path(value).is_dir():
+            continue  # train.py says in one sentence that the folder does not exist
+        try:
+            check_no_links_out(value, f"resume={value}")
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)

@@ -1,0 +1,404 @@
+"""Run folders and checkpoints from others: no path in them reaches the disk, no write follows
+a link out, every reader is bounded. The attacker's files are the tests."""
+
+import hashlib
+import importlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+import yaml
+
+import ae_lightning
+from ae_lightning import runfolder
+from ae_lightning.errors import UserError
+from ae_lightning.train import write_json
+from conftest import PROJECT, run_train_cli, tiny_overrides
+
+# Importing torch alone maps ~3.9 GB of address space; a bomb that got through would need more.
+MEMORY_CAP = 5 << 30
+
+
+def checksums(folder):
+    """Every entry under ``folder`` (links as links, never followed) -> its content hash."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            found[str(path)] = "link:" + os.readlink(path)
+        elif path.is_file():
+            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            found[str(path)] = "dir"
+    return found
+
+
+def outside(folder, run):
+    """``checksums(folder)`` of everything but the run folder itself."""
+    return {p: h for p, h in checksums(folder).items() if not p.startswith(str(run))}
+
+
+def one_sentence(result):
+    """Exit 2, one ``error:`` line on stderr, no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def capped():
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+
+def run_module(module, *args, env=None):
+    """``python -m ae_lightning.<module> ARGS`` under the memory cap, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", f"ae_lightning.{module}", *map(str, args)],
+        capture_output=True, text=True, cwd=PROJECT, timeout=300, preexec_fn=capped,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})},
+    )  # fmt: skip
+
+
+def run_main(module, args, capsys):
+    """``ae-<module> ARGS`` in this process (its ``main``): exit code, stdout and stderr.
+
+    An exception escaping ``main`` fails the test, as a traceback would.
+    """
+    main = importlib.import_module(f"ae_lightning.{module}").main
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as stopped:
+        code = stopped.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+@pytest.fixture(scope="module")
+def good_run(tiny_root, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("received_logs")
+    result = run_train_cli(
+        [*tiny_overrides(tiny_root), "model=linear", "callbacks=minimal", "logger=none"], logs
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (logs / "runs").iterdir()
+    return run_dir
+
+
+@pytest.fixture
+def received(good_run, tmp_path):
+    """A copy of the trained run, as someone would send it, beside a victim folder."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me\n")
+    copy = tmp_path / "shared" / "run"
+    shutil.copytree(good_run, copy)
+    return copy, victim
+
+
+def edit_checkpoints(run, change):
+    for name in ("best.ckpt", "last.ckpt"):
+        path = run / "checkpoints" / name
+        checkpoint = torch.load(path, weights_only=True)
+        change(checkpoint)
+        torch.save(checkpoint, path)
+
+
+# --- 1. no path from a checkpoint reaches the disk ------------------------------------------
+
+
+def plant_paths(run, victim):
+    """Every path-bearing key of ModelCheckpoint's state aimed at a folder to remove."""
+
+    def change(checkpoint):
+        (key,) = [k for k in checkpoint["callbacks"] if k.startswith("ModelCheckpoint")]
+        state = checkpoint["callbacks"][key]
+        escape = f"{run / 'checkpoints'}/../../../victim"
+        state.update(
+            dirpath=str(victim), last_model_path="/x/..", best_model_path=escape,
+            kth_best_model_path=str(victim), best_k_models={str(victim): torch.tensor(0.0),
+                                                            "/x/..": torch.tensor(0.0)},
+        )  # fmt: skip
+
+    edit_checkpoints(run, change)
+
+
+@pytest.mark.parametrize("how", ["resume", "ckpt_path"])
+def test_checkpoint_paths_never_reach_the_disk(how, received, tiny_root, tmp_path):
+    run, victim = received
+    plant_paths(run, victim)
+    before_victim, before_run = checksums(victim), checksums(run)
+    source = f"resume={run}" if how == "resume" else f"ckpt_path={run}/checkpoints/last.ckpt"
+    args = [*tiny_overrides(tiny_root), "model=linear", "callbacks=minimal", "logger=none",
+            "trainer.max_epochs=2", source]  # fmt: skip
+    result = run_train_cli(args, logs=tmp_path / "logs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checksums(victim) == before_victim
+    if how == "resume":  # the run went on in its folder: nothing of it was removed
+        assert set(before_run) <= set(checksums(run))
+        assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    else:  # the source run is only read
+        assert checksums(run) == before_run
+        (new_run,) = (tmp_path / "logs" / "runs").iterdir()
+        assert (new_run / "checkpoints" / "best.ckpt").is_file()
+
+
+# --- 2. no write follows a link out ---------------------------------------------------------
+
+
+LINKED_ENTRIES = ["train.log", ".hydra-resumed", "figures", "metrics.json.tmp",
+                  "checkpoints/last.ckpt.tmp"]  # fmt: skip
+
+
+def plant_link(run, victim, entry):
+    target = victim / "precious.txt" if "." in entry.rsplit("/", 1)[-1][1:] else victim
+    (run / entry).parent.mkdir(parents=True, exist_ok=True)
+    (run / entry).unlink(missing_ok=True)  # the run's own train.log
+    (run / entry).symlink_to(target, target_is_directory=target.is_dir())
+
+
+@pytest.mark.parametrize("entry", ["train.log"])  # Hydra writes it before any task code
+def test_resume_refuses_a_run_folder_with_a_link_out(entry, received, tiny_root, tmp_path):
+    run, victim = received
+    plant_link(run, victim, entry)
+    (tmp_path / "logs").mkdir()  # the logs folder the CLI checks first
+    before = checksums(tmp_path)
+    result = run_train_cli([*tiny_overrides(tiny_root), "model=linear", f"resume={run}"],
+                           logs=tmp_path / "logs")  # fmt: skip
+    line = one_sentence(result)
+    assert entry in line and "outside the run folder" in line
+    assert checksums(tmp_path) == before  # not even Hydra's log or config was written
+
+
+@pytest.mark.parametrize("entry", LINKED_ENTRIES)
+def test_every_written_entry_is_checked_for_links(entry, received):
+    run, victim = received
+    plant_link(run, victim, entry)
+    with pytest.raises(UserError, match="outside the run folder"):
+        from ae_lightning.atomic import check_no_links_out
+
+        check_no_links_out(run, f"resume={run}")
+
+
+def test_export_refuses_an_export_link(received, tmp_path, capsys):
+    run, victim = received
+    (run / "export").symlink_to(victim, target_is_directory=True)
+    before = checksums(victim)
+    line = one_sentence(run_main("export", [run, "--format", "torchscript"], capsys))
+    assert "export" in line and "outside the run folder" in line
+    assert checksums(victim) == before
+
+
+def test_a_planted_temp_file_is_replaced_not_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "metrics.json.tmp").symlink_to(victim)
+    write_json(tmp_path / "metrics.json", {"test/mse": 0.1})
+    assert victim.read_text() == "keep me\n"
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"test/mse": 0.1}
+    assert not (tmp_path / "metrics.json.tmp").exists()
+
+
+# --- 3. and 6. every reader bounded; each bad file one sentence -----------------------------
+
+
+def zip_bomb(run):
+    """best.ckpt with a tensor member replaced by a deflated run of zeros (a few hundred kB)."""
+    path = run / "checkpoints" / "best.ckpt"
+    bomb = path.with_name("bomb.ckpt")
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(bomb, "w") as out:
+        for member in source.infolist():
+            if member.filename.endswith("/data/0"):
+                info = zipfile.ZipInfo(member.filename)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with out.open(info, "w", force_zip64=True) as f:
+                    chunk = bytes(16 << 20)
+                    for _ in range(16):  # 256 MB inflated
+                        f.write(chunk)
+            else:
+                out.writestr(member, source.read(member))
+    bomb.replace(path)
+
+
+def alias_bomb(run):
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    path = run / ".hydra" / "config.yaml"
+    path.write_text(path.read_text() + "\n".join(lines) + "\n")
+
+
+def deep_config(run):
+    path = run / ".hydra" / "config.yaml"
+    path.write_text(path.read_text() + "deep: " + "[" * 20_000 + "]" * 20_000 + "\n")
+
+
+def deep_metrics(run):
+    (run / "metrics.json").write_text('{"deep": ' + "[" * 20_000 + "]" * 20_000 + "}")
+
+
+def metrics_dev_zero(run):
+    (run / "metrics.json").unlink()
+    (run / "metrics.json").symlink_to("/dev/zero")
+
+
+def metrics_word(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "test/mse": "abc"}))
+
+
+def hparams(**values):
+    return lambda run: edit_checkpoints(run, lambda c: c["hyper_parameters"].update(values))
+
+
+def key(name, value):
+    return lambda run: edit_checkpoints(run, lambda c: c.update({name: value}))
+
+
+def nan_weights(run):
+    def change(checkpoint):
+        next(iter(checkpoint["state_dict"].values()))[0] = float("nan")
+
+    edit_checkpoints(run, change)
+
+
+def wrong_shape(run):
+    def change(checkpoint):
+        name = next(iter(checkpoint["state_dict"]))
+        checkpoint["state_dict"][name] = torch.zeros(3, 3)
+
+    edit_checkpoints(run, change)
+
+
+def yaml_tag(run):
+    path = run / ".hydra" / "config_resolved.yaml"
+    path.write_text(path.read_text() + "note: !!python/object/apply:os.getcwd []\n")
+
+
+def split_seed(run):
+    path = run / ".hydra" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["data"]["split_seed"] = 10**20
+    path.write_text(yaml.safe_dump(config))
+
+
+BAD_FILES = {
+    "zip_bomb": (zip_bomb, "compressed"),
+    "alias_bomb": (alias_bomb, "alias"),
+    "deep_config": (deep_config, "deeper than 100"),
+    "deep_metrics": (deep_metrics, "levels deep"),
+    "metrics_dev_zero": (metrics_dev_zero, "outside the run folder"),
+    "metrics_word": (metrics_word, "test/mse='abc'"),
+    "wide_hidden": (hparams(hidden=[300_000]), "parameters, more than the limit"),
+    "many_layers": (hparams(hidden=[1] * 10**6), "hidden layers"),
+    "epoch_word": (key("epoch", "abc"), "epoch='abc'"),
+    "hparams_number": (key("hyper_parameters", 5), "hyper_parameters=5"),
+    "loops_list": (key("loops", [1]), "loops=list"),
+    "optimizer_states_dict": (key("optimizer_states", {"a": 1}), "optimizer_states=dict"),
+    "callbacks_list": (key("callbacks", [1]), "callbacks=list"),
+    "state_dict_numbers": (key("state_dict", {"w": 5}), "state_dict=dict"),
+    "nan_weights": (nan_weights, "non-finite weights"),
+    "wrong_shape": (wrong_shape, "not an ae-lightning checkpoint (RuntimeError)"),
+    "yaml_tag": (yaml_tag, "config_resolved.yaml cannot be read"),
+    "split_seed": (split_seed, "data.split_seed=100000000000000000000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_load_run_refuses_each_bad_file_in_one_sentence(case, received, tmp_path):
+    run, _ = received
+    make, fragment = BAD_FILES[case]
+    make(run)
+    outside = checksums(tmp_path / "victim")
+    start = time.perf_counter()
+    with pytest.raises(UserError) as refused:
+        ae_lightning.load_run(run, device="cpu").test_images()
+    assert time.perf_counter() - start < 5  # refused before it allocated or looped
+    message = str(refused.value)
+    assert fragment in message and "\n" not in message
+    assert checksums(tmp_path / "victim") == outside
+
+
+ENTRY_POINTS = {  # the bad file and where a user meets it
+    "resume_epoch_word": ("epoch_word", "resume"),
+    "ckpt_path_wide_hidden": ("wide_hidden", "ckpt_path"),
+    "resume_wrong_shape": ("wrong_shape", "resume", "of shape (3, 3) but this config's model"),
+    "eval_nan_weights": ("nan_weights", "eval"),
+    "compare_alias_bomb": ("alias_bomb", "compare"),
+    "compare_deep_metrics": ("deep_metrics", "compare"),
+    "export_zip_bomb": ("zip_bomb", "export"),
+    "export_yaml_tag": ("yaml_tag", "export"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENTRY_POINTS))
+def test_each_entry_point_refuses_a_bad_file_in_one_sentence(
+    case, received, tiny_root, tmp_path, capsys
+):
+    run, victim = received
+    bad, where, *said = ENTRY_POINTS[case]
+    make, fragment = BAD_FILES[bad]
+    fragment = said[0] if said else fragment  # the entry point's own words
+    make(run)
+    before = outside(tmp_path, run)
+    common = [*tiny_overrides(tiny_root), "model=linear", "callbacks=minimal", "logger=none"]
+    logs = tmp_path / "logs"
+    if where == "resume":
+        result = run_train_cli([*common, f"resume={run}"], logs)
+    elif where == "ckpt_path":
+        result = run_train_cli([*common, f"ckpt_path={run}/checkpoints/last.ckpt"], logs)
+    elif where == "eval":
+        ckpt = f"ckpt_path={run}/checkpoints/best.ckpt"
+        result = run_train_cli([*common, ckpt], logs, script="eval.py")
+    elif where == "compare":
+        result = run_main("compare", [run, "--out", tmp_path / "cmp", "--data-root", tiny_root],
+                          capsys)  # fmt: skip
+    elif bad == "zip_bomb":  # its own process, under the memory cap
+        result = run_module("export", run, "--format", "torchscript")
+    else:
+        result = run_main("export", [run, "--format", "torchscript"], capsys)
+    assert fragment in one_sentence(result)
+    after = outside(tmp_path, run)
+    assert {p: h for p, h in after.items() if p in before} == before  # nothing changed
+    new = [p for p in after if p not in before]
+    assert not [p for p in new if not p.startswith(str(logs))], new  # only a refused run's log
+
+
+def test_compare_shows_a_diverged_run_as_a_failed_row(
+    received, good_run, tiny_root, tmp_path, capsys
+):
+    run, _ = received
+    nan_weights(run)
+    args = [good_run, run, "--out", tmp_path / "cmp", "--data-root", tiny_root]
+    result = run_main("compare", args, capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "non-finite weights" in (tmp_path / "cmp" / "summary.md").read_text()
+
+
+# --- 4. received configs are never resolved -------------------------------------------------
+
+
+def test_an_environment_reference_in_a_received_config_is_never_resolved(
+    received, tmp_path, monkeypatch
+):
+    run, _ = received
+    monkeypatch.setenv("AE_TEST_SECRET", "s3cr3t-value")
+    for name in ("config.yaml", "config_resolved.yaml"):
+        path = run / ".hydra" / name
+        config = yaml.safe_load(path.read_text())
+        config["data"]["root"] = "${oc.env:AE_TEST_SECRET}"
+        config["stolen"] = "${oc.env:AE_TEST_SECRET}"
+        path.write_text(yaml.safe_dump(config))
+    assert "root" not in runfolder.data_settings(run)  # absent: the default is used
+    loaded = ae_lightning.load_run(run, device="cpu")
+    from omegaconf import OmegaConf
+
+    shown = OmegaConf.to_yaml(loaded.config, resolve=True)
+    assert "s3cr3t" not in shown and "stolen" not in loaded.config
