@@ -518,6 +518,7 @@ def read_json(path: Path, within: Path | None = None) -> dict[str, Any]:
 
 TEXT_METRICS = {"family", "dataset", "recipe", "test_checkpoint"}
 LIST_METRICS = {"epoch_times_s"}
+ROW_METRICS = {"history"}  # lists of {name: number} rows, one per epoch
 
 
 def metrics(run: Path) -> dict[str, Any]:
@@ -535,6 +536,11 @@ def metrics(run: Path) -> dict[str, Any]:
             ok = isinstance(value, str)
         elif key in LIST_METRICS:
             ok = isinstance(value, list) and all(_is_number(v) for v in value)
+        elif key in ROW_METRICS:
+            ok = isinstance(value, list) and all(
+                isinstance(row, dict) and all(_is_number(v) for v in row.values())
+                for row in value
+            )
         else:
             ok = _is_number(value)
         if not ok:

@@ -28,4 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        print(f"error: writing {err.filename} failed ({err.strerror}): pass --out to a "
+              "writable folder.", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
     print(f"encoder, decoder and model.json -> {out}")
