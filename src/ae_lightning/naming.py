@@ -42,8 +42,12 @@ def override_pairs(overrides: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def _safe_value(value: str) -> str:
-    """``[64, 32]`` -> ``64-32``, ``/a/b`` -> ``a-b``: no character a shell or Hydra trips on."""
-    return _UNSAFE_IN_VALUE.sub("-", value).strip("-") or "none"
+    """``[64, 32]`` -> ``64-32``, ``/a/b`` -> ``a-b``: no character a shell or Hydra trips on.
+
+    Only the unsafe runs become ``-``: the value's own signs stay (``-1``, ``[-1, 2]`` ->
+    ``-1-2``), so a folder never names a value other than the one the run used.
+    """
+    return "-".join(part for part in _UNSAFE_IN_VALUE.split(value) if part) or "none"
 
 
 def short_name(pairs: Sequence[tuple[str, str]], limit: int = NAME_LIMIT) -> str:
