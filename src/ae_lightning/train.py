@@ -36,7 +36,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ae_lightning import tb
+from ae_lightning import markdown, tb
 from ae_lightning.callbacks import EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
@@ -127,7 +127,7 @@ def _record_tensorboard(
     except OmegaConfBaseException:  # an interpolation only Hydra's app could resolve
         config = OmegaConf.to_yaml(cfg)
     logger.experiment.add_text("run/metrics", tb.metrics_table(metrics), step)  # sorts first
-    logger.experiment.add_text("run/resolved_config", f"```yaml\n{config}```", step)
+    logger.experiment.add_text("run/resolved_config", markdown.code_block(config, "yaml"), step)
 
 
 def describe_run(cfg: DictConfig, model: Autoencoder) -> dict[str, str]:
