@@ -495,10 +495,11 @@ def _quiet_write_failures(args: threading.ExceptHookArgs) -> None:
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EFBIG}
 
 
-def _write_failure(err: BaseException, run_dir: Path) -> str:
+def _write_failure(err: BaseException, run_dir: Path, command: str) -> str:
     """One sentence for a failed write (full disk, read-only, I/O error), else ``""``.
 
-    Removes the run's half-written ``*.tmp`` files; what was complete stays.
+    Removes the run's half-written ``*.tmp`` files; what was complete stays. ``command``
+    (shell-quoted) continues the run; it ends the sentence, so it pastes as one.
     """
     cause: BaseException | None = err
     while cause is not None and not (isinstance(cause, OSError) and cause.errno in WRITE_ERRORS):
@@ -515,7 +516,7 @@ def _write_failure(err: BaseException, run_dir: Path) -> str:
     )
     return (
         f"Writing {where} failed ({cause.strerror}): free space on that disk or make it "
-        f"writable, then continue with resume={run_dir}; {kept}."
+        f"writable; {kept}; then continue with: {command}"
     )
 
 
@@ -591,7 +592,7 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
     except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        disk = _write_failure(err, Path(cfg.run_dir))
+        disk = _write_failure(err, Path(cfg.run_dir), resume_command(cfg))
         if in_multirun():
             line = disk or f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             log.exception("Job failed; the sweep goes on: %s", line)
