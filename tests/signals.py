@@ -34,3 +34,17 @@ class JobProbe(HydraCallback):
         record = {"threads": threading.active_count(), "rss": psutil.Process().memory_info().rss}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class SigtermAt(Callback):
+    """SIGTERM this process once, in the named hook: ``setup`` (the data is being loaded),
+    ``on_test_batch_end`` (the final test) or ``on_test_end`` (the final figures)."""
+
+    def __init__(self, hook: str) -> None:
+        self.sent = False
+        setattr(self, hook, self._send)
+
+    def _send(self, *args, **kwargs) -> None:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -120,9 +120,11 @@ def job_dirname(sweep_dir: str, job_num: int, overrides: Sequence[str]) -> str:
     """
     key = (str(sweep_dir), int(job_num))
     if key not in _job_names:
-        name = short_name(named_pairs(overrides, read_varying(sweep_dir))) or f"job{job_num}"
-        if (Path(sweep_dir) / name).exists():
-            name = f"{name},job={job_num}"
+        base = short_name(named_pairs(overrides, read_varying(sweep_dir))) or f"job{job_num}"
+        name, taken = base, 0
+        while (Path(sweep_dir) / name).exists():  # never another job's folder
+            taken += 1
+            name = f"{base},job={job_num}" + (f".{taken}" if taken > 1 else "")
         _job_names[key] = name
     return _job_names[key]
 

@@ -21,12 +21,15 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -42,6 +45,7 @@ from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
 from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
+from ae_lightning.interrupts import SigtermGuard, Terminated
 from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
 from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
@@ -297,13 +301,43 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
     return str(path)
 
 
-def resume_command(cfg: DictConfig) -> str:
-    """The command line that continues this run in its own folder."""
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    kept = [o for o in overrides if not o.startswith(("resume=", "ckpt_path=", "+ckpt_path="))]
+def _program() -> list[str]:
     script = Path(sys.argv[0]).name
-    program = ["python", script] if script.endswith(".py") else [script]
-    return shlex.join([*program, *kept, f"resume={Path(cfg.run_dir).resolve()}"])
+    return ["python", script] if script.endswith(".py") else [script]
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def check_resumed_test_checkpoint(cfg: DictConfig) -> None:
+    """Refuse a resume whose test would need a best checkpoint that is gone (before training).
+
+    ``last.ckpt`` records the best checkpoint's path; the file is looked for in this folder.
+    """
+    if not cfg.get("resume") or cfg.get("test_ckpt") != "best":
+        return
+    folder = Path(cfg.resume) / "checkpoints"
+    states = load_checkpoint(folder / "last.ckpt").get("callbacks") or {}
+    for state in states.values():
+        best = state.get("best_model_path") if isinstance(state, dict) else None
+        if best and not (folder / Path(str(best)).name).is_file():
+            raise UserError(
+                f"resume={cfg.resume} would test its best checkpoint {folder / Path(best).name}, "
+                "which is missing: put it back, or add test_ckpt=last to test "
+                f"{folder / 'last.ckpt'} instead."
+            )
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command line that continues this run in its own folder (shell-quoted)."""
+    kept = [o for o in _overrides() if not o.startswith(("resume=", "ckpt_path=", "+ckpt_path="))]
+    return shlex.join([*_program(), *kept, f"resume={Path(cfg.run_dir).resolve()}"])
+
+
+def rerun_command() -> str:
+    """The command line that started this run (shell-quoted): run again, a new run."""
+    return shlex.join([*_program(), *_overrides()])
 
 
 def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
@@ -377,30 +411,50 @@ def lightning_notices_filtered() -> Iterator[None]:
         yield
 
 
+@dataclass
+class _Progress:
+    """How far a run got, for the sentence SIGTERM prints (``_interrupted``)."""
+
+    phase: str = "start"  # start, fit, test, record
+    on_sigterm: CheckpointOnSigterm | None = None
+    trainer: pl.Trainer | None = None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one autoencoder as ``cfg`` says; return the metrics in ``metrics.json``."""
+    """Train and test one autoencoder as ``cfg`` says; return the metrics in ``metrics.json``.
+
+    SIGTERM anywhere (data loading, training, the test, the figures, the records) raises
+    ``RunInterrupted``: what is complete and the command that continues the run.
+    """
+    progress = _Progress()
+    with SigtermGuard() as guard:
+        try:
+            metrics = _train(cfg, guard, progress)
+            Path(cfg.run_dir, INTERRUPTED).unlink(missing_ok=True)  # a resumed run is finished
+            return metrics
+        except (SIGTERMException, Terminated):
+            raise _interrupted(cfg, progress) from None
+
+
+def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[str, Any]:
     run_dir, datamodule = _prepare_run(cfg)
     model = build_model(cfg)
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
-    on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
+    check_resumed_test_checkpoint(cfg)
+    on_sigterm = progress.on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
     callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm]
-    trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer = progress.trainer = build_trainer(cfg, callbacks, loggers)
 
+    progress.phase = "fit"
     start = time.perf_counter()
-    try:
-        with lightning_notices_filtered():
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except SIGTERMException:
-        if on_sigterm.saved_step is None:
-            raise
-        command = resume_command(cfg)
-        raise RunInterrupted(
-            f"SIGTERM: stopped at step {on_sigterm.saved_step} (epoch "
-            f"{trainer.current_epoch + 1}) and saved {on_sigterm.path}; resume with: {command}",
-            command,
-        ) from None
+    with lightning_notices_filtered():
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - start  # (Ctrl-C: Lightning shuts down and exits in fit)
 
+    progress.phase = "test"
+    if guard.received:  # after the loop's last look at the signal: training is complete
+        raise Terminated
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     test_ckpt = None  # without a checkpoint callback: test the weights in memory
     if checkpoint is not None:
@@ -411,6 +465,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (test_metrics,) = trainer.test(
         model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False, weights_only=True
     )
+    if guard.received:  # during the final figures, which come after the test loop's checks
+        raise Terminated
 
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
     if checkpoint is not None and checkpoint.best_model_score is not None:
@@ -424,9 +480,56 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
     if timer is not None:
         metrics["epoch_times_s"] = [round(t, 4) for t in timer.epoch_times]
+    progress.phase = "record"
     if trainer.is_global_zero:  # the test result is safe on disk before anything else is tried
         write_json(run_dir / "metrics.json", metrics)
     return _record(cfg, run_dir, trainer, model, datamodule, metrics)
+
+
+INTERRUPTED = "interrupted.json"  # a run stopped by SIGTERM: resume= continues it
+
+
+def _interrupted(cfg: DictConfig, progress: _Progress) -> RunInterrupted:
+    """The one line SIGTERM prints: what is complete, and the command that continues."""
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    saved = progress.on_sigterm.saved_step if progress.on_sigterm is not None else None
+    if progress.phase == "fit" and saved is not None and progress.trainer is not None:
+        command = resume_command(cfg)
+        return RunInterrupted(
+            f"SIGTERM: stopped at step {saved} (epoch {progress.trainer.current_epoch + 1}) "
+            f"and saved {last}; resume with: {command}",
+            command,
+        )
+    if progress.phase in ("start", "fit"):  # before the first step: nothing new to keep
+        if cfg.get("resume"):
+            command = resume_command(cfg)
+            return RunInterrupted(
+                f"SIGTERM before training resumed; {last} is as it was: resume with: {command}",
+                command,
+            )
+        command = rerun_command()
+        return RunInterrupted(
+            f"SIGTERM before training started; nothing was trained: run again: {command}",
+            command,
+        )
+    stopped = (
+        "the test (or its figures) was interrupted"
+        if progress.phase == "test"
+        else "the test finished but the latent metrics and records were interrupted"
+    )
+    if not last.is_file():  # callbacks=none: no checkpoint to test again
+        command = rerun_command()
+        return RunInterrupted(
+            f"SIGTERM after training, which kept no checkpoint (no checkpoint callback); "
+            f"{stopped}: start again with: {command}",
+            command,
+        )
+    command = resume_command(cfg)
+    return RunInterrupted(
+        f"SIGTERM after training: training finished and {last} holds it; {stopped}: "
+        f"complete the run (test and records only) with: {command}",
+        command,
+    )
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -461,24 +564,66 @@ def ensure_writable_logs(argv: list[str] | None = None) -> None:
     """Exit with one sentence if the logs folder cannot be written, before Hydra tries to.
 
     Checks ``AE_LOGS_DIR`` (or ``logs/``) and any plain ``hydra.run.dir=``/``hydra.sweep.dir=``
-    on the command line.
+    on the command line, read as Hydra reads it (quotes removed). Creates nothing: the
+    nearest existing folder above is tried with a temporary file.
     """
     logs = Path(os.environ.get("AE_LOGS_DIR", "logs"))
     folders = [(logs, f"the logs folder {logs}", LOGS_FIX)]
     for arg in sys.argv[1:] if argv is None else argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
-            fix = f"point {key.lstrip('+')} at a writable folder"
-            folders.append((Path(value), f"{key.lstrip('+')}={value}", fix))
-    for folder, name, fix in folders:
+        key, _, raw = arg.partition("=")
+        key = key.lstrip("+")
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not raw or "${" in raw:
+            continue
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder):
+            value = OverridesParser.create().parse_override(arg).value()
+        except HydraException:  # its grammar: e.g. a letter beyond ASCII, unquoted
+            _exit_bad_input(
+                f"{key}={raw} has characters Hydra cannot read unquoted: quote the folder, "
+                f"e.g. '{key}=\"{raw}\"'."
+            )
+        folders.append((Path(str(value)), f"{key}={value}", f"point {key} at a writable folder"))
+    for folder, name, fix in folders:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            with tempfile.NamedTemporaryFile(dir=existing):
                 pass
         except OSError as err:
             reason = err.strerror or type(err).__name__
-            print(f"error: {name} cannot be written ({reason}): {fix}.", file=sys.stderr)
-            sys.exit(2)
+            _exit_bad_input(f"{name} cannot be written ({reason}): {fix}.")
+
+
+def _exit_bad_input(sentence: str) -> None:
+    print(f"error: {sentence}", file=sys.stderr)
+    sys.exit(2)
+
+
+def refuse_finished_resume(argv: list[str] | None = None) -> None:
+    """``resume=`` a finished run: say so and exit 0 before Hydra writes into its folder.
+
+    Finished: ``metrics.json`` is there and no ``interrupted.json`` (SIGTERM after the test
+    leaves one, and that resume completes the run). Nothing in the folder changes.
+    """
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, _, raw = arg.partition("=")
+        if key.lstrip("+") != "resume" or raw in ("", "null"):
+            continue
+        run = Path(raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" else raw)
+        if (run / "metrics.json").is_file() and not (run / INTERRUPTED).exists():
+            print(
+                f"{run} has finished (its metrics.json is complete): nothing to resume; to train "
+                f"it further, start a new run from its weights with "
+                f"{shlex.quote(f'ckpt_path={run / CHECKPOINTS / LAST}')} and a higher "
+                "trainer.max_epochs.",
+                flush=True,
+            )
+            sys.exit(0)
+
+
+CHECKPOINTS, LAST = "checkpoints", "last.ckpt"
 
 
 LOGS_FIX = "make it writable or point AE_LOGS_DIR at a writable folder"
@@ -540,12 +685,28 @@ def _leave_refused(run_dir: Path, sentence: str) -> None:
     write_json(run_dir / "failed.json", {"status": "failed", "error": sentence})
 
 
-def _stop_sweep(cfg: DictConfig, err: RunInterrupted) -> None:
-    """Mark this job ``interrupted`` (with its resume command) and summarise the jobs so far."""
-    write_json(
-        Path(cfg.run_dir) / "interrupted.json",
-        {"status": "interrupted", "error": str(err), "resume": err.resume_command},
-    )
+def _mark_interrupted(cfg: DictConfig, err: RunInterrupted) -> None:
+    """``interrupted.json`` (the line and its command), so a resume is not taken as finished.
+
+    A new run stopped before it kept a checkpoint has nothing to resume: its folder goes if
+    only Hydra's files are in it, as a refused run's does. A sweep's job is always marked,
+    for the summary.
+    """
+    run_dir = Path(cfg.run_dir)
+    kept = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    if not kept and not cfg.get("resume") and not in_multirun():
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_STUB:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    if run_dir.is_dir():
+        write_json(
+            run_dir / INTERRUPTED,
+            {"status": "interrupted", "error": str(err), "resume": err.resume_command},
+        )
+
+
+def _stop_sweep() -> None:
+    """Summarise the sweep's jobs so far (the interrupted one is marked already)."""
     from ae_lightning.sweep import SweepSummary  # the sweep layer sits above this one
 
     hydra = HydraConfig.get()
@@ -556,6 +717,18 @@ def _stop_sweep(cfg: DictConfig, err: RunInterrupted) -> None:
         seed=int(settings.get("seed", 0)),
     )
     summary.summarise(Path(hydra.sweep.dir))
+
+
+def _instantiate_sentence(err: InstantiationException) -> str:
+    """Hydra's refusal to build a config node, as one sentence naming the node and the fix."""
+    lines = str(err).splitlines() or [type(err).__name__]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    reason = re.sub(r",? set env var HYDRA_FULL_ERROR=1.*$", "", lines[0]).rstrip(" .")
+    node = key or "the config node"
+    return (
+        f"{node} cannot be built ({reason}): fix {node}._target_ or the values given to it "
+        "on the command line."
+    )
 
 
 def _parallel_jobs() -> int:
@@ -585,17 +758,22 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
             metrics = task(cfg)
     except RunInterrupted as err:
         if rank_zero_only.rank == 0:
+            _mark_interrupted(cfg, err)
             if in_multirun():
-                _stop_sweep(cfg, err)
+                _stop_sweep()
             print(f"interrupted: {err}", file=sys.stderr, flush=True)
         sys.exit(143)  # 128 + SIGTERM, as a shell reports a process the signal ended
     except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if isinstance(err, InstantiationException):  # a `_target_` from the command line
+            err = UserError(_instantiate_sentence(err))
         disk = _write_failure(err, Path(cfg.run_dir), resume_command(cfg))
         if in_multirun():
             line = disk or f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             log.exception("Job failed; the sweep goes on: %s", line)
+            if isinstance(err, RunFolderBusy):  # the folder is another process's: no write
+                return float("nan")
             with contextlib.suppress(OSError):  # the disk may be the very problem
                 Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
                 write_json(Path(cfg.run_dir) / "failed.json", {"status": "failed", "error": line})

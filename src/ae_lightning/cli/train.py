@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from ae_lightning.cli import check_extras, quiet_console, record_config
 from ae_lightning.naming import quote_path_overrides
-from ae_lightning.train import ensure_writable_logs, run_cli
+from ae_lightning.train import ensure_writable_logs, refuse_finished_resume, run_cli
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ae_lightning.conf", config_name="train")
@@ -21,5 +21,6 @@ def main() -> None:
     quiet_console()
     check_extras()
     ensure_writable_logs()
+    refuse_finished_resume()  # before Hydra writes .hydra-resumed/ into the finished run
     sys.argv = quote_path_overrides(sys.argv)  # run folders paste back as printed
     _train()
