@@ -50,7 +50,7 @@ from ae_lightning.latent import latent_quality
 from ae_lightning.module import Autoencoder
 from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
 from ae_lightning.runfolder import load_autoencoder, load_checkpoint
-from ae_lightning.runlock import RunFolderBusy, run_lock
+from ae_lightning.runlock import LOCK_NAME, RunFolderBusy, run_lock
 
 log = logging.getLogger(__name__)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -336,8 +336,10 @@ def resume_command(cfg: DictConfig) -> str:
 
 
 def rerun_command() -> str:
-    """The command line that started this run (shell-quoted): run again, a new run."""
-    return shlex.join([*_program(), *_overrides()])
+    """The command line that started this run (shell-quoted), ``hydra.*`` overrides too."""
+    hydra = list(HydraConfig.get().overrides.hydra) if HydraConfig.initialized() else []
+    own = [o for o in hydra if not o.startswith("hydra.mode=")]  # Hydra adds that one itself
+    return shlex.join([*_program(), *_overrides(), *own])
 
 
 def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
@@ -672,7 +674,7 @@ def _locked(run_dir: Path) -> contextlib.AbstractContextManager:
     return run_lock(run_dir)
 
 
-HYDRA_STUB = {".hydra", ".hydra-resumed", "train.log", "eval.log"}
+HYDRA_STUB = {".hydra", ".hydra-resumed", "train.log", "eval.log", LOCK_NAME}
 
 
 def _leave_refused(run_dir: Path, sentence: str) -> None:
