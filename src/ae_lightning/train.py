@@ -551,15 +551,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "checkpoints/ folder."
         )
     model = load_autoencoder(path)  # before the run folder: a refused file leaves none
-    run_dir, datamodule = _prepare_run(cfg)
-    callbacks = [
-        c for c in _instantiate_group(cfg.get("callbacks")) if not isinstance(c, ModelCheckpoint)
-    ]
-    trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
-    (test_metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
-    metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
-    metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
-    return _record(cfg, run_dir, trainer, model, datamodule, metrics)
+    with SigtermGuard() as guard:
+        try:
+            run_dir, datamodule = _prepare_run(cfg)
+            callbacks = [
+                c
+                for c in _instantiate_group(cfg.get("callbacks"))
+                if not isinstance(c, ModelCheckpoint)
+            ]
+            trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
+            (test_metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
+            if guard.received:  # during the final figures
+                raise Terminated
+            metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
+            metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
+            return _record(cfg, run_dir, trainer, model, datamodule, metrics)
+        except (SIGTERMException, Terminated):
+            command = rerun_command()  # nothing to keep: the checkpoint is unchanged
+            raise RunInterrupted(
+                f"SIGTERM during the evaluation of {path}: run it again with: {command}", command
+            ) from None
 
 
 def ensure_writable_logs(argv: list[str] | None = None) -> None:
