@@ -223,6 +223,9 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, tiny_
         logs=tmp_path / "logs",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{finished_run} has finished (its metrics.json is complete)" in result.stdout
+    assert result.stdout.strip().endswith(
+        f"{finished_run} has finished (its metrics.json is complete after 1 epochs): nothing "
+        "to resume; to train it further, add trainer.max_epochs=2 or more."
+    )
     assert "Traceback" not in result.stderr
     assert checksums(finished_run) == before

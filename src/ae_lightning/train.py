@@ -617,26 +617,32 @@ def _exit_bad_input(sentence: str) -> None:
 def refuse_finished_resume(argv: list[str] | None = None) -> None:
     """``resume=`` a finished run: say so and exit 0 before Hydra writes into its folder.
 
-    Finished: ``metrics.json`` is there and no ``interrupted.json`` (SIGTERM after the test
-    leaves one, and that resume completes the run). Nothing in the folder changes.
+    Finished: ``metrics.json`` is there, no ``interrupted.json`` (SIGTERM after the test
+    leaves one, and that resume completes the run), and the command line does not raise
+    ``trainer.max_epochs`` above the epochs trained (that trains on, in the same folder).
+    Nothing in the folder changes.
     """
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, _, raw = arg.partition("=")
-        if key.lstrip("+") != "resume" or raw in ("", "null"):
+    args = sys.argv[1:] if argv is None else argv
+    wanted = dict(arg.lstrip("+").split("=", 1) for arg in args if "=" in arg)
+    for key, raw in wanted.items():
+        if key != "resume" or raw in ("", "null"):
             continue
         run = Path(raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" else raw)
-        if (run / "metrics.json").is_file() and not (run / INTERRUPTED).exists():
-            print(
-                f"{run} has finished (its metrics.json is complete): nothing to resume; to train "
-                f"it further, start a new run from its weights with "
-                f"{shlex.quote(f'ckpt_path={run / CHECKPOINTS / LAST}')} and a higher "
-                "trainer.max_epochs.",
-                flush=True,
-            )
-            sys.exit(0)
-
-
-CHECKPOINTS, LAST = "checkpoints", "last.ckpt"
+        if not (run / "metrics.json").is_file() or (run / INTERRUPTED).exists():
+            return
+        try:
+            trained = int(json.loads((run / "metrics.json").read_text())["epochs"])
+            more = int(wanted.get("trainer.max_epochs", 0))
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # an odd metrics.json or value: the checks after Hydra say what is wrong
+        if more == -1 or more > trained:
+            return
+        print(
+            f"{run} has finished (its metrics.json is complete after {trained} epochs): nothing "
+            f"to resume; to train it further, add trainer.max_epochs={trained + 1} or more.",
+            flush=True,
+        )
+        sys.exit(0)
 
 
 LOGS_FIX = "make it writable or point AE_LOGS_DIR at a writable folder"
