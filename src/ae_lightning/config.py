@@ -5,6 +5,7 @@ Each failure is one sentence that names the bad value and how to fix it.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -144,14 +145,26 @@ def _check_model_size(cfg: DictConfig) -> None:
     """Refuse, by arithmetic, a model too large to build (``limits.check_model_size``)."""
     model = cfg.model
     decoder = model.get("decoder_hidden")
-    # A VAE's encoder emits a mean and a log-variance per code dimension.
-    code_outputs = 2 if _target_name(model) == "VariationalAutoencoder" else 1
     check_model_size(
         int(model.get("bottleneck", cfg.bottleneck)), [int(s) for s in model.get("hidden") or []],
         None if decoder is None else [int(s) for s in decoder], IMAGE_PIXELS,
         where=f"bottleneck={cfg.bottleneck} with model.hidden={list(model.get('hidden') or [])}",
-        code_outputs=code_outputs,
+        code_outputs=_code_outputs(model),
     )  # fmt: skip
+
+
+def _code_outputs(model: DictConfig) -> int:
+    """Values the model's encoder emits per code dimension (2 for a VAE's mean and log-variance).
+
+    Asked of the family class the config names (its ``code_outputs``, else ``variational``).
+    """
+    module, _, name = str(model.get("_target_")).rpartition(".")
+    try:
+        family = getattr(importlib.import_module(module), name)
+    except Exception:  # a bad `_target_`: building the model refuses it in its own sentence
+        return 1
+    default = 2 if getattr(family, "variational", False) else 1
+    return int(getattr(family, "code_outputs", default))
 
 
 def _check_scheduler(cfg: DictConfig) -> None:
