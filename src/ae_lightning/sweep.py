@@ -52,6 +52,11 @@ class SweepSummary(Callback):
         tb.write_curves_layout(sweep_dir / "comparison")
         log.info("Sweep over %s: %s", ", ".join(varying) or "nothing", sweep_dir)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Launchers (submitit) pickle the callbacks into each job; the lock stays with the
+        # sweep's own process, which holds it.
+        return {**self.__dict__, "_lock": None}
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             self.summarise(Path(config.hydra.sweep.dir))
