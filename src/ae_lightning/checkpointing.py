@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ae_lightning.atomic import write_atomic
@@ -43,7 +44,8 @@ class CheckpointOnSigterm(Callback):
 
     Lightning notices SIGTERM at the end of the current training step and raises
     ``SIGTERMException`` through ``on_exception``; the checkpoint holds the loops' progress and
-    the in-memory loader's position, so ``resume=`` continues with the next minibatch.
+    the in-memory loader's position, so ``resume=`` continues with the next minibatch. Only
+    while fitting: after training, ``last.ckpt`` is the finished training and stays so.
     """
 
     def __init__(self, dirpath: str | os.PathLike) -> None:
@@ -53,7 +55,8 @@ class CheckpointOnSigterm(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or not fitting:
             return
         # Writes, never reads: Lightning's `weights_only=False` here means "with the optimizer
         # and loop state" (what resume= needs), not torch.load's unpickling flag. Every load

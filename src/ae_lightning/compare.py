@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ae_lightning import runfolder
+from ae_lightning import markdown, runfolder
 from ae_lightning.callbacks import save_png
 from ae_lightning.cli.compare import main  # noqa: F401  (`python -m ae_lightning.compare`)
 from ae_lightning.data import MNISTDataModule, to_unit_float
@@ -181,16 +181,15 @@ def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     shown = [c for c in SUMMARY_COLUMNS if c not in ("overrides", "path")]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    cells = []
     for row in rows:
-        cells = []
+        cells.append([])
         for column in shown:
             value = row[column]
             if isinstance(value, float):
                 value = f"{value:.4f}" if column.startswith(("test/", "best_")) else f"{value:.1f}"
-            cells.append(str(value).replace("|", "/"))
-        lines.append("| " + " | ".join(cells) + " |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+            cells[-1].append(value)
+    (out / "summary.md").write_text(markdown.table(shown, cells) + "\n")  # cells escaped
 
 
 def compare(

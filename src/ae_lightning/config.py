@@ -5,6 +5,7 @@ Each failure is one sentence that names the bad value and how to fix it.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -13,9 +14,16 @@ from omegaconf import DictConfig, OmegaConf
 from ae_lightning.cpu import THREADS_AUTO
 from ae_lightning.engine import CUDA_GRAPH_CHOICES
 from ae_lightning.errors import UserError
+from ae_lightning.limits import check_model_size
 from ae_lightning.nets import ACTIVATIONS
 
 MNIST_TRAIN_IMAGES = 60_000
+MNIST_TEST_IMAGES = 10_000  # MNIST, Fashion-MNIST and KMNIST alike
+IMAGE_PIXELS = 28 * 28
+# The step loop, data and engine compute in float32 (or autocast from it); 64-bit would meet
+# float32 batches in the first matrix product.
+PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true")
+PROJECTIONS = ("pca", "first_two")
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are unsigned 32-bit
 
 
@@ -70,6 +78,8 @@ def validate_config(cfg: DictConfig) -> None:
                     f"a positive whole number; use e.g. model.{key}=[1024]."
                 )
 
+    _check_model_size(cfg)
+
     optimizer = model.get("optimizer") or {}
     for key in ("lr", "weight_decay"):
         value = optimizer.get(key)
@@ -114,8 +124,90 @@ def validate_config(cfg: DictConfig) -> None:
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs != -1:
         _positive_int(max_epochs, "trainer.max_epochs", "use e.g. trainer.max_epochs=25")
+    precision = cfg.trainer.get("precision")
+    if str(precision) not in PRECISIONS:
+        raise UserError(
+            f"trainer.precision={precision!r} is not a precision this package trains in: use "
+            f"trainer.precision=32-true (or one of {', '.join(PRECISIONS)})."
+        )
     if cfg.get("test_ckpt") not in ("best", "last"):
         raise UserError(f"test_ckpt={cfg.get('test_ckpt')!r} is not a choice: use best or last.")
+    _check_scheduler(cfg)
+    _check_figures(cfg)
+
+
+def _target_name(node: Any) -> str:
+    """``torch.optim.lr_scheduler.StepLR`` -> ``StepLR`` ("" without a ``_target_``)."""
+    target = node.get("_target_") if OmegaConf.is_dict(node) or isinstance(node, dict) else None
+    return str(target).rsplit(".", 1)[-1] if target else ""
+
+
+def _check_model_size(cfg: DictConfig) -> None:
+    """Refuse, by arithmetic, a model too large to build (``limits.check_model_size``)."""
+    model = cfg.model
+    decoder = model.get("decoder_hidden")
+    check_model_size(
+        int(model.get("bottleneck", cfg.bottleneck)), [int(s) for s in model.get("hidden") or []],
+        None if decoder is None else [int(s) for s in decoder], IMAGE_PIXELS,
+        where=f"bottleneck={cfg.bottleneck} with model.hidden={list(model.get('hidden') or [])}",
+        code_outputs=_code_outputs(model),
+    )  # fmt: skip
+
+
+def _code_outputs(model: DictConfig) -> int:
+    """Values the model's encoder emits per code dimension (2 for a VAE's mean and log-variance).
+
+    Asked of the family class the config names (its ``code_outputs``, else ``variational``).
+    """
+    module, _, name = str(model.get("_target_")).rpartition(".")
+    try:
+        family = getattr(importlib.import_module(module), name)
+    except Exception:  # a bad `_target_`: building the model refuses it in its own sentence
+        return 1
+    default = 2 if getattr(family, "variational", False) else 1
+    return int(getattr(family, "code_outputs", default))
+
+
+def _check_scheduler(cfg: DictConfig) -> None:
+    scheduler = cfg.model.get("scheduler") or {}
+    if _target_name(scheduler) == "StepLR":
+        _positive_int(
+            scheduler.get("step_size"), "model.scheduler.step_size",
+            "the lr changes every step_size epochs; use e.g. model.scheduler.step_size=10",
+        )  # fmt: skip
+
+
+def _check_figures(cfg: DictConfig) -> None:
+    """The figure settings, which are otherwise used only after the whole training."""
+    every = _select(cfg, "figures.every_n_epochs")
+    if every is not None and (not _is_int(every) or every < 0):
+        raise UserError(
+            f"figures.every_n_epochs={every!r} is not a whole number of at least 0: use e.g. "
+            "figures.every_n_epochs=5, or 0 for the final figures only."
+        )
+    for name, node in (cfg.get("callbacks") or {}).items():
+        kind = _target_name(node) if node is not None else ""
+        if kind == "ScatterFigure" and node.get("projection", "pca") not in PROJECTIONS:
+            raise UserError(
+                f"callbacks.{name}.projection={node.get('projection')!r} is not a projection: "
+                f"use callbacks.{name}.projection=pca or first_two."
+            )
+        if kind == "InterpolationFigure":
+            pair = node.get("pair")
+            if pair is None:
+                continue
+            ok = (
+                (OmegaConf.is_list(pair) or isinstance(pair, list)) and len(pair) == 2
+                and all(_is_int(i) and 0 <= i < MNIST_TEST_IMAGES for i in pair)
+                and pair[0] != pair[1]
+            )  # fmt: skip
+            if not ok:
+                shown = list(pair) if OmegaConf.is_list(pair) else pair
+                raise UserError(
+                    f"callbacks.{name}.pair={shown!r} is not two different test-image indices "
+                    f"from 0 to {MNIST_TEST_IMAGES - 1}: use e.g. callbacks.{name}.pair=[0,1], "
+                    "or null for a random pair."
+                )
 
 
 def _check_engine(cfg: DictConfig) -> None:

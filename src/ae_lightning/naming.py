@@ -42,8 +42,12 @@ def override_pairs(overrides: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def _safe_value(value: str) -> str:
-    """``[64, 32]`` -> ``64-32``, ``/a/b`` -> ``a-b``: no character a shell or Hydra trips on."""
-    return _UNSAFE_IN_VALUE.sub("-", value).strip("-") or "none"
+    """``[64, 32]`` -> ``64-32``, ``/a/b`` -> ``a-b``: no character a shell or Hydra trips on.
+
+    Only the unsafe runs become ``-``: the value's own signs stay (``-1``, ``[-1, 2]`` ->
+    ``-1-2``), so a folder never names a value other than the one the run used.
+    """
+    return "-".join(part for part in _UNSAFE_IN_VALUE.split(value) if part) or "none"
 
 
 def short_name(pairs: Sequence[tuple[str, str]], limit: int = NAME_LIMIT) -> str:
@@ -116,9 +120,11 @@ def job_dirname(sweep_dir: str, job_num: int, overrides: Sequence[str]) -> str:
     """
     key = (str(sweep_dir), int(job_num))
     if key not in _job_names:
-        name = short_name(named_pairs(overrides, read_varying(sweep_dir))) or f"job{job_num}"
-        if (Path(sweep_dir) / name).exists():
-            name = f"{name},job={job_num}"
+        base = short_name(named_pairs(overrides, read_varying(sweep_dir))) or f"job{job_num}"
+        name, taken = base, 0
+        while (Path(sweep_dir) / name).exists():  # never another job's folder
+            taken += 1
+            name = f"{base},job={job_num}" + (f".{taken}" if taken > 1 else "")
         _job_names[key] = name
     return _job_names[key]
 

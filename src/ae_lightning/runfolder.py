@@ -538,8 +538,7 @@ def metrics(run: Path) -> dict[str, Any]:
             ok = isinstance(value, list) and all(_is_number(v) for v in value)
         elif key in ROW_METRICS:
             ok = isinstance(value, list) and all(
-                isinstance(row, dict) and all(_is_number(v) for v in row.values())
-                for row in value
+                isinstance(row, dict) and all(_is_number(v) for v in row.values()) for row in value
             )
         else:
             ok = _is_number(value)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ae_lightning import tb
 from ae_lightning.compare import compare
 from ae_lightning.naming import record_sweep
+from ae_lightning.runlock import SWEEP_LOCK_NAME, RunFolderBusy, acquire
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +29,40 @@ class SweepSummary(Callback):
 
     def __init__(self, enabled: bool = True, sampler: str = "gaussian", seed: int = 0) -> None:
         self.enabled, self.sampler, self.seed = enabled, sampler, seed
+        self._lock: FileLock | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Record what the sweep varies: jobs name their folders (and TensorBoard runs) by it.
+        """Take the sweep folder, then record what the sweep varies (jobs are named by it).
 
-        The sweep's one HParams experiment (varied knobs shown first) and curves layout go
-        into its ``comparison`` run, next to the summary written at the end.
+        A second sweep into a folder in use is refused before it writes anything there: its
+        jobs would take the first one's job names. The sweep's one HParams experiment
+        (varied knobs shown first) and curves layout go into its ``comparison`` run, next
+        to the summary written at the end.
         """
-        varying = record_sweep(config)
         sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = acquire(sweep_dir, SWEEP_LOCK_NAME, "sweep folder")
+        except RunFolderBusy as err:  # Hydra would print its own report of a callback's error
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        varying = record_sweep(config)
         knobs = list(dict.fromkeys([*tb.KNOBS, *tb.varied_knobs(varying)]))
         tb.write_experiment(sweep_dir / "comparison", knobs, tb.varied_knobs(varying))
         tb.write_curves_layout(sweep_dir / "comparison")
         log.info("Sweep over %s: %s", ", ".join(varying) or "nothing", sweep_dir)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Launchers (submitit) pickle the callbacks into each job; the lock stays with the
+        # sweep's own process, which holds it.
+        return {**self.__dict__, "_lock": None}
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.summarise(Path(config.hydra.sweep.dir))
+        try:
+            self.summarise(Path(config.hydra.sweep.dir))
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def summarise(self, sweep_dir: Path) -> None:
         """Compare the sweep's job folders so far (also after SIGTERM stopped the sweep)."""

@@ -23,6 +23,8 @@ from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from ae_lightning import markdown
+
 # metrics.json keys -> TensorBoard tags, so no final metric makes a group of its own.
 FINAL_TAGS = {"best_val/mse": "val/best_mse", "train_time_s": "time/train_s"}
 # TensorBoard sorts tag groups by name and opens the first ones: the side-by-side figures,
@@ -182,36 +184,36 @@ def write_curves_layout(log_dir: Path | str) -> None:
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> str:
-    """A two-column Markdown table of the final metrics, for the Text tab."""
-    lines = ["| metric | value |", "|---|---|"]
+    """A two-column Markdown table of the final metrics, for the Text tab (cells escaped)."""
+    rows = []
     for tag, value in sorted((FINAL_TAGS.get(k, k), v) for k, v in metrics.items()):
         if isinstance(value, float):
             value = f"{value:.5g}"
         elif isinstance(value, list):
             continue  # per-epoch lists belong in metrics.json, not a table cell
-        lines.append(f"| {tag} | {value} |")
-    return "\n".join(lines)
+        rows.append([tag, value])
+    return markdown.table(["metric", "value"], rows)
 
 
-def monospace_table(markdown: str) -> str:
+def monospace_table(text: str) -> str:
     """A Markdown table as aligned plain text in a code block, for TensorBoard's Text tab.
 
     Its HTML tables squeeze columns to their cells and break headers mid-word (``statu|s``);
     a code block keeps every header whole and the columns aligned.
     """
-    rows = [
-        [cell.strip() for cell in line.strip().strip("|").split("|")]
-        for line in markdown.splitlines()
+    rows = [  # escaped cells hold no `|` of their own (markdown.escape)
+        [markdown.unescape(cell.strip()) for cell in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
         if line.startswith("|") and not set(line) <= set("|-: ")
     ]
     if not rows:
-        return markdown
+        return text
     columns = len(rows[0])
     rows = [(row + [""] * columns)[:columns] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    return "```\n" + "\n".join(line.rstrip() for line in lines) + "\n```"
+    return markdown.code_block("\n".join(line.rstrip() for line in lines))
 
 
 def padded_codes(codes: torch.Tensor, min_columns: int = 3) -> tuple[torch.Tensor, int]:

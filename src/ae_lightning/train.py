@@ -20,12 +20,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -35,7 +37,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ae_lightning import provenance, tb
+from ae_lightning import markdown, provenance, tb
 from ae_lightning.atomic import write_atomic
 from ae_lightning.callbacks import CpuThreads, EpochHistory, EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
@@ -43,12 +45,13 @@ from ae_lightning.config import validate_config
 from ae_lightning.cpu import available_cores, flush_denormals
 from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
+from ae_lightning.interrupts import INTERRUPTED, SigtermGuard, Terminated
 from ae_lightning.latent import latent_quality
 from ae_lightning.models import checkpoint_family
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
 from ae_lightning.runfolder import load_autoencoder, load_checkpoint, read_json
-from ae_lightning.runlock import RunFolderBusy, run_lock
+from ae_lightning.runlock import LOCK_NAME, RunFolderBusy, run_lock
 
 log = logging.getLogger(__name__)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -119,7 +122,7 @@ def _record_tensorboard(
     except OmegaConfBaseException:  # an interpolation only Hydra's app could resolve
         config = OmegaConf.to_yaml(cfg)
     logger.experiment.add_text("run/metrics", tb.metrics_table(metrics), step)  # sorts first
-    logger.experiment.add_text("run/resolved_config", f"```yaml\n{config}```", step)
+    logger.experiment.add_text("run/resolved_config", markdown.code_block(config, "yaml"), step)
 
 
 def describe_run(cfg: DictConfig, model: Autoencoder) -> dict[str, str]:
@@ -293,13 +296,45 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
     return str(path)
 
 
-def resume_command(cfg: DictConfig) -> str:
-    """The command line that continues this run in its own folder."""
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    kept = [o for o in overrides if not o.startswith(("resume=", "ckpt_path=", "+ckpt_path="))]
+def _program() -> list[str]:
     script = Path(sys.argv[0]).name
-    program = ["python", script] if script.endswith(".py") else [script]
-    return shlex.join([*program, *kept, f"resume={Path(cfg.run_dir).resolve()}"])
+    return ["python", script] if script.endswith(".py") else [script]
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def check_resumed_test_checkpoint(cfg: DictConfig) -> None:
+    """Refuse a resume whose test would need a best checkpoint that is gone (before training).
+
+    ``last.ckpt`` records the best checkpoint's path; the file is looked for in this folder.
+    """
+    if not cfg.get("resume") or cfg.get("test_ckpt") != "best":
+        return
+    folder = Path(cfg.resume) / "checkpoints"
+    states = load_checkpoint(folder / "last.ckpt").get("callbacks") or {}
+    for state in states.values():
+        best = state.get("best_model_path") if isinstance(state, dict) else None
+        if best and not (folder / Path(str(best)).name).is_file():
+            raise UserError(
+                f"resume={cfg.resume} would test its best checkpoint {folder / Path(best).name}, "
+                "which is missing: put it back, or add test_ckpt=last to test "
+                f"{folder / 'last.ckpt'} instead."
+            )
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command line that continues this run in its own folder (shell-quoted)."""
+    kept = [o for o in _overrides() if not o.startswith(("resume=", "ckpt_path=", "+ckpt_path="))]
+    return shlex.join([*_program(), *kept, f"resume={Path(cfg.run_dir).resolve()}"])
+
+
+def rerun_command() -> str:
+    """The command line that started this run (shell-quoted), ``hydra.*`` overrides too."""
+    hydra = list(HydraConfig.get().overrides.hydra) if HydraConfig.initialized() else []
+    own = [o for o in hydra if not o.startswith("hydra.mode=")]  # Hydra adds that one itself
+    return shlex.join([*_program(), *_overrides(), *own])
 
 
 def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
@@ -397,32 +432,52 @@ def lightning_notices_filtered() -> Iterator[None]:
         yield
 
 
+@dataclass
+class _Progress:
+    """How far a run got, for the sentence SIGTERM prints (``_interrupted``)."""
+
+    phase: str = "start"  # start, fit, test, record
+    on_sigterm: CheckpointOnSigterm | None = None
+    trainer: pl.Trainer | None = None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one autoencoder as ``cfg`` says; return the metrics in ``metrics.json``."""
+    """Train and test one autoencoder as ``cfg`` says; return the metrics in ``metrics.json``.
+
+    SIGTERM anywhere (data loading, training, the test, the figures, the records) raises
+    ``RunInterrupted``: what is complete and the command that continues the run.
+    """
+    progress = _Progress()
+    with SigtermGuard() as guard:
+        try:
+            metrics = _train(cfg, guard, progress)
+            Path(cfg.run_dir, INTERRUPTED).unlink(missing_ok=True)  # a resumed run is finished
+            return metrics
+        except (SIGTERMException, Terminated):
+            raise _interrupted(cfg, progress) from None
+
+
+def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[str, Any]:
     run_dir, datamodule = _prepare_run(cfg)
     model = build_model(cfg)
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
-    on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
+    check_resumed_test_checkpoint(cfg)
+    on_sigterm = progress.on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
     threads = CpuThreads(cfg.engine.threads)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm, threads]
-    trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer = progress.trainer = build_trainer(cfg, callbacks, loggers)
     record_run_info(run_dir, trainer)
 
+    progress.phase = "fit"
     start = time.perf_counter()
-    try:
-        with lightning_notices_filtered():
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except SIGTERMException:
-        if on_sigterm.saved_step is None:
-            raise
-        command = resume_command(cfg)
-        raise RunInterrupted(
-            f"SIGTERM: stopped at step {on_sigterm.saved_step} (epoch "
-            f"{trainer.current_epoch + 1}) and saved {on_sigterm.path}; resume with: {command}",
-            command,
-        ) from None
+    with lightning_notices_filtered():
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - start  # (Ctrl-C: Lightning shuts down and exits in fit)
 
+    progress.phase = "test"
+    if guard.received:  # after the loop's last look at the signal: training is complete
+        raise Terminated
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     test_ckpt = None  # without a checkpoint callback: test the weights in memory
     if checkpoint is not None:
@@ -433,6 +488,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (test_metrics,) = trainer.test(
         model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False, weights_only=True
     )
+    if guard.received:  # during the final figures, which come after the test loop's checks
+        raise Terminated
 
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
     if checkpoint is not None and checkpoint.best_model_score is not None:
@@ -449,9 +506,53 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     history = next((c for c in callbacks if isinstance(c, EpochHistory)), None)
     if history is not None:
         metrics["history"] = history.rows
+    progress.phase = "record"
     if trainer.is_global_zero:  # the test result is safe on disk before anything else is tried
         write_json(run_dir / "metrics.json", metrics)
     return _record(cfg, run_dir, trainer, model, datamodule, metrics)
+
+
+def _interrupted(cfg: DictConfig, progress: _Progress) -> RunInterrupted:
+    """The one line SIGTERM prints: what is complete, and the command that continues."""
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    saved = progress.on_sigterm.saved_step if progress.on_sigterm is not None else None
+    if progress.phase == "fit" and saved is not None and progress.trainer is not None:
+        command = resume_command(cfg)
+        return RunInterrupted(
+            f"SIGTERM: stopped at step {saved} (epoch {progress.trainer.current_epoch + 1}) "
+            f"and saved {last}; resume with: {command}",
+            command,
+        )
+    if progress.phase in ("start", "fit"):  # before the first step: nothing new to keep
+        if cfg.get("resume"):
+            command = resume_command(cfg)
+            return RunInterrupted(
+                f"SIGTERM before training resumed; {last} is as it was: resume with: {command}",
+                command,
+            )
+        command = rerun_command()
+        return RunInterrupted(
+            f"SIGTERM before training started; nothing was trained: run again: {command}",
+            command,
+        )
+    stopped = (
+        "the test (or its figures) was interrupted"
+        if progress.phase == "test"
+        else "the test finished but the latent metrics and records were interrupted"
+    )
+    if not last.is_file():  # callbacks=none: no checkpoint to test again
+        command = rerun_command()
+        return RunInterrupted(
+            f"SIGTERM after training, which kept no checkpoint (no checkpoint callback); "
+            f"{stopped}: start again with: {command}",
+            command,
+        )
+    command = resume_command(cfg)
+    return RunInterrupted(
+        f"SIGTERM after training: training finished and {last} holds it; {stopped}: "
+        f"complete the run (test and records only) with: {command}",
+        command,
+    )
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -471,17 +572,28 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "checkpoints/ folder."
         )
     model = load_autoencoder(path)  # before the run folder: a refused file leaves none
-    run_dir, datamodule = _prepare_run(cfg)
-    callbacks = [
-        c for c in _instantiate_group(cfg.get("callbacks")) if not isinstance(c, ModelCheckpoint)
-    ]
-    callbacks.append(CpuThreads(cfg.engine.threads))
-    trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
-    record_run_info(run_dir, trainer)
-    (test_metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
-    metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
-    metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
-    return _record(cfg, run_dir, trainer, model, datamodule, metrics)
+    with SigtermGuard() as guard:
+        try:
+            run_dir, datamodule = _prepare_run(cfg)
+            callbacks = [
+                c
+                for c in _instantiate_group(cfg.get("callbacks"))
+                if not isinstance(c, ModelCheckpoint)
+            ]
+            callbacks.append(CpuThreads(cfg.engine.threads))
+            trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
+            record_run_info(run_dir, trainer)
+            (test_metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
+            if guard.received:  # during the final figures
+                raise Terminated
+            metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
+            metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
+            return _record(cfg, run_dir, trainer, model, datamodule, metrics)
+        except (SIGTERMException, Terminated):
+            command = rerun_command()  # nothing to keep: the checkpoint is unchanged
+            raise RunInterrupted(
+                f"SIGTERM during the evaluation of {path}: run it again with: {command}", command
+            ) from None
 
 
 def _quiet_write_failures(args: threading.ExceptHookArgs) -> None:
@@ -495,10 +607,11 @@ def _quiet_write_failures(args: threading.ExceptHookArgs) -> None:
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EFBIG}
 
 
-def _write_failure(err: BaseException, run_dir: Path) -> str:
+def _write_failure(err: BaseException, run_dir: Path, command: str) -> str:
     """One sentence for a failed write (full disk, read-only, I/O error), else ``""``.
 
-    Removes the run's half-written ``*.tmp`` files; what was complete stays.
+    Removes the run's half-written ``*.tmp`` files; what was complete stays. ``command``
+    (shell-quoted) continues the run; it ends the sentence, so it pastes as one.
     """
     cause: BaseException | None = err
     while cause is not None and not (isinstance(cause, OSError) and cause.errno in WRITE_ERRORS):
@@ -515,7 +628,7 @@ def _write_failure(err: BaseException, run_dir: Path) -> str:
     )
     return (
         f"Writing {where} failed ({cause.strerror}): free space on that disk or make it "
-        f"writable, then continue with resume={run_dir}; {kept}."
+        f"writable; {kept}; then continue with: {command}"
     )
 
 
@@ -526,7 +639,7 @@ def _locked(run_dir: Path) -> contextlib.AbstractContextManager:
     return run_lock(run_dir)
 
 
-HYDRA_STUB = {".hydra", ".hydra-resumed", "train.log", "eval.log"}
+HYDRA_STUB = {".hydra", ".hydra-resumed", "train.log", "eval.log", LOCK_NAME}
 
 
 def _leave_refused(run_dir: Path, sentence: str) -> None:
@@ -539,12 +652,28 @@ def _leave_refused(run_dir: Path, sentence: str) -> None:
     write_json(run_dir / "failed.json", {"status": "failed", "error": sentence})
 
 
-def _stop_sweep(cfg: DictConfig, err: RunInterrupted) -> None:
-    """Mark this job ``interrupted`` (with its resume command) and summarise the jobs so far."""
-    write_json(
-        Path(cfg.run_dir) / "interrupted.json",
-        {"status": "interrupted", "error": str(err), "resume": err.resume_command},
-    )
+def _mark_interrupted(cfg: DictConfig, err: RunInterrupted) -> None:
+    """``interrupted.json`` (the line and its command), so a resume is not taken as finished.
+
+    A new run stopped before it kept a checkpoint has nothing to resume: its folder goes if
+    only Hydra's files are in it, as a refused run's does. A sweep's job is always marked,
+    for the summary.
+    """
+    run_dir = Path(cfg.run_dir)
+    kept = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    if not kept and not cfg.get("resume") and not in_multirun():
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_STUB:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    if run_dir.is_dir():
+        write_json(
+            run_dir / INTERRUPTED,
+            {"status": "interrupted", "error": str(err), "resume": err.resume_command},
+        )
+
+
+def _stop_sweep() -> None:
+    """Summarise the sweep's jobs so far (the interrupted one is marked already)."""
     from ae_lightning.sweep import SweepSummary  # the sweep layer sits above this one
 
     hydra = HydraConfig.get()
@@ -555,6 +684,18 @@ def _stop_sweep(cfg: DictConfig, err: RunInterrupted) -> None:
         seed=int(settings.get("seed", 0)),
     )
     summary.summarise(Path(hydra.sweep.dir))
+
+
+def _instantiate_sentence(err: InstantiationException) -> str:
+    """Hydra's refusal to build a config node, as one sentence naming the node and the fix."""
+    lines = str(err).splitlines() or [type(err).__name__]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    reason = re.sub(r",? set env var HYDRA_FULL_ERROR=1.*$", "", lines[0]).rstrip(" .")
+    node = key or "the config node"
+    return (
+        f"{node} cannot be built ({reason}): fix {node}._target_ or the values given to it "
+        "on the command line."
+    )
 
 
 def _parallel_jobs() -> int:
@@ -584,17 +725,22 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
             metrics = task(cfg)
     except RunInterrupted as err:
         if rank_zero_only.rank == 0:
+            _mark_interrupted(cfg, err)
             if in_multirun():
-                _stop_sweep(cfg, err)
+                _stop_sweep()
             print(f"interrupted: {err}", file=sys.stderr, flush=True)
         sys.exit(143)  # 128 + SIGTERM, as a shell reports a process the signal ended
     except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        disk = _write_failure(err, Path(cfg.run_dir))
+        if isinstance(err, InstantiationException):  # a `_target_` from the command line
+            err = UserError(_instantiate_sentence(err))
+        disk = _write_failure(err, Path(cfg.run_dir), resume_command(cfg))
         if in_multirun():
             line = disk or f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             log.exception("Job failed; the sweep goes on: %s", line)
+            if isinstance(err, RunFolderBusy):  # the folder is another process's: no write
+                return float("nan")
             with contextlib.suppress(OSError):  # the disk may be the very problem
                 Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
                 write_json(Path(cfg.run_dir) / "failed.json", {"status": "failed", "error": line})

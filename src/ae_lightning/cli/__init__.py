@@ -6,6 +6,8 @@ entry points, never on ``import ae_lightning``.
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import sys
@@ -14,10 +16,13 @@ import warnings
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lightning.errors import UserError
 from ae_lightning.extras import check_command_line
+from ae_lightning.interrupts import INTERRUPTED
 
 # Third-party noise on every run that tells the user nothing about their run.
 NOISY_WARNINGS = (
@@ -25,6 +30,7 @@ NOISY_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
 # Lightning's adverts for its cloud products ("💡 Tip: ... litlogger / litmodels").
+METRICS_READ_LIMIT = 1 << 20  # a finished run's metrics.json is a few kB
 NOISY_LOG_LINES = ("💡 Tip", "litlogger", "litmodels")
 LIGHTNING_PACKAGES = ("pytorch_lightning", "lightning_fabric")
 LIGHTNING_LOGGERS = (
@@ -81,24 +87,73 @@ def ensure_writable_logs(argv: list[str] | None = None) -> None:
     """Exit with one sentence if the logs folder cannot be written, before Hydra tries to.
 
     Checks ``AE_LOGS_DIR`` (or ``logs/``) and any plain ``hydra.run.dir=``/``hydra.sweep.dir=``
-    on the command line.
+    on the command line, read as Hydra reads it (quotes removed). Creates nothing: the
+    nearest existing folder above is tried with a temporary file.
     """
     logs = Path(os.environ.get("AE_LOGS_DIR", "logs"))
     folders = [(logs, f"the logs folder {logs}", LOGS_FIX)]
     for arg in sys.argv[1:] if argv is None else argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
-            fix = f"point {key.lstrip('+')} at a writable folder"
-            folders.append((Path(value), f"{key.lstrip('+')}={value}", fix))
-    for folder, name, fix in folders:
+        key, _, raw = arg.partition("=")
+        key = key.lstrip("+")
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not raw or "${" in raw:
+            continue
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder):
+            value = OverridesParser.create().parse_override(arg).value()
+        except HydraException:  # its grammar: e.g. a letter beyond ASCII, unquoted
+            _exit_bad_input(
+                f"{key}={raw} has characters Hydra cannot read unquoted: quote the folder, "
+                f"e.g. '{key}=\"{raw}\"'."
+            )
+        folders.append((Path(str(value)), f"{key}={value}", f"point {key} at a writable folder"))
+    for folder, name, fix in folders:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            with tempfile.NamedTemporaryFile(dir=existing):
                 pass
         except OSError as err:
             reason = err.strerror or type(err).__name__
-            print(f"error: {name} cannot be written ({reason}): {fix}.", file=sys.stderr)
-            sys.exit(2)
+            _exit_bad_input(f"{name} cannot be written ({reason}): {fix}.")
+
+
+def _exit_bad_input(sentence: str) -> None:
+    print(f"error: {sentence}", file=sys.stderr)
+    sys.exit(2)
+
+
+def refuse_finished_resume(argv: list[str] | None = None) -> None:
+    """``resume=`` a finished run: say so and exit 0 before Hydra writes into its folder.
+
+    Finished: ``metrics.json`` is there, no ``interrupted.json`` (SIGTERM after the test
+    leaves one, and that resume completes the run), and the command line does not raise
+    ``trainer.max_epochs`` above the epochs trained (that trains on, in the same folder).
+    Nothing in the folder changes.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    wanted = dict(arg.lstrip("+").split("=", 1) for arg in args if "=" in arg)
+    for key, raw in wanted.items():
+        if key != "resume" or raw in ("", "null"):
+            continue
+        run = Path(raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" else raw)
+        if not (run / "metrics.json").is_file() or (run / INTERRUPTED).exists():
+            return
+        try:
+            with open(run / "metrics.json", "rb") as f:  # a received folder's: bounded
+                trained = int(json.loads(f.read(METRICS_READ_LIMIT))["epochs"])
+            more = int(wanted.get("trainer.max_epochs", 0))
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            return  # an odd metrics.json or value: the checks after Hydra say what is wrong
+        if more == -1 or more > trained:
+            return
+        print(
+            f"{run} has finished (its metrics.json is complete after {trained} epochs): nothing "
+            f"to resume; to train it further, add trainer.max_epochs={trained + 1} or more.",
+            flush=True,
+        )
+        sys.exit(0)
 
 
 LOGS_FIX = "make it writable or point AE_LOGS_DIR at a writable folder"

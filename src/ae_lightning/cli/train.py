@@ -10,7 +10,13 @@ import hydra
 from omegaconf import DictConfig
 
 from ae_lightning.atomic import refuse_links_out_of_resume
-from ae_lightning.cli import check_extras, ensure_writable_logs, quiet_console, record_config
+from ae_lightning.cli import (
+    check_extras,
+    ensure_writable_logs,
+    quiet_console,
+    record_config,
+    refuse_finished_resume,
+)
 from ae_lightning.naming import quote_path_overrides
 
 
@@ -28,5 +34,6 @@ def main() -> None:
     check_extras()
     ensure_writable_logs()
     refuse_links_out_of_resume()  # before Hydra writes .hydra-resumed/ and train.log there
+    refuse_finished_resume()  # before Hydra writes .hydra-resumed/ into the finished run
     sys.argv = quote_path_overrides(sys.argv)  # run folders paste back as printed
     _train()
