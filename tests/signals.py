@@ -51,15 +51,15 @@ class SigtermAt(Callback):
         self.log_path = os.environ.get("AE_TEST_SIGTERM_LOG")
         self.sent, self.root = False, None
         if hook == "latent_quality":
-            import ae_lightning.train as train
+            import ae_lightning.record as record
 
-            original = train.latent_quality
+            original = record.latent_quality
 
             def terminated_then(*args, **kwargs):
                 self._send()
                 return original(*args, **kwargs)
 
-            train.latent_quality = terminated_then
+            record.latent_quality = terminated_then
         else:
             setattr(self, hook, self._at_hook)
 

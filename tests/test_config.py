@@ -8,7 +8,8 @@ from pytorch_lightning import Trainer
 from ae_lightning.config import validate_config
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.models.ae import Autoencoder
-from ae_lightning.train import _instantiate_group, describe_run
+from ae_lightning.record import describe_run
+from ae_lightning.train import _instantiate_group
 from conftest import CONF, compose_cfg
 
 GROUPS = ["model", "data", "trainer", "callbacks", "logger", "experiment", "hparams_search"]

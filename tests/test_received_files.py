@@ -19,7 +19,7 @@ import yaml
 import ae_lightning
 from ae_lightning import runfolder
 from ae_lightning.errors import UserError
-from ae_lightning.train import write_json
+from ae_lightning.record import write_json
 from conftest import PROJECT, run_train_cli, tiny_overrides
 
 # Importing torch alone maps ~3.9 GB of address space; a bomb that got through would need more.

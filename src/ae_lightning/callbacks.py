@@ -330,7 +330,7 @@ class CpuThreads(Callback):
         elif stage == "fit":
             ceiling = min(self._restore, available_cores())
             alone_on_cpu = trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1
-            # DDP ranks share the cores already (train.share_cores); a GPU run barely uses them.
+            # DDP ranks share the cores already (cpu.share_cores); a GPU run barely uses them.
             # CPU reductions round differently with another count, so a run that asks for
             # determinism (trainer.deterministic=true) keeps the count it has.
             searches = alone_on_cpu and not torch.are_deterministic_algorithms_enabled()

@@ -138,3 +138,11 @@ class ThreadSearch:
             if self.chosen_step_s and per_step > self.slowdown * self.chosen_step_s:
                 return self.start()
         return self.threads
+
+
+def share_cores(processes: int) -> None:
+    """Torch threads = this machine's cores / processes running at once (not cores each).
+
+    Processes that each start a thread per core oversubscribe the cores and all run slower.
+    """
+    torch.set_num_threads(max(1, available_cores() // max(1, processes)))

@@ -15,7 +15,8 @@ from ae_lightning.naming import quote_path_overrides
 @hydra.main(version_base="1.3", config_path="pkg://ae_lightning.conf", config_name="train")
 def _eval(cfg: DictConfig) -> float:
     quiet_console()
-    from ae_lightning.train import evaluate, run_cli  # the heavy stack, only now
+    from ae_lightning.policy import run_cli  # the heavy stack, only now
+    from ae_lightning.train import evaluate
 
     record_config(cfg)
     return run_cli(cfg, task=evaluate)

@@ -23,7 +23,7 @@ from ae_lightning.naming import quote_path_overrides
 @hydra.main(version_base="1.3", config_path="pkg://ae_lightning.conf", config_name="train")
 def _train(cfg: DictConfig) -> float:
     quiet_console()  # again here: a sweep's job may run in a fresh worker process
-    from ae_lightning.train import run_cli  # the heavy stack, only now that a run starts
+    from ae_lightning.policy import run_cli  # the heavy stack, only now that a run starts
 
     record_config(cfg)
     return run_cli(cfg)

@@ -1,0 +1,204 @@
+"""The process policy of the entry points: what a run's ending means to the shell.
+
+Exit codes tell the truth: 0 when the run finished and its results are on disk, 2 for bad
+input (one sentence), 1 for a failed write (one sentence), 143 after SIGTERM with the
+command that continues. A job of a sweep that fails leaves ``failed.json`` and the sweep
+goes on. One process holds a run folder at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
+
+from ae_lightning.cpu import share_cores
+from ae_lightning.errors import RunInterrupted, UserError
+from ae_lightning.interrupts import INTERRUPTED
+from ae_lightning.record import in_multirun, write_json
+from ae_lightning.resume import resume_command
+from ae_lightning.runlock import LOCK_NAME, RunFolderBusy, run_lock
+from ae_lightning.train import train
+
+log = logging.getLogger(__name__)
+
+
+def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = train) -> float:
+    """Entry-point body: train and print the result.
+
+    Bad input exits 2 with one sentence. In a sweep, a failing job writes ``failed.json``
+    (its error line) into its folder and the sweep goes on with the next job.
+    """
+    threading.excepthook = _quiet_write_failures  # TensorBoard's writer thread re-raises
+    parallel_jobs = _parallel_jobs()
+    if parallel_jobs > 1:
+        share_cores(parallel_jobs)
+    try:
+        with _locked(Path(cfg.run_dir)):
+            metrics = task(cfg)
+    except RunInterrupted as err:
+        if rank_zero_only.rank == 0:
+            _mark_interrupted(cfg, err)
+            if in_multirun():
+                _stop_sweep()
+            print(f"interrupted: {err}", file=sys.stderr, flush=True)
+        sys.exit(143)  # 128 + SIGTERM, as a shell reports a process the signal ended
+    except Exception as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if isinstance(err, InstantiationException):  # a `_target_` from the command line
+            err = UserError(_instantiate_sentence(err))
+        disk = _write_failure(err, Path(cfg.run_dir), resume_command(cfg))
+        if in_multirun():
+            line = disk or f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            log.exception("Job failed; the sweep goes on: %s", line)
+            if isinstance(err, RunFolderBusy):  # the folder is another process's: no write
+                return float("nan")
+            with contextlib.suppress(OSError):  # the disk may be the very problem
+                Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+                write_json(Path(cfg.run_dir) / "failed.json", {"status": "failed", "error": line})
+            return float("nan")
+        if disk:
+            print(f"error: {disk}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        if not isinstance(err, UserError):
+            raise
+        if not isinstance(err, RunFolderBusy) and not cfg.get("resume"):
+            _leave_refused(Path(cfg.run_dir), str(err))
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if rank_zero_only.rank == 0:
+        print(
+            "test/mse {:.5f}  ({} epoch{}, {:.1f} s)  -> {}".format(
+                metrics["test/mse"],
+                metrics["epochs"],
+                "" if metrics["epochs"] == 1 else "s",
+                metrics.get("train_time_s", 0.0),
+                cfg.run_dir,
+            ),
+            flush=True,
+        )
+    return metrics.get("best_val/mse", metrics["test/mse"])
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EFBIG}
+
+
+def _write_failure(err: BaseException, run_dir: Path, command: str) -> str:
+    """One sentence for a failed write (full disk, read-only, I/O error), else ``""``.
+
+    Removes the run's half-written ``*.tmp`` files; what was complete stays. ``command``
+    (shell-quoted) continues the run; it ends the sentence, so it pastes as one.
+    """
+    cause: BaseException | None = err
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in WRITE_ERRORS):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return ""
+    for tmp in run_dir.rglob("*.tmp") if run_dir.is_dir() else []:
+        tmp.unlink(missing_ok=True)
+    where = str(cause.filename).removesuffix(".tmp") if cause.filename else f"into {run_dir}"
+    kept = (
+        "metrics.json and the last complete checkpoint are kept"
+        if (run_dir / "metrics.json").is_file()
+        else "the last complete checkpoint is kept"
+    )
+    return (
+        f"Writing {where} failed ({cause.strerror}): free space on that disk or make it "
+        f"writable; {kept}; then continue with: {command}"
+    )
+
+
+def _quiet_write_failures(args: threading.ExceptHookArgs) -> None:
+    """A writer thread's disk error is re-raised in the main thread: no second traceback."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRORS:
+        log.debug("A writer thread failed: %s", args.exc_value)
+        return
+    threading.__excepthook__(args)
+
+
+def _locked(run_dir: Path) -> contextlib.AbstractContextManager:
+    """This process's hold on its run folder (rank zero only: DDP ranks share the folder)."""
+    if rank_zero_only.rank != 0 or not run_dir.is_dir():
+        return contextlib.nullcontext()
+    return run_lock(run_dir)
+
+
+HYDRA_STUB = {".hydra", ".hydra-resumed", "train.log", "eval.log", LOCK_NAME}
+
+
+def _leave_refused(run_dir: Path, sentence: str) -> None:
+    """A refused new run leaves no folder; one that got further keeps failed.json."""
+    if not run_dir.is_dir():
+        return
+    if {p.name for p in run_dir.iterdir()} <= HYDRA_STUB:
+        shutil.rmtree(run_dir, ignore_errors=True)  # only Hydra's config and log: no run
+        return
+    write_json(run_dir / "failed.json", {"status": "failed", "error": sentence})
+
+
+def _mark_interrupted(cfg: DictConfig, err: RunInterrupted) -> None:
+    """``interrupted.json`` (the line and its command), so a resume is not taken as finished.
+
+    A new run stopped before it kept a checkpoint has nothing to resume: its folder goes if
+    only Hydra's files are in it, as a refused run's does. A sweep's job is always marked,
+    for the summary.
+    """
+    run_dir = Path(cfg.run_dir)
+    kept = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    if not kept and not cfg.get("resume") and not in_multirun():
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_STUB:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    if run_dir.is_dir():
+        write_json(
+            run_dir / INTERRUPTED,
+            {"status": "interrupted", "error": str(err), "resume": err.resume_command},
+        )
+
+
+def _stop_sweep() -> None:
+    """Summarise the sweep's jobs so far (the interrupted one is marked already)."""
+    from ae_lightning.sweep import SweepSummary  # the sweep layer sits above this one
+
+    hydra = HydraConfig.get()
+    settings = hydra.callbacks.get("sweep_summary") or {}
+    summary = SweepSummary(
+        enabled=bool(settings.get("enabled", True)),
+        sampler=str(settings.get("sampler", "gaussian")),
+        seed=int(settings.get("seed", 0)),
+    )
+    summary.summarise(Path(hydra.sweep.dir))
+
+
+def _instantiate_sentence(err: InstantiationException) -> str:
+    """Hydra's refusal to build a config node, as one sentence naming the node and the fix."""
+    lines = str(err).splitlines() or [type(err).__name__]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    reason = re.sub(r",? set env var HYDRA_FULL_ERROR=1.*$", "", lines[0]).rstrip(" .")
+    node = key or "the config node"
+    return (
+        f"{node} cannot be built ({reason}): fix {node}._target_ or the values given to it "
+        "on the command line."
+    )
+
+
+def _parallel_jobs() -> int:
+    """Jobs this sweep runs at once (``hydra/launcher=local_parallel``'s n_jobs), else 1."""
+    if not in_multirun():
+        return 1
+    n_jobs = HydraConfig.get().launcher.get("n_jobs")
+    return n_jobs if isinstance(n_jobs, int) and n_jobs > 0 else 1

@@ -1,0 +1,202 @@
+"""What a run records: ``metrics.json``, ``run_info.json``, the HParams row and Text tab, and
+the words that describe a run (family, dataset, recipe) in summaries and comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from ae_lightning import markdown, provenance, tb
+from ae_lightning.atomic import write_atomic
+from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
+from ae_lightning.latent import latent_quality
+from ae_lightning.models.ae import Autoencoder
+from ae_lightning.naming import read_varying
+from ae_lightning.runfolder import read_json
+
+log = logging.getLogger(__name__)
+
+
+def record_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    trainer: pl.Trainer,
+    model: Autoencoder,
+    datamodule: pl.LightningDataModule,
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """Add the latent-quality metrics, write metrics.json and the HParams record."""
+    if trainer.is_global_zero and cfg.get("latent_metrics", True):
+        model.eval()
+        dataset = getattr(datamodule, "dataset", "mnist")
+        quality = latent_quality(
+            model.encode, model.decode, datamodule.split("train"), datamodule.split("test"),
+            device=model.device, metric_names=[metric_suffix(dataset, c) for c in range(10)],
+        )  # fmt: skip
+        metrics.update(quality)
+    metrics.update(num_parameters=model.num_parameters, bottleneck=model.bottleneck)
+    metrics.update(describe_run(cfg, model))
+    if trainer.is_global_zero:  # under DDP every rank returns the same metrics
+        write_json(run_dir / "metrics.json", metrics)
+    # Once, at the final step: the test metrics Lightning logged are there already.
+    final = tb.final_scalars(metrics, logged=trainer.logged_metrics)
+    knobs = flat_hyperparameters(cfg, model, sweep_varying())
+    for logger in trainer.loggers:
+        logger.log_metrics(final, step=trainer.global_step)
+        if isinstance(logger, TensorBoardLogger):  # written empty at the start; save() keeps
+            Path(logger.log_dir, "hparams.yaml").unlink(missing_ok=True)  # an existing file
+        # hparams.yaml (and CSV/MLflow params); no metrics, so no second HParams record.
+        logger.log_hyperparams(knobs)
+        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+            _record_tensorboard(cfg, logger, metrics, knobs, trainer.global_step)
+        logger.save()
+    if trainer.is_global_zero:
+        record_run_info(run_dir, trainer, ended=True)
+    shown = ("test/mse", "test/knn_acc", "test/probe_acc")
+    log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})
+    return metrics
+
+
+def record_run_info(run_dir: Path, trainer: pl.Trainer, ended: bool = False) -> None:
+    """``run_info.json``: the run's provenance when it starts, its end time when it ends.
+
+    A resumed run keeps the first start and lists each later one under ``resumed``.
+    """
+    if not trainer.is_global_zero:
+        return
+    path = run_dir / "run_info.json"
+    info = read_json(path)
+    if ended:
+        if info:
+            write_json(path, {**info, "ended": provenance.now()})
+        return
+    device = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else provenance.cpu_name()
+    fresh = provenance.run_info(str(device), name)
+    if info.get("started"):  # resume=: this folder's run started before
+        resumes = [*info.get("resumed", []), {k: fresh[k] for k in ("argv", "host", "started")}]
+        fresh = {**info, "resumed": resumes, "ended": None}
+    write_json(path, fresh)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically: a reader never sees half a file, a crash never leaves one."""
+    write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def describe_run(cfg: DictConfig, model: Autoencoder) -> dict[str, str]:
+    """Model family, dataset and training recipe in words, for summaries and comparisons.
+
+    ``recipe`` is e.g. ``adamw lr=0.001 wd=0.01, cosine, elu, batch 64, mask 0.2, dropout
+    0.1``: what differs from the defaults (ReLU units, batch 128) is named.
+    """
+    optimizer = cfg.model.get("optimizer") or {}
+    parts = [
+        str(optimizer.get("_target_", "adam")).rsplit(".", 1)[-1].lower()
+        + f" lr={optimizer.get('lr', 'default')}"
+        + (f" wd={optimizer.weight_decay}" if optimizer.get("weight_decay") else "")
+    ]
+    scheduler = cfg.model.get("scheduler") or {}
+    if scheduler.get("_target_"):
+        parts.append(SCHEDULER_NAMES.get(scheduler._target_.rsplit(".", 1)[-1], "scheduler"))
+    hparams = model.hparams
+    if hparams.get("hidden") and hparams.get("activation", "relu") != "relu":
+        parts.append(str(hparams["activation"]))
+    batch_size = cfg.data.get("batch_size")
+    if batch_size and batch_size != DEFAULT_BATCH_SIZE:
+        parts.append(f"batch {batch_size}")
+    if hparams.get("corruption", "none") != "none":
+        parts.append(f"{hparams['corruption']} {hparams.get('corruption_level')}")
+    if hparams.get("dropout"):
+        parts.append(f"dropout {hparams['dropout']}")
+    parts += model.recipe_words()  # the family's own knobs
+    return {
+        "family": model.family,
+        "dataset": str(cfg.data.get("dataset", "mnist")),
+        "recipe": ", ".join(parts),
+    }
+
+
+SCHEDULER_NAMES = {
+    "CosineAnnealingLR": "cosine",
+    "OneCycleLR": "onecycle",
+    "ReduceLROnPlateau": "plateau",
+    "StepLR": "step",
+}
+
+
+def flat_hyperparameters(
+    cfg: DictConfig, model: Autoencoder, varying: list[str] | None = None
+) -> dict[str, Any]:
+    """The knobs worth comparing across runs, flattened for TensorBoard's HParams tab.
+
+    The architecture is read off the model, so an evaluated checkpoint reports its own.
+    A varied override that is no knob of its own (``data.val_size``) becomes one.
+    """
+    hidden = list(model.hparams.get("hidden") or [])
+    optimizer = cfg.model.get("optimizer") or {}
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    # The config group's name (`hidden1024`), unless an evaluated checkpoint differs from it.
+    same = list(cfg.model.get("hidden") or []) == hidden and cfg.bottleneck == model.bottleneck
+    knobs = {
+        "model": str(choices.get("model") or type(model).__name__) if same else "checkpoint",
+        "architecture": "-".join(str(size) for size in [784, *hidden, model.bottleneck]),
+        **describe_run(cfg, model),
+        "bottleneck": int(model.bottleneck),
+        "hidden": str(hidden),
+        "activation": str(model.hparams.get("activation")),
+        "lr": float(optimizer.get("lr", float("nan"))),
+        "weight_decay": float(optimizer.get("weight_decay") or 0.0),
+        "batch_size": int(cfg.data.batch_size),
+        "max_epochs": int(cfg.trainer.max_epochs),
+        "seed": int(cfg.seed),
+    }
+    for key in tb.varied_knobs(varying or []):
+        if key not in knobs:
+            knobs[key] = str(OmegaConf.select(cfg, key, default=""))
+    return knobs
+
+
+def _record_tensorboard(
+    cfg: DictConfig,
+    logger: TensorBoardLogger,
+    metrics: dict[str, Any],
+    knobs: dict[str, Any],
+    step: int,
+) -> None:
+    """HParams row, Text tab (config and metrics) and, outside a sweep, the experiment."""
+    log_dir = logger.log_dir
+    # In a sweep the row is named by the varied values alone (`hidden1024,10`): the column
+    # is narrow and its header row already names the knobs.
+    trial = re.sub(r"[^,=]+=", "", Path(cfg.run_dir).name) if in_multirun() else ""
+    tb.write_session(log_dir, knobs, step, trial)
+    if not in_multirun():  # a sweep writes one experiment and layout for all its jobs
+        tb.write_experiment(log_dir, list(knobs))
+        tb.write_curves_layout(log_dir)
+    try:
+        config = OmegaConf.to_yaml(cfg, resolve=True)
+    except OmegaConfBaseException:  # an interpolation only Hydra's app could resolve
+        config = OmegaConf.to_yaml(cfg)
+    logger.experiment.add_text("run/metrics", tb.metrics_table(metrics), step)  # sorts first
+    logger.experiment.add_text("run/resolved_config", markdown.code_block(config, "yaml"), step)
+
+
+def sweep_varying() -> list[str] | None:
+    """In a sweep job: the keys the sweep varies (see ``naming.record_sweep``)."""
+    return read_varying(HydraConfig.get().sweep.dir) if in_multirun() else None
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
