@@ -27,6 +27,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -222,8 +223,18 @@ def engine_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: DictConfig) -> pl.LightningModule:
-    """The model config, with the engine options of this run."""
-    return instantiate(cfg.model, _convert_="all", engine=engine_options(cfg))
+    """The model config, with the engine options of this run.
+
+    A family that refuses one of its knobs (``UserError``) is heard in its own sentence, not
+    inside Hydra's "Error in call to target" wrapping.
+    """
+    try:
+        return instantiate(cfg.model, _convert_="all", engine=engine_options(cfg))
+    except InstantiationException as err:
+        refusal = err.__cause__
+        if not isinstance(refusal, UserError):
+            raise
+    raise refusal  # outside the handler: no context chain that leads back to itself
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]) -> pl.Trainer:
