@@ -2,6 +2,7 @@
 and each through a real (tiny) run with every figure. ``tests/test_families.py`` checks the
 family contract of all of them."""
 
+import csv
 import hashlib
 import math
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from ae_lightning import callbacks
+from ae_lightning.api import load_run
+from ae_lightning.export import export_run
 from ae_lightning.models.contractive import ContractiveAutoencoder
 from ae_lightning.models.rae import RegularisedAutoencoder
 from ae_lightning.models.sparse import SparseAutoencoder
@@ -138,6 +141,39 @@ def test_family_trains_logs_its_terms_and_writes_every_figure(
     assert titles and all(sampler in title for title in titles)
     label = {"sparse": "Sparse AE", "contractive": "CAE", "wae": "WAE-MMD", "rae": "RAE"}[model]
     assert all(f"\n{label} 784-32-2 · " in title for title in titles)
+
+    run = load_run(
+        tmp_path, data_root=str(tiny_root), device="cpu"
+    )  # the notebook API and the export read it as data
+    assert type(run.model).family == model and run.sample(4, sampler="normal").shape == (
+        4,
+        1,
+        28,
+        28,
+    )
+    out = export_run(tmp_path, "torchscript", tmp_path / "export")
+    pixels = torch.rand(3, 1, 28, 28)
+    codes = torch.jit.load(str(out / "encoder.pt"))(pixels)
+    assert torch.allclose(codes, run.encode(pixels), atol=1e-6)
+    assert torch.allclose(
+        torch.jit.load(str(out / "decoder.pt"))(codes), run.decode(codes), atol=1e-6
+    )
+
+
+def test_a_sweep_over_the_four_families_ends_with_their_comparison(tiny_root, tmp_path):
+    result = run_train_cli(
+        ["-m", "model=sparse,contractive,wae,rae", *tiny_overrides(tiny_root),
+         "model.hidden=[32]", "callbacks=none", "logger=none", "latent_metrics=false"],
+        logs=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["family"] for row in rows) == ["contractive", "rae", "sparse", "wae"]
+    assert all(row["status"] == "ok" and math.isfinite(float(row["test/mse"])) for row in rows)
+    for name in ("scatter", "reconstructions", "interpolation", "samples"):
+        assert matplotlib.image.imread(sweep / "comparison" / f"{name}.png").shape[0] > 200
 
 
 def checksums(root):
