@@ -11,11 +11,18 @@ baseline on the same training images: the best any linear encoder/decoder pair c
 ``plain_vae``, a hand-written loop in the style of PyTorch's examples/vae with the same
 architecture, optimizer, batches, epochs and seed: test/nelbo should agree within 1%.
 
+``zoo``: model=sparse (kl and l1), contractive, wae and rae at z=2 (``--zoo-bottleneck``),
+each beside ``plain_zoo``, a hand-written loop of the same objective (the penalties written
+out again in plain torch: the Jacobian by z autograd passes, the MMD by its kernel
+matrices) on the same 784-1024-z net, optimizer, batch size, epochs and seed: test/loss
+should agree within 1%.
+
 ``deep30``: experiment=deep30 beside the same 784-1000-500-250-30 model with the default
 recipe (Adam 1e-3, clean inputs), both for ``--deep-epochs`` epochs (100 by default).
 
     python bench/quality.py --json quality.json --markdown quality.md
     python bench/quality.py --sections vae --epochs 25
+    python bench/quality.py --sections zoo --epochs 1 --data-root <tiny> --val-size 100  # smoke
 """
 
 from __future__ import annotations
@@ -37,7 +44,22 @@ from ae_lightning.data import MNISTDataModule, to_unit_float
 
 WORKFLOW = [("linear", 2), ("hidden1024", 2), ("hidden1024", 10)]
 VAE_BOTTLENECKS = [2, 20]
-SECTIONS = ["workflow", "vae", "deep30"]
+SECTIONS = ["workflow", "vae", "zoo", "deep30"]
+# Each family's overrides; the plain loop reads the same weights from ZOO_WEIGHTS.
+ZOO = {
+    "sparse kl": ["model=sparse", "model.sparsity=kl"],
+    "sparse l1": ["model=sparse", "model.sparsity=l1", "model.sparsity_weight=0.001"],
+    "contractive": ["model=contractive"],
+    "wae": ["model=wae"],
+    "rae": ["model=rae"],
+}
+ZOO_WEIGHTS = {
+    "sparse kl": {"weight": 0.1, "target": 0.05},
+    "sparse l1": {"weight": 0.001},
+    "contractive": {"weight": 0.1},
+    "wae": {"weight": 10.0},
+    "rae": {"code": 0.01, "decoder": 0.001},
+}
 DEEP_DEFAULT = ["model=deep", "model.hidden=[1000,500,250]", "bottleneck=30"]
 MASK = ["model.corruption=mask"]
 # The recipes tried for experiment=deep30 (BENCHMARKS.md, "deep30"), each a set of overrides.
@@ -139,6 +161,88 @@ def plain_vae(
     return {"test/nelbo": total / len(test_images), "test/mse": squared / test_images.numel()}
 
 
+class PlainAE(nn.Module):
+    """784-``hidden``-z-``hidden``-784, ReLU, sigmoid pixels: the zoo families' default net."""
+
+    def __init__(self, bottleneck: int, hidden: int = 1024) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden)
+        self.fc2 = nn.Linear(hidden, bottleneck)
+        self.decoder = nn.Sequential(
+            nn.Linear(bottleneck, hidden), nn.ReLU(), nn.Linear(hidden, 784), nn.Sigmoid()
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden layer's pre-activations and the code."""
+        pre = self.fc1(x)
+        return pre, self.fc2(F.relu(pre))
+
+
+def plain_zoo_loss(name: str, model: PlainAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The family's objective written out again (loss, per-pixel mse) on ``x`` ``(B, 784)``."""
+    w = ZOO_WEIGHTS[name]
+    if name == "contractive":
+        x = x.detach().requires_grad_(True)  # the Jacobian is taken at the input
+    pre, z = model.encode(x)
+    recon_x = model.decoder(z)
+    sse = (recon_x - x).pow(2).sum(1).mean()
+    if name == "sparse kl":
+        rho, rho_hat = w["target"], torch.sigmoid(pre).mean(0)
+        kl = rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))
+        penalty = w["weight"] * kl.sum()
+    elif name == "sparse l1":
+        penalty = w["weight"] * z.abs().sum(1).mean()
+    elif name == "contractive":
+        rows = [
+            torch.autograd.grad(z[:, k].sum(), x, create_graph=True)[0] for k in range(z.shape[1])
+        ]  # row k of every image's Jacobian: images are independent
+        penalty = w["weight"] * sum(row.pow(2).sum(1) for row in rows).mean()
+    elif name == "wae":
+        n, prior = len(z), torch.randn_like(z)
+        mmd = 0.0
+        for scale in (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0):
+            c = 2.0 * z.shape[1] * scale
+
+            def kernel(a, b, c=c):
+                return c / (c + (a[:, None, :] - b[None, :, :]).pow(2).sum(-1))
+
+            off = 1 - torch.eye(n)
+            mmd = mmd + ((kernel(z, z) + kernel(prior, prior)) * off).sum() / (n * (n - 1))
+            mmd = mmd - 2 * kernel(z, prior).mean()
+        penalty = w["weight"] * mmd
+    else:
+        decoder_l2 = sum(p.pow(2).sum() for p in model.decoder.parameters())
+        penalty = w["code"] * 0.5 * z.pow(2).sum(1).mean() + w["decoder"] * decoder_l2
+    return sse + penalty, (recon_x - x).pow(2).mean()
+
+
+def plain_zoo(
+    datamodule: MNISTDataModule, name: str, bottleneck: int, epochs: int, batch_size: int,
+    seed: int,
+) -> dict[str, float]:  # fmt: skip
+    """Train and test PlainAE on ``name``'s objective; test/loss and test/mse per batch of
+    1000 (the framework's eval batches: the sparsity and MMD terms are batch statistics)."""
+    torch.manual_seed(seed)
+    model = PlainAE(bottleneck)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_images = datamodule.split("train")[0]
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for index in torch.randperm(len(train_images), generator=generator).split(batch_size):
+            optimizer.zero_grad()
+            loss, _ = plain_zoo_loss(name, model, to_unit_float(train_images[index]).view(-1, 784))
+            loss.backward()
+            optimizer.step()
+    test_images = datamodule.split("test")[0]
+    total, squared = 0.0, 0.0
+    with torch.enable_grad() if name == "contractive" else torch.no_grad():
+        for start in range(0, len(test_images), 1000):
+            data = to_unit_float(test_images[start : start + 1000]).view(-1, 784)
+            loss, mse = plain_zoo_loss(name, model, data)
+            total, squared = total + float(loss) * len(data), squared + float(mse) * len(data)
+    return {"test/loss": total / len(test_images), "test/mse": squared / len(test_images)}
+
+
 def pca_test_mse(train_images: torch.Tensor, test_images: torch.Tensor, k: int) -> float:
     """Per-pixel MSE of the rank-k PCA reconstruction of the test set (fitted on train)."""
     x = to_unit_float(train_images).flatten(1).double()
@@ -157,6 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
+    parser.add_argument("--zoo-bottleneck", type=int, default=2, help="z of the zoo rows")
+    parser.add_argument(
+        "--zoo", nargs="+", choices=list(ZOO), default=list(ZOO), help="the zoo rows to train"
+    )
     parser.add_argument("--deep-epochs", type=int, default=100, help="epochs of the deep30 rows")
     parser.add_argument(
         "--deep-recipes", nargs="+", choices=list(DEEP_RECIPES),
@@ -203,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if "vae" in args.sections:
         results["vae"] = vae_rows(args, datamodule, runs_dir)
+    if "zoo" in args.sections:
+        results["zoo"] = zoo_rows(args, datamodule, runs_dir)
     if "deep30" in args.sections:
         results["deep30"] = deep30_rows(args, runs_dir)
     table = markdown_table(results)
@@ -234,6 +344,26 @@ def vae_rows(args: argparse.Namespace, datamodule: MNISTDataModule, runs_dir: Pa
                 "nelbo_vs_plain": round(run["test/nelbo"] / plain["test/nelbo"], 4),
             }
         )
+    return rows
+
+
+def zoo_rows(args: argparse.Namespace, datamodule: MNISTDataModule, runs_dir: Path) -> list:
+    """Each ``--zoo`` family and its plain loop at ``--zoo-bottleneck``, first seed only."""
+    seed, bottleneck, rows = args.seeds[0], args.zoo_bottleneck, []
+    for name in args.zoo:
+        run = train_with(
+            args, runs_dir / f"{name.replace(' ', '_')}_z{bottleneck}_seed{seed}", *ZOO[name],
+            f"bottleneck={bottleneck}", f"seed={seed}", "callbacks=none", "logger=none",
+            "test_ckpt=last", "latent_metrics=false",
+        )  # fmt: skip
+        plain = plain_zoo(datamodule, name, bottleneck, args.epochs, args.batch_size, seed)
+        rows.append(
+            {"family": name, "recipe_words": run["recipe"], "bottleneck": bottleneck,
+             "test_loss": round(run["test/loss"], 3), "test_mse": round(run["test/mse"], 5),
+             "plain_test_loss": round(plain["test/loss"], 3),
+             "plain_test_mse": round(plain["test/mse"], 5),
+             "loss_vs_plain": round(run["test/loss"] / plain["test/loss"], 4)}
+        )  # fmt: skip
     return rows
 
 
@@ -295,6 +425,22 @@ def extra_tables(results: dict) -> str:
             f"| {r['bottleneck']} | {r['test_nelbo']:.2f} | {r['plain_test_nelbo']:.2f} | "
             f"{r['nelbo_vs_plain']:.4f} | {r['test_mse']:.4f} | {r['plain_test_mse']:.4f} |"
             for r in results["vae"]
+        ]
+    if results.get("zoo"):
+        lines += [
+            "",
+            f"Zoo families (784-1024-z), {results['epochs']} epochs, batch "
+            f"{results['batch_size']}: test loss (summed squared error per image + the "
+            "penalty) beside a plain PyTorch loop of the same objective",
+            "",
+            "| family | recipe | z | test/loss | plain loop loss | ratio | test/mse | plain mse |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['family']} | {r['recipe_words']} | {r['bottleneck']} | {r['test_loss']:.3f} "
+            f"| {r['plain_test_loss']:.3f} | {r['loss_vs_plain']:.4f} | {r['test_mse']:.4f} "
+            f"| {r['plain_test_mse']:.4f} |"
+            for r in results["zoo"]
         ]
     if results.get("deep30"):
         lines += ["", "deep30 (784-1000-500-250-30): test per-pixel MSE (best val checkpoint)",

@@ -653,8 +653,9 @@ class InterpolationFigure(FigureCallback):
 class SamplesFigure(FigureCallback):
     """``n`` images decoded from random codes drawn by ``sampler`` (see ``latent.SAMPLERS``).
 
-    ``auto`` asks the model: its own prior (``prior_sample``; a VAE's N(0, I)), or a
-    Gaussian fitted to the training codes for a model with none.
+    ``auto`` asks the model: its own prior (``prior_sample``; a VAE's N(0, I)), or for a
+    model with none its ``fitted_sampler`` fitted to the training codes (a Gaussian; an RAE's
+    10-component GMM).
     """
 
     name = "samples"
@@ -672,7 +673,7 @@ class SamplesFigure(FigureCallback):
         if prior is not None:
             drawn, what = prior, f"{pl_module.prior_description}, the {pl_module.label}'s prior"
         else:
-            kind = "gaussian" if self.sampler == "auto" else self.sampler
+            kind = pl_module.fitted_sampler if self.sampler == "auto" else self.sampler
             codes, _ = CodesCache.get(trainer, pl_module, "train", self.fit_on)
             sampler = CodeSampler(kind, codes, seed=self.seed)
             drawn, what = sampler.sample(self.n), sampler.description

@@ -7,6 +7,8 @@ batch, so the VAE's numbers are nats per image, comparable with papers and PyTor
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -61,3 +63,92 @@ def corrupt(x: torch.Tensor, kind: str, level: float) -> torch.Tensor:
     if kind == "mask":
         return x * (torch.rand_like(x) >= level)
     raise ValueError(f"Unknown corruption {kind!r}: choose one of {list(CORRUPTIONS)}.")
+
+
+# --- regularisers of the deterministic families (sparse, contractive, wae, rae) -------------
+
+
+def l1_sparsity(codes: torch.Tensor) -> torch.Tensor:
+    """sum_j |z_j| per image, batch-averaged: the L1 sparsity penalty on the code
+    (Goodfellow, Bengio & Courville 2016, "Deep Learning", section 14.2.1)."""
+    return codes.abs().sum(dim=1).mean()
+
+
+def kl_sparsity(firing: torch.Tensor, target: float) -> torch.Tensor:
+    """sum_j KL(Bernoulli(target) || Bernoulli(rho_j)), rho_j the batch mean of ``firing[:, j]``.
+
+    Ng's sparse autoencoder penalty (Ng 2011, "Sparse autoencoder", CS294A lecture notes,
+    section 3): ``firing`` ``(B, units)`` holds each hidden unit's activation in (0, 1) per
+    image, and the penalty pulls every unit's mean activation towards ``target``.
+    (``validate_args=False``: the check would read a value back to the host each step.)
+    """
+    rho = firing.mean(dim=0)
+    wanted = torch.distributions.Bernoulli(probs=torch.full_like(rho, target), validate_args=False)
+    actual = torch.distributions.Bernoulli(probs=rho, validate_args=False)
+    return torch.distributions.kl_divergence(wanted, actual).sum()
+
+
+def encoder_jacobian(
+    encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes ``encode(x)`` and ||J_f(x)||_F^2, the squared Frobenius norm of the encoder's
+    Jacobian dz/dx at each image, batch-averaged: the contractive autoencoder's penalty
+    (Rifai et al. 2011, "Contractive auto-encoders", eq. 2).
+
+    Exact, for any encoder: ``torch.func.jacrev`` per image, ``vmap``-ed over the batch, with
+    the code as auxiliary output so the encoder runs forward once. Gradients reach the
+    encoder's parameters through it (``loss.backward()`` differentiates the Jacobian).
+    ``randomness="different"``: dropout draws its own mask per image, as in a plain batch.
+    """
+
+    def one(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = encode(image.unsqueeze(0)).squeeze(0)
+        return code, code
+
+    jacobians, codes = torch.func.vmap(
+        torch.func.jacrev(one, has_aux=True), randomness="different"
+    )(x)  # (B, z, *image), (B, z)
+    return codes, jacobians.square().flatten(1).sum(dim=1).mean()
+
+
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(n, m)`` squared Euclidean distances of the rows of ``a`` and ``b``, by differences:
+    exact at 0, where ``torch.cdist``'s square root has no gradient."""
+    return (a.unsqueeze(1) - b.unsqueeze(0)).square().sum(dim=-1)
+
+
+IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def imq_mmd(
+    codes: torch.Tensor,
+    prior: torch.Tensor,
+    variance: float = 1.0,
+    scales: Sequence[float] = IMQ_SCALES,
+) -> torch.Tensor:
+    """The unbiased estimate of MMD^2 between ``codes`` and ``prior`` draws (both ``(n, z)``)
+    under the inverse multiquadratic kernel k(a, b) = C / (C + ||a - b||^2), summed over
+    C = 2 * z * ``variance`` * s for each scale s: WAE-MMD's penalty (Tolstikhin et al. 2018,
+    "Wasserstein auto-encoders", Algorithm 2 and section 4, against a N(0, variance I) prior).
+
+    Within-set pairs exclude i = j (divided by n(n - 1)); cross pairs are all n^2.
+    """
+    n = codes.shape[0]
+    if n < 2 or prior.shape != codes.shape:
+        raise ValueError(f"MMD needs two sets of >= 2 codes of one shape: {n} and {prior.shape}")
+    base = 2.0 * codes.shape[1] * variance
+    within = squared_distances(codes, codes), squared_distances(prior, prior)
+    across = squared_distances(codes, prior)
+    off_diagonal = 1.0 - torch.eye(n, dtype=codes.dtype, device=codes.device)
+    total = codes.new_zeros(())
+    for scale in scales:
+        c = base * scale
+        same = sum(((c / (c + d)) * off_diagonal).sum() for d in within) / (n * (n - 1))
+        total = total + same - 2.0 * (c / (c + across)).sum() / (n * n)
+    return total
+
+
+def squared_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """sum of squares of every entry of ``tensors``: ||theta||^2, RAE-L2's decoder penalty
+    (Ghosh et al. 2020, "From variational to deterministic autoencoders", eq. 11)."""
+    return torch.stack([t.square().sum() for t in tensors]).sum()

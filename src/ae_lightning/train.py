@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar
@@ -245,8 +246,18 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
 
 
 def build_model(cfg: DictConfig) -> pl.LightningModule:
-    """The model config, with the engine options of this run."""
-    return instantiate(cfg.model, _convert_="all", engine=engine_options(cfg))
+    """The model config, with the engine options of this run.
+
+    A family that refuses one of its knobs (``UserError``) is heard in its own sentence, not
+    inside Hydra's "Error in call to target" wrapping.
+    """
+    try:
+        return instantiate(cfg.model, _convert_="all", engine=engine_options(cfg))
+    except InstantiationException as err:
+        refusal = err.__cause__
+        if not isinstance(refusal, UserError):
+            raise
+    raise refusal  # outside the handler: no context chain that leads back to itself
 
 
 def engine_options(cfg: DictConfig) -> dict[str, Any]:

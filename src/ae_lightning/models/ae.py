@@ -25,8 +25,9 @@ class Autoencoder(TrainingSystem):
       [0, 1] to ``(B, z)`` codes and back; figures, probes, comparisons and ``load_run`` use
       only these (a stochastic encoder gives its mean code).
     - ``prior_sample(n, seed) -> codes | None``: ``(n, z)`` draws from the family's own prior
-      (what ``samples.png`` decodes by default), or None for a family with none (a fitted
-      Gaussian is used then); ``prior_description`` names it in figure titles.
+      (what ``samples.png`` decodes by default), or None for a family with none
+      (``fitted_sampler``, a ``latent.SAMPLERS`` kind, is fitted to the training codes then:
+      a Gaussian unless the family names another); ``prior_description`` names it in titles.
     - ``recipe_words() -> list[str]``: the family's own knobs in words for the recipe column
       of summaries (e.g. ``["beta 1.0 bernoulli"]``).
     - ``label``: the family in figure titles (``MLP 784-1024-2``, ``VAE 784-1024-2``).
@@ -47,6 +48,7 @@ class Autoencoder(TrainingSystem):
     encoder_class: type[torch.nn.Module] = Encoder
     code_outputs = 1
     prior_description: str | None = None
+    fitted_sampler = "gaussian"
 
     def __init__(
         self,
