@@ -113,8 +113,22 @@ def validate_config(cfg: DictConfig) -> None:
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs != -1:
         _positive_int(max_epochs, "trainer.max_epochs", "use e.g. trainer.max_epochs=25")
+    _check_eval(cfg)
     if cfg.get("test_ckpt") not in ("best", "last"):
         raise UserError(f"test_ckpt={cfg.get('test_ckpt')!r} is not a choice: use best or last.")
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    """``eval.*``: the test NLL's sample and image counts."""
+    samples = _select(cfg, "eval.nll_samples")
+    if samples is not None and (not _is_int(samples) or samples < 0):
+        raise UserError(
+            f"eval.nll_samples={samples!r} is not a whole number >= 0: use e.g. "
+            "eval.nll_samples=100 (5000 for the papers' numbers, 0 for no test/nll)."
+        )
+    images = _select(cfg, "eval.nll_images")
+    if images is not None:
+        _positive_int(images, "eval.nll_images", "use e.g. eval.nll_images=1000, or null for all")
 
 
 def _check_engine(cfg: DictConfig) -> None:

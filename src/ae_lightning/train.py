@@ -40,9 +40,9 @@ from ae_lightning import tb
 from ae_lightning.callbacks import EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
-from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
+from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix, to_unit_float
 from ae_lightning.errors import RunInterrupted, UserError
-from ae_lightning.latent import latent_quality
+from ae_lightning.latent import importance_sampled_nll, latent_quality
 from ae_lightning.models import checkpoint_family
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
@@ -342,6 +342,10 @@ def _record(
             device=model.device, metric_names=[metric_suffix(dataset, c) for c in range(10)],
         )  # fmt: skip
         metrics.update(quality)
+    if trainer.is_global_zero:
+        nll = test_nll(cfg, model, datamodule)
+        if nll is not None:
+            metrics["test/nll"] = nll
     metrics.update(num_parameters=model.num_parameters, bottleneck=model.bottleneck)
     metrics.update(describe_run(cfg, model))
     if trainer.is_global_zero:  # under DDP every rank returns the same metrics
@@ -358,9 +362,30 @@ def _record(
         if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
             _record_tensorboard(cfg, logger, metrics, knobs, trainer.global_step)
         logger.save()
-    shown = ("test/mse", "test/knn_acc", "test/probe_acc")
+    shown = ("test/mse", "test/nll", "test/knn_acc", "test/probe_acc")
     log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})
     return metrics
+
+
+def test_nll(
+    cfg: DictConfig, model: Autoencoder, datamodule: pl.LightningDataModule
+) -> float | None:
+    """``test/nll`` (nats per image) on the first ``eval.nll_images`` test images, seeded;
+    None when switched off or for a family without a likelihood."""
+    settings = cfg.get("eval") or {}
+    samples = settings.get("nll_samples", 0)
+    if not samples:
+        return None
+    images = datamodule.split("test")[0][: settings.get("nll_images")]
+    model.eval()
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        nll = importance_sampled_nll(
+            model.log_weights, to_unit_float(images), samples, device=model.device
+        )
+    if nll is not None:
+        log.info("test/nll %.2f nats (%d samples x %d images)", nll, samples, len(images))
+    return nll
 
 
 @contextmanager
