@@ -27,6 +27,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -221,9 +222,23 @@ def engine_options(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate``, with a constructor's ``UserError`` (``model.groups=3`` ...) passed on
+    as itself: Hydra wraps it in an ``InstantiationException`` that no longer reads as one
+    sentence."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if not isinstance(err.__cause__, UserError):
+            raise
+        refused = err.__cause__
+    refused.__context__ = None  # raised alone: no cycle back through Hydra's wrapper
+    raise refused
+
+
 def build_model(cfg: DictConfig) -> pl.LightningModule:
     """The model config, with the engine options of this run."""
-    return instantiate(cfg.model, _convert_="all", engine=engine_options(cfg))
+    return instantiate_checked(cfg.model, _convert_="all", engine=engine_options(cfg))
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]) -> pl.Trainer:
@@ -319,7 +334,7 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
         ) from None
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # K has one key, engine.steps_per_call; the data module sends lists of K minibatches.
-    datamodule = instantiate(cfg.data, steps_per_call=cfg.engine.steps_per_call)
+    datamodule = instantiate_checked(cfg.data, steps_per_call=cfg.engine.steps_per_call)
     datamodule.prepare_data()  # fails fast, before any model is built, if MNIST is missing
     log.info("Run folder: %s", run_dir.resolve())
     return run_dir, datamodule
