@@ -81,3 +81,25 @@ def test_quality_benchmark_puts_the_vae_beside_a_plain_loop_and_deep30_beside_it
     assert "elu" in results["deep30"][1]["recipe_words"]  # the recipe is named in words
     assert "cosine" in results["deep30"][1]["recipe_words"]
     assert "| 20 |" in table.read_text() and "| experiment=deep30 |" in table.read_text()
+
+
+def test_quality_benchmark_checks_iwae_and_vqvae_against_plain_loops_and_the_iwae_paper(
+    tiny_root, tmp_path
+):
+    out, table = tmp_path / "quality.json", tmp_path / "quality.md"
+    run_bench(
+        "quality.py", "--epochs", "1", "--batch-size", "50", "--val-size", "100",
+        "--data-root", str(tiny_root), "--json", str(out), "--markdown", str(table),
+        "--sections", "iwae", "vqvae", "iwae_paper", "--paper-passes", "1",
+        "--nll-samples", "5",
+    )  # fmt: skip
+    results = json.loads(out.read_text())
+    iwae, vqvae = results["iwae"], results["vqvae"]
+    assert iwae["test_bound"] < 0 and iwae["plain_test_bound"] < 0  # log-likelihood bounds
+    assert abs(iwae["bound_vs_plain"] - iwae["test_bound"] / iwae["plain_test_bound"]) < 1e-3
+    assert 0 < vqvae["test_mse"] < 0.5 and 0 < vqvae["plain_test_mse"] < 0.5
+    paper = results["iwae_paper"]
+    assert [r["model"] for r in paper] == ["VAE k=1", "IWAE k=5", "IWAE k=50"]
+    assert [r["paper_nll"] for r in paper] == [86.76, 85.54, 84.78]
+    assert all(r["test_nll"] > 0 and r["nll_samples"] == 5 for r in paper)
+    assert "| IWAE k=50 |" in table.read_text()
