@@ -300,6 +300,13 @@ def test_family_trains_tests_and_draws_every_figure(family, extra, tiny_root, tm
     encoder = torch.jit.load(str(tmp_path / "exported" / "encoder.pt"))
     pixels = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(encoder(pixels), run.encode(pixels), rtol=0, atol=1e-5)
+    if family == "vqvae":  # the quantiser's nearest-entry search exports to ONNX too
+        ort = pytest.importorskip("onnxruntime")
+        export_run(tmp_path, "onnx", out=tmp_path / "onnx")
+        (codes,) = ort.InferenceSession(str(tmp_path / "onnx" / "encoder.onnx")).run(
+            None, {"images": pixels.numpy()}
+        )
+        torch.testing.assert_close(torch.from_numpy(codes), run.encode(pixels), atol=1e-5, rtol=0)
 
     more = f"trainer.max_epochs={metrics['epochs'] + 1}"
     resumed = train(compose_cfg([*cfg_overrides, f"resume={tmp_path}", more], tmp_path))

@@ -136,7 +136,12 @@ def vector_quantise(
     """
     groups, _, width = codebooks.shape
     parts = z.view(z.shape[0], groups, width).transpose(0, 1)  # (G, B, d)
-    distances = torch.cdist(parts, codebooks).square().transpose(0, 1)  # (B, G, C)
+    # ||z||^2 - 2 z.e + ||e||^2 as matrix products: what cdist computes, but ONNX can export it.
+    distances = (
+        parts.square().sum(-1, keepdim=True)
+        - 2 * parts @ codebooks.transpose(1, 2)
+        + codebooks.square().sum(-1).unsqueeze(1)
+    ).transpose(0, 1)  # (B, G, C)
     indices = distances.argmin(dim=2)  # (B, G)
     quantised = torch.gather(
         codebooks.unsqueeze(0).expand(z.shape[0], -1, -1, -1),
