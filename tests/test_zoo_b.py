@@ -11,7 +11,10 @@ from hydra.utils import instantiate
 from pytorch_lightning.callbacks import Callback
 from torch.distributions import Bernoulli, MultivariateNormal, Normal
 
+from ae_lightning import runfolder
 from ae_lightning.api import load_run
+from ae_lightning.compare import Run as ComparedRun
+from ae_lightning.compare import summary_rows, write_summary
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.export import export_run
 from ae_lightning.latent import importance_sampled_nll
@@ -290,6 +293,11 @@ def test_family_trains_tests_and_draws_every_figure(family, extra, tiny_root, tm
         assert (
             json.loads((tmp_path / "metrics.json").read_text())["test/nll"] == metrics["test/nll"]
         )
+        compared = ComparedRun(tmp_path, metrics=runfolder.metrics(tmp_path), label=family)
+        write_summary(summary_rows([compared]), tmp_path)  # the sweep's and ae-compare's table
+        header, _, row = (tmp_path / "summary.md").read_text().splitlines()[:3]
+        column = [c.strip() for c in header.split("|")].index("test/nll")
+        assert float(row.split("|")[column]) == pytest.approx(metrics["test/nll"], abs=1e-3)
     assert {p.stem for p in (tmp_path / "figures").glob("*.png")} >= FIGURES
     if family == "vae":
         return  # (the older family's own tests cover the rest)
