@@ -27,7 +27,7 @@ class VampPriorAutoencoder(VariationalAutoencoder):
     """
 
     family = "vamp"
-    label = "VampPrior VAE"
+    label = "VAMP"  # pythae's name; short, as figure titles need
 
     def __init__(self, pseudo_inputs: int = DEFAULT_PSEUDO_INPUTS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -45,7 +45,7 @@ class VampPriorAutoencoder(VariationalAutoencoder):
 
     @property
     def prior_description(self) -> str:  # type: ignore[override]
-        return f"VampPrior, a mixture of the posteriors at {len(self.pseudo_pixels)} pseudo-inputs"
+        return f"mixture at {len(self.pseudo_pixels)} pseudo-inputs"
 
     def pseudo_inputs_images(self) -> torch.Tensor:
         """The pseudo-inputs u_k as ``(K, 784)`` pixels in [0, 1]."""

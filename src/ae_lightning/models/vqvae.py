@@ -38,10 +38,8 @@ class VectorQuantisedAutoencoder(Autoencoder):
 
     family = "vqvae"
     label = "VQ-VAE"
-    prior_description = (
-        "independent categorical per group over the codebook indices, fitted on the last "
-        "training epoch's codes"
-    )
+    # Short enough for the samples figure's title line (the docstring says the rest).
+    prior_description = "fitted index categoricals"
 
     def __init__(
         self,
