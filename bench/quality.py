@@ -11,6 +11,16 @@ baseline on the same training images: the best any linear encoder/decoder pair c
 ``plain_vae``, a hand-written loop in the style of PyTorch's examples/vae with the same
 architecture, optimizer, batches, epochs and seed: test/nelbo should agree within 1%.
 
+``iwae`` and ``vqvae``: model=iwae (k=5) and model=vqvae beside ``plain_iwae`` and
+``plain_vqvae``, hand-written loops of the same objective (Burda et al. 2016's bound; van den
+Oord et al. 2017's loss with a straight-through gradient) with the same architecture,
+optimizer, batches, epochs and seed: test/bound and test/mse should agree within 1%.
+
+``iwae_paper``: experiment=iwae_paper (Burda et al.'s one-stochastic-layer MNIST setting)
+for model=vae, IWAE k=5 and k=50, shortened to ``--paper-passes`` epochs (their schedule's
+stages kept in proportion), with test/nll from ``--nll-samples`` importance samples (5000,
+as theirs) beside their Table 1.
+
 ``zoo``: model=sparse (kl and l1), contractive, wae and rae at z=2 (``--zoo-bottleneck``),
 each beside ``plain_zoo``, a hand-written loop of the same objective (the penalties written
 out again in plain torch: the Jacobian by z autograd passes, the MMD by its kernel
@@ -23,12 +33,14 @@ recipe (Adam 1e-3, clean inputs), both for ``--deep-epochs`` epochs (100 by defa
     python bench/quality.py --json quality.json --markdown quality.md
     python bench/quality.py --sections vae --epochs 25
     python bench/quality.py --sections zoo --epochs 1 --data-root <tiny> --val-size 100  # smoke
+    python bench/quality.py --sections iwae_paper --paper-passes 100 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -39,12 +51,11 @@ import torch.nn.functional as F
 from common import PROJECT, train_with
 from torch import nn
 
-from ae_lightning.cpu import flush_denormals
 from ae_lightning.data import MNISTDataModule, to_unit_float
 
 WORKFLOW = [("linear", 2), ("hidden1024", 2), ("hidden1024", 10)]
 VAE_BOTTLENECKS = [2, 20]
-SECTIONS = ["workflow", "vae", "zoo", "deep30"]
+SECTIONS = ["workflow", "vae", "zoo", "iwae", "vqvae", "iwae_paper", "deep30"]
 # Each family's overrides; the plain loop reads the same weights from ZOO_WEIGHTS.
 ZOO = {
     "sparse kl": ["model=sparse", "model.sparsity=kl"],
@@ -59,6 +70,15 @@ ZOO_WEIGHTS = {
     "contractive": {"weight": 0.1},
     "wae": {"weight": 10.0},
     "rae": {"code": 0.01, "decoder": 0.001},
+}
+PLAIN_BOTTLENECK = 20  # the iwae and vqvae checks' code size
+IWAE_SAMPLES = 5
+# Burda et al. 2016, Table 1, MNIST, one stochastic layer: test NLL in nats (k = 5000).
+PAPER_NLL = {"VAE k=1": 86.76, "IWAE k=5": 85.54, "IWAE k=50": 84.78}
+PAPER_MODELS = {
+    "VAE k=1": ["model=vae"],
+    "IWAE k=5": ["model=iwae", "model.samples=5"],
+    "IWAE k=50": ["model=iwae", "model.samples=50"],
 }
 DEEP_DEFAULT = ["model=deep", "model.hidden=[1000,500,250]", "bottleneck=30"]
 MASK = ["model.corruption=mask"]
@@ -134,7 +154,6 @@ def plain_vae(
     datamodule: MNISTDataModule, bottleneck: int, epochs: int, batch_size: int, seed: int
 ) -> dict[str, float]:
     """Train and test PlainVAE like examples/vae; test/nelbo and the mean code's test/mse."""
-    flush_denormals(True)  # on the CPU, as the framework's runs (engine.flush_denormals)
     torch.manual_seed(seed)
     model = PlainVAE(bottleneck)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -159,6 +178,114 @@ def plain_vae(
             total += float(plain_vae_loss(recon_batch, data, mu, logvar))
             squared += float((model.decode(mu) - data.view(-1, 784)).square().sum())
     return {"test/nelbo": total / len(test_images), "test/mse": squared / test_images.numel()}
+
+
+def iwae_log_weights(model: PlainVAE, x: torch.Tensor, samples: int) -> torch.Tensor:
+    """``(B, k)`` log p(x|z) + log N(z; 0, I) - log q(z|x), written out by hand."""
+    mu, logvar = model.encode(x.view(-1, 784))
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn(samples, *mu.shape)
+    z = mu + std * eps  # (k, B, z)
+    logits = model.fc4(F.relu(model.fc3(z)))
+    target = x.view(1, -1, 784).expand_as(logits)
+    log_px = -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+    log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+    log_qz = -0.5 * (eps.pow(2) + math.log(2 * math.pi)).sum(-1) - (0.5 * logvar).sum(-1)
+    return (log_px + log_pz - log_qz).T
+
+
+def plain_iwae(
+    datamodule: MNISTDataModule,
+    bottleneck: int,
+    samples: int,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """PlainVAE trained on -L_k (Burda et al. 2016, eq. 8); the test L_k and mean-code MSE."""
+    torch.manual_seed(seed)
+    model = PlainVAE(bottleneck)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_images = datamodule.split("train")[0]
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for index in torch.randperm(len(train_images), generator=generator).split(batch_size):
+            data = to_unit_float(train_images[index])
+            optimizer.zero_grad()
+            weights = iwae_log_weights(model, data, samples)
+            loss = -(torch.logsumexp(weights, 1) - math.log(samples)).mean()
+            loss.backward()
+            optimizer.step()
+    test_images = datamodule.split("test")[0]
+    bound, squared = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(test_images), 1000):
+            data = to_unit_float(test_images[start : start + 1000])
+            weights = iwae_log_weights(model, data, samples)
+            bound += float((torch.logsumexp(weights, 1) - math.log(samples)).sum())
+            mu, _ = model.encode(data.view(-1, 784))
+            squared += float((model.decode(mu) - data.view(-1, 784)).square().sum())
+    return {"test/bound": bound / len(test_images), "test/mse": squared / test_images.numel()}
+
+
+def plain_vqvae(
+    datamodule: MNISTDataModule,
+    bottleneck: int,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    codebook_size: int = 512,
+    commitment: float = 0.25,
+    hidden: int = 1024,
+) -> dict[str, float]:
+    """An MLP VQ-VAE loop (van den Oord et al. 2017, eq. 3): one codebook, entries started
+    on the first batch's codes; test/mse of the quantised codes' reconstructions."""
+    torch.manual_seed(seed)
+    encoder = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, bottleneck))
+    decoder = nn.Sequential(
+        nn.Linear(bottleneck, hidden), nn.ReLU(), nn.Linear(hidden, 784), nn.Sigmoid()
+    )
+    codebook = nn.Parameter(
+        torch.empty(codebook_size, bottleneck).uniform_(-1 / codebook_size, 1 / codebook_size)
+    )
+    parameters = [*encoder.parameters(), *decoder.parameters(), codebook]
+    optimizer = torch.optim.Adam(parameters, lr=1e-3)
+    train_images = datamodule.split("train")[0]
+    generator = torch.Generator().manual_seed(seed)
+    seeded = False
+
+    def quantise(z: torch.Tensor) -> torch.Tensor:
+        nearest = torch.cdist(z, codebook).argmin(1)
+        return codebook[nearest]
+
+    for _ in range(epochs):
+        for index in torch.randperm(len(train_images), generator=generator).split(batch_size):
+            x = to_unit_float(train_images[index]).view(-1, 784)
+            optimizer.zero_grad()
+            z = encoder(x)
+            if not seeded:  # entries on random codes of the first batch, jittered
+                with torch.no_grad():
+                    rows = torch.randint(len(z), (codebook_size,))
+                    codebook.copy_(
+                        z[rows] + 0.01 * z.std() * torch.randn(codebook_size, bottleneck)
+                    )
+                seeded = True
+            e = quantise(z)
+            recon = decoder(z + (e - z).detach())
+            loss = (
+                (recon - x).square().sum(1).mean()
+                + (z.detach() - e).square().sum(1).mean()
+                + commitment * (z - e.detach()).square().sum(1).mean()
+            )
+            loss.backward()
+            optimizer.step()
+    test_images = datamodule.split("test")[0]
+    squared = 0.0
+    with torch.no_grad():
+        for start in range(0, len(test_images), 1000):
+            x = to_unit_float(test_images[start : start + 1000]).view(-1, 784)
+            squared += float((decoder(quantise(encoder(x))) - x).square().sum())
+    return {"test/mse": squared / test_images.numel()}
 
 
 class PlainAE(nn.Module):
@@ -270,6 +397,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--deep-recipes", nargs="+", choices=list(DEEP_RECIPES),
         default=["default recipe", "experiment=deep30"], help="the deep30 rows to train",
     )  # fmt: skip
+    parser.add_argument(
+        "--paper-passes", type=int, default=100,
+        help="epochs of each iwae_paper run (the paper's full schedule is 3280)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--nll-samples", type=int, default=5000, help="importance samples of iwae_paper's NLL"
+    )
     parser.add_argument("--figures", action="store_true", help="keep the figure callbacks on")
     parser.add_argument(
         "--data-root", default=os.environ.get("AE_DATA_ROOT", str(PROJECT / "data"))
@@ -313,6 +447,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["vae"] = vae_rows(args, datamodule, runs_dir)
     if "zoo" in args.sections:
         results["zoo"] = zoo_rows(args, datamodule, runs_dir)
+    if "iwae" in args.sections:
+        results["iwae"] = iwae_row(args, datamodule, runs_dir)
+    if "vqvae" in args.sections:
+        results["vqvae"] = vqvae_row(args, datamodule, runs_dir)
+    if "iwae_paper" in args.sections:
+        results["iwae_paper"] = iwae_paper_rows(args, runs_dir)
     if "deep30" in args.sections:
         results["deep30"] = deep30_rows(args, runs_dir)
     table = markdown_table(results)
@@ -344,6 +484,63 @@ def vae_rows(args: argparse.Namespace, datamodule: MNISTDataModule, runs_dir: Pa
                 "nelbo_vs_plain": round(run["test/nelbo"] / plain["test/nelbo"], 4),
             }
         )
+    return rows
+
+
+PLAIN_CHECK = ["callbacks=none", "logger=none", "test_ckpt=last", "latent_metrics=false",
+               "eval.nll_samples=0"]  # fmt: skip
+
+
+def iwae_row(args: argparse.Namespace, datamodule: MNISTDataModule, runs_dir: Path) -> dict:
+    """model=iwae (k=5) beside ``plain_iwae``: test/bound and the mean code's test/mse."""
+    seed, z = args.seeds[0], PLAIN_BOTTLENECK
+    run = train_with(
+        args, runs_dir / f"iwae_z{z}_seed{seed}", "model=iwae", f"model.samples={IWAE_SAMPLES}",
+        f"bottleneck={z}", f"seed={seed}", *PLAIN_CHECK,
+    )  # fmt: skip
+    plain = plain_iwae(datamodule, z, IWAE_SAMPLES, args.epochs, args.batch_size, seed)
+    return {
+        "bottleneck": z, "samples": IWAE_SAMPLES,
+        "test_bound": round(run["test/bound"], 3),
+        "plain_test_bound": round(plain["test/bound"], 3),
+        "bound_vs_plain": round(run["test/bound"] / plain["test/bound"], 4),
+        "test_mse": round(run["test/mse"], 5), "plain_test_mse": round(plain["test/mse"], 5),
+    }  # fmt: skip
+
+
+def vqvae_row(args: argparse.Namespace, datamodule: MNISTDataModule, runs_dir: Path) -> dict:
+    """model=vqvae (one codebook of 512) beside ``plain_vqvae``: the quantised test/mse."""
+    seed, z = args.seeds[0], PLAIN_BOTTLENECK
+    run = train_with(
+        args, runs_dir / f"vqvae_z{z}_seed{seed}", "model=vqvae", f"bottleneck={z}",
+        f"seed={seed}", *PLAIN_CHECK,
+    )  # fmt: skip
+    plain = plain_vqvae(datamodule, z, args.epochs, args.batch_size, seed)
+    return {
+        "bottleneck": z, "test_mse": round(run["test/mse"], 5),
+        "plain_test_mse": round(plain["test/mse"], 5),
+        "mse_vs_plain": round(run["test/mse"] / plain["test/mse"], 4),
+    }  # fmt: skip
+
+
+def iwae_paper_rows(args: argparse.Namespace, runs_dir: Path) -> list:
+    """experiment=iwae_paper for the paper's three models, ``--paper-passes`` epochs each."""
+    rows = []
+    passes = args.paper_passes
+    for name, overrides in PAPER_MODELS.items():
+        run = train_with(
+            args, runs_dir / f"iwae_paper_{name.replace(' ', '_').replace('=', '')}",
+            "experiment=iwae_paper", *overrides, f"schedule_passes={passes}",
+            f"trainer.max_epochs={passes}", "data.batch_size=20", "callbacks=minimal",
+            "logger=none", "latent_metrics=false", f"eval.nll_samples={args.nll_samples}",
+            f"seed={args.seeds[0]}",
+        )  # fmt: skip
+        rows.append(
+            {"model": name, "passes": passes, "nll_samples": args.nll_samples,
+             "test_nll": round(run["test/nll"], 2), "paper_nll": PAPER_NLL[name],
+             "test_nelbo": round(run["test/nelbo"], 2),
+             "train_time_s": round(run["train_time_s"], 1)}
+        )  # fmt: skip
     return rows
 
 
@@ -425,6 +622,47 @@ def extra_tables(results: dict) -> str:
             f"| {r['bottleneck']} | {r['test_nelbo']:.2f} | {r['plain_test_nelbo']:.2f} | "
             f"{r['nelbo_vs_plain']:.4f} | {r['test_mse']:.4f} | {r['plain_test_mse']:.4f} |"
             for r in results["vae"]
+        ]
+    if results.get("iwae"):
+        r = results["iwae"]
+        lines += [
+            "",
+            f"IWAE (784-1024-{r['bottleneck']}, k={r['samples']}), {results['epochs']} epochs, "
+            f"batch {results['batch_size']}: test L_k (nats per image) and the mean code's "
+            "test MSE, beside a plain PyTorch loop of the same bound",
+            "",
+            "| test/bound | plain loop bound | ratio | test/mse | plain loop mse |",
+            "|---|---|---|---|---|",
+            f"| {r['test_bound']:.2f} | {r['plain_test_bound']:.2f} | {r['bound_vs_plain']:.4f} "
+            f"| {r['test_mse']:.4f} | {r['plain_test_mse']:.4f} |",
+        ]
+    if results.get("vqvae"):
+        r = results["vqvae"]
+        lines += [
+            "",
+            f"VQ-VAE (784-1024-{r['bottleneck']}, one codebook of 512), {results['epochs']} "
+            f"epochs, batch {results['batch_size']}: test MSE of the quantised codes, beside a "
+            "plain PyTorch loop",
+            "",
+            "| test/mse | plain loop mse | ratio |",
+            "|---|---|---|",
+            f"| {r['test_mse']:.4f} | {r['plain_test_mse']:.4f} | {r['mse_vs_plain']:.4f} |",
+        ]
+    if results.get("iwae_paper"):
+        first = results["iwae_paper"][0]
+        lines += [
+            "",
+            f"experiment=iwae_paper (784-200-200-50 tanh, dynamic binarisation, batch 20), "
+            f"{first['passes']} of the paper's 3280 passes: test NLL (nats, "
+            f"{first['nll_samples']} importance samples) beside Burda et al. 2016, Table 1",
+            "",
+            "| model | test/nll | paper | test/nelbo | train time s |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['model']} | {r['test_nll']:.2f} | {r['paper_nll']:.2f} | "
+            f"{r['test_nelbo']:.2f} | {r['train_time_s']:.0f} |"
+            for r in results["iwae_paper"]
         ]
     if results.get("zoo"):
         lines += [

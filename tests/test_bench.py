@@ -104,3 +104,25 @@ def test_speed_benchmark_with_a_competitor_times_each_thread_count(tiny_root, tm
     # The busy neighbour ran during the contended runs only, and was stopped.
     assert "competitor_pid" not in situations["idle"]
     assert not Path(f"/proc/{situations['contended']['competitor_pid']}").exists()
+
+
+def test_quality_benchmark_checks_iwae_and_vqvae_against_plain_loops_and_the_iwae_paper(
+    tiny_root, tmp_path
+):
+    out, table = tmp_path / "quality.json", tmp_path / "quality.md"
+    run_bench(
+        "quality.py", "--epochs", "1", "--batch-size", "50", "--val-size", "100",
+        "--data-root", str(tiny_root), "--json", str(out), "--markdown", str(table),
+        "--sections", "iwae", "vqvae", "iwae_paper", "--paper-passes", "1",
+        "--nll-samples", "5",
+    )  # fmt: skip
+    results = json.loads(out.read_text())
+    iwae, vqvae = results["iwae"], results["vqvae"]
+    assert iwae["test_bound"] < 0 and iwae["plain_test_bound"] < 0  # log-likelihood bounds
+    assert abs(iwae["bound_vs_plain"] - iwae["test_bound"] / iwae["plain_test_bound"]) < 1e-3
+    assert 0 < vqvae["test_mse"] < 0.5 and 0 < vqvae["plain_test_mse"] < 0.5
+    paper = results["iwae_paper"]
+    assert [r["model"] for r in paper] == ["VAE k=1", "IWAE k=5", "IWAE k=50"]
+    assert [r["paper_nll"] for r in paper] == [86.76, 85.54, 84.78]
+    assert all(r["test_nll"] > 0 and r["nll_samples"] == 5 for r in paper)
+    assert "| IWAE k=50 |" in table.read_text()

@@ -64,7 +64,10 @@ def test_family_builds_with_defaults_and_keeps_the_contract(family):
         assert model.prior_description
     assert all(isinstance(word, str) for word in model.recipe_words())
     assert model.graph_blocker is None or isinstance(model.graph_blocker, str)
-    counted = check_model_size(3, [8], None, PIXELS, "model", code_outputs=cls.code_outputs)
+    extra = cls.extra_parameters(3, {})  # the family's defaults
+    counted = check_model_size(
+        3, [8], None, PIXELS, "model", code_outputs=cls.code_outputs, extra_parameters=extra
+    )
     assert counted == model.num_parameters  # the size limit's arithmetic matches the nets
 
 

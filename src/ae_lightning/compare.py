@@ -43,10 +43,12 @@ from ae_lightning.runfolder import RunRecord, find_runs, is_run, read_run
 from ae_lightning.tb import COMPARISON_GROUP, monospace_table
 
 log = logging.getLogger(__name__)
-# What each run is (read from its metrics.json), then how it did; test/nelbo for VAEs only.
+# What each run is (read from its metrics.json), then how it did; test/nelbo and test/nll
+# (importance-sampled, nats per image) for the families with a likelihood only.
 DESCRIPTION_COLUMNS = ["family", "dataset", "recipe"]
 METRIC_COLUMNS = [
-    "num_parameters", "epochs", "train_time_s", "test/mse", "test/nelbo", "best_val/mse",
+    "num_parameters", "epochs", "train_time_s", "test/mse", "test/nelbo", "test/nll",
+    "best_val/mse",
     "test/knn_acc", "test/probe_acc",
 ]  # fmt: skip
 SUMMARY_COLUMNS = [

@@ -130,6 +130,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.precision={precision!r} is not a precision this package trains in: use "
             f"trainer.precision=32-true (or one of {', '.join(PRECISIONS)})."
         )
+    _check_eval(cfg)
     if cfg.get("test_ckpt") not in ("best", "last"):
         raise UserError(f"test_ckpt={cfg.get('test_ckpt')!r} is not a choice: use best or last.")
     _check_scheduler(cfg)
@@ -146,26 +147,32 @@ def _check_model_size(cfg: DictConfig) -> None:
     """Refuse, by arithmetic, a model too large to build (``limits.check_model_size``)."""
     model = cfg.model
     decoder = model.get("decoder_hidden")
+    family = _family_class(model)
     check_model_size(
         int(model.get("bottleneck", cfg.bottleneck)), [int(s) for s in model.get("hidden") or []],
         None if decoder is None else [int(s) for s in decoder], IMAGE_PIXELS,
         where=f"bottleneck={cfg.bottleneck} with model.hidden={list(model.get('hidden') or [])}",
-        code_outputs=_code_outputs(model),
+        code_outputs=int(getattr(family, "code_outputs", 1)),
+        extra_parameters=_extra_parameters(family, model),
     )  # fmt: skip
 
 
-def _code_outputs(model: DictConfig) -> int:
-    """Values the model's encoder emits per code dimension (2 for a VAE's mean and log-variance).
-
-    Asked of the family class the config names (its ``code_outputs``, else ``variational``).
-    """
+def _family_class(model: DictConfig) -> type | None:
+    """The family class the config names (the user's own command line and conf/, trusted)."""
     module, _, name = str(model.get("_target_")).rpartition(".")
     try:
-        family = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except Exception:  # a bad `_target_`: building the model refuses it in its own sentence
-        return 1
-    default = 2 if getattr(family, "variational", False) else 1
-    return int(getattr(family, "code_outputs", default))
+        return None
+
+
+def _extra_parameters(family: type | None, model: DictConfig) -> int:
+    """The family's parameters beyond its MLPs (pseudo-inputs, codebooks) for these knobs."""
+    count = getattr(family, "extra_parameters", None)
+    try:
+        return int(count(int(model.get("bottleneck", 2)), dict(model))) if count else 0
+    except (TypeError, ValueError):  # a knob of the wrong type: the family's own check says so
+        return 0
 
 
 def _check_scheduler(cfg: DictConfig) -> None:
@@ -208,6 +215,19 @@ def _check_figures(cfg: DictConfig) -> None:
                     f"from 0 to {MNIST_TEST_IMAGES - 1}: use e.g. callbacks.{name}.pair=[0,1], "
                     "or null for a random pair."
                 )
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    """``eval.*``: the test NLL's sample and image counts."""
+    samples = _select(cfg, "eval.nll_samples")
+    if samples is not None and (not _is_int(samples) or samples < 0):
+        raise UserError(
+            f"eval.nll_samples={samples!r} is not a whole number >= 0: use e.g. "
+            "eval.nll_samples=100 (5000 for the papers' numbers, 0 for no test/nll)."
+        )
+    images = _select(cfg, "eval.nll_images")
+    if images is not None:
+        _positive_int(images, "eval.nll_images", "use e.g. eval.nll_images=1000, or null for all")
 
 
 def _check_engine(cfg: DictConfig) -> None:

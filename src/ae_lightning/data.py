@@ -37,6 +37,7 @@ DATASETS: dict[str, tuple[type[MNIST], str, tuple[str, ...]]] = {
     "kmnist": (KMNIST, "KMNIST", tuple(KMNIST.classes)),
 }
 TrainBatch = Batch | list[Batch]  # a list of minibatches when steps_per_call > 1
+BINARIZE = ("none", "dynamic", "static")
 
 
 def steps_per_call_for(requested: int, trainer: pl.Trainer | None) -> int:
@@ -55,6 +56,16 @@ class MNISTFileError(UserError):
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     """``(B, 28, 28)`` uint8 -> ``(B, 1, 28, 28)`` float pixels in [0, 1]."""
     return images.unsqueeze(1).float().div_(255.0)
+
+
+def binarized(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 images with each pixel 255 with probability intensity / 255, else 0.
+
+    Bernoulli draws, as for the binarised MNIST of the likelihood papers (Burda et al. 2016
+    binarise dynamically: ``dynamic`` in ``MNISTDataModule``).
+    """
+    probability = images.float().div_(255.0)
+    return torch.bernoulli(probability, generator=generator).mul_(255).to(torch.uint8)
 
 
 def metric_suffix(dataset: str, label: int) -> str:
@@ -267,6 +278,11 @@ class InMemoryBatches:
         return min(self._resume_at[1], self.num_minibatches)
 
 
+def _binarized_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float pixels, each 1 with probability intensity / 255, else 0."""
+    return torch.bernoulli(to_unit_float(images))
+
+
 def _stack_pair(samples: list[Batch]) -> Batch:
     """A DataLoader batch as an ``(images, labels)`` tuple, like the in-memory loader's.
 
@@ -278,7 +294,13 @@ def _stack_pair(samples: list[Batch]) -> Batch:
 
 class MNISTDataModule(pl.LightningDataModule):
     """MNIST (or Fashion-MNIST, KMNIST: ``dataset``): a seeded train/val split of the 60k
-    training images; the official 10k as test."""
+    training images; the official 10k as test.
+
+    ``binarize``: ``none`` (grey pixels), ``static`` (every split binarised once with
+    ``binarize_seed``) or ``dynamic`` (validation and test binarised once like ``static``;
+    each training minibatch re-binarised on the device as it arrives, so each epoch sees
+    new draws).
+    """
 
     def __init__(
         self,
@@ -294,8 +316,15 @@ class MNISTDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         steps_per_call: int = 1,
         dataset: str = "mnist",
+        binarize: str = "none",
+        binarize_seed: int = 0,
     ) -> None:
         super().__init__()
+        if binarize not in BINARIZE:
+            raise UserError(
+                f"data.binarize={binarize!r} is not a choice: use one of {', '.join(BINARIZE)}."
+            )
+        self.binarize, self.binarize_seed = binarize, binarize_seed
         self.root = root
         self.dataset = dataset
         self.batch_size = batch_size
@@ -341,6 +370,12 @@ class MNISTDataModule(pl.LightningDataModule):
         self._splits["train"] = images[train], labels[train]
         self._splits["val"] = images[val], labels[val]
         self._splits["test"] = self._load(train=False)
+        if self.binarize != "none":
+            fixed = ("val", "test") if self.binarize == "dynamic" else ("train", "val", "test")
+            for offset, name in enumerate(fixed):
+                generator = torch.Generator().manual_seed(self.binarize_seed * 1_000 + offset)
+                split_images, split_labels = self._splits[name]
+                self._splits[name] = binarized(split_images, generator), split_labels
 
     def train_dataloader(self) -> InMemoryBatches | DataLoader:
         steps = steps_per_call_for(self.steps_per_call, self.trainer)
@@ -355,10 +390,13 @@ class MNISTDataModule(pl.LightningDataModule):
         return self._batches("test", self.eval_batch_size, shuffle=False, drop_last=False)
 
     def on_after_batch_transfer(self, batch: TrainBatch, dataloader_idx: int) -> TrainBatch:
+        pixels = to_unit_float
+        if self.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
+            pixels = _binarized_pixels  # fresh draws each minibatch, on the device
         if isinstance(batch, list):
-            return [(to_unit_float(images), labels) for images, labels in batch]
+            return [(pixels(images), labels) for images, labels in batch]
         images, labels = batch
-        return to_unit_float(images), labels
+        return pixels(images), labels
 
     # --- public API for callbacks, comparisons and benchmarks -----------------------------
     @property

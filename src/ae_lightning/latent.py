@@ -5,6 +5,7 @@ Shared by the figure callbacks and the comparison tool; no Lightning, no plottin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -249,3 +250,42 @@ def latent_quality(
         name = f"digit{digit}" if metric_names is None else metric_names[digit]
         metrics[f"test/mse_{name}"] = mse
     return metrics
+
+
+# --- the importance-sampled negative log-likelihood of a family with a likelihood ----------
+
+LogWeights = Callable[[torch.Tensor, int], "torch.Tensor | None"]
+
+
+@torch.no_grad()
+def importance_sampled_nll(
+    log_weights: LogWeights,
+    images: torch.Tensor,
+    samples: int,
+    device: torch.device | str | None = None,
+    max_rows: int = 20_000,
+) -> float | None:
+    """-log p(x) in nats per image, averaged over ``images``, from ``samples`` weights each.
+
+    log p(x) ~= log 1/k sum_i p(x, z_i) / q(z_i | x), z_i ~ q(z | x) (Burda et al. 2016,
+    appendix: k = 5000 for their Table 1). ``log_weights(x, k)`` is the family's
+    (``(B, k)`` log weights, or None for a family without a likelihood: then None here).
+    Images and samples go through in chunks of at most ``max_rows`` decoded codes (several
+    images times their samples, or one image's samples in parts), combined exactly by
+    ``logsumexp``. ``images`` are float pixels ``(N, 1, 28, 28)``.
+    """
+    device = torch.device(device) if device is not None else images.device
+    per_chunk = max(1, max_rows // samples)
+    sample_chunk = min(samples, max_rows)
+    total = 0.0
+    for start in range(0, len(images), per_chunk):
+        x = images[start : start + per_chunk].to(device)
+        parts = []
+        for done in range(0, samples, sample_chunk):
+            weights = log_weights(x, min(sample_chunk, samples - done))
+            if weights is None:
+                return None
+            parts.append(torch.logsumexp(weights.double(), dim=1))
+        log_px = torch.logsumexp(torch.stack(parts, dim=1), dim=1) - math.log(samples)
+        total += float(-log_px.sum())  # one host read per chunk
+    return total / len(images)

@@ -57,12 +57,14 @@ def check_model_size(
     in_features: int,
     where: str,
     code_outputs: int = 1,
+    extra_parameters: int = 0,
 ) -> int:
     """The parameter count of an encoder/decoder pair, or one sentence if it is too large.
 
     ``code_outputs`` is how many values per code dimension the encoder emits (2 for a mean
-    and a log-variance). ``where`` names the source in the sentence (``model.hidden`` on the
-    command line, a checkpoint's path).
+    and a log-variance); ``extra_parameters`` counts those outside the MLPs (a family's
+    pseudo-inputs or codebooks). ``where`` names the source in the sentence
+    (``model.hidden`` on the command line, a checkpoint's path).
     """
     decoder = list(hidden)[::-1] if decoder_hidden is None else list(decoder_hidden)
     layers = len(hidden) + len(decoder)
@@ -77,8 +79,10 @@ def check_model_size(
                 f"{where} has a layer of {width} units, more than {MAX_WIDTH}: use a narrower "
                 "layer (model.hidden or bottleneck)."
             )
-    count = mlp_parameters([in_features, *hidden, bottleneck * code_outputs]) + mlp_parameters(
-        [bottleneck, *decoder, in_features]
+    count = (
+        mlp_parameters([in_features, *hidden, bottleneck * code_outputs])
+        + mlp_parameters([bottleneck, *decoder, in_features])
+        + extra_parameters
     )
     limit = max_parameters()
     if count > limit:

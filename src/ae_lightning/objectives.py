@@ -1,4 +1,4 @@
-"""Training objectives as pure tensor functions: reconstruction, Gaussian KL, negative ELBO.
+"""Training objectives as pure tensor functions: reconstruction, KL, bounds, quantisation.
 
 Per-image quantities are summed over pixels and latent dimensions and averaged over the
 batch, so the VAE's numbers are nats per image, comparable with papers and PyTorch's
@@ -7,10 +7,12 @@ batch, so the VAE's numbers are nats per image, comparable with papers and PyTor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 CORRUPTIONS = ("none", "gaussian", "mask")
@@ -152,3 +154,106 @@ def squared_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """sum of squares of every entry of ``tensors``: ||theta||^2, RAE-L2's decoder penalty
     (Ghosh et al. 2020, "From variational to deterministic autoencoders", eq. 11)."""
     return torch.stack([t.square().sum() for t in tensors]).sum()
+
+
+# --- log densities and bounds for the likelihood families (IWAE, VampPrior, the test NLL) ---
+
+
+def log_likelihood(outputs: torch.Tensor, x: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """log p(x | z) per image, ``(...,)`` for outputs and pixels ``(..., 1, 28, 28)``.
+
+    The normalised density (unlike ``reconstruction_nats``): ``bernoulli`` reads logits,
+    ``gaussian`` is N(x; outputs, 1/2) per pixel with its constant ``-log(pi)/2``, so an
+    importance-sampled estimate of log p(x) is in true nats.
+    """
+    if likelihood == "bernoulli":
+        per_pixel = -F.binary_cross_entropy_with_logits(
+            outputs, x.expand_as(outputs), reduction="none"
+        )
+    elif likelihood == "gaussian":
+        per_pixel = -(outputs - x).square() - 0.5 * math.log(math.pi)
+    else:
+        raise ValueError(f"Unknown likelihood {likelihood!r}: choose one of {list(LIKELIHOODS)}.")
+    return per_pixel.flatten(-3).sum(dim=-1)
+
+
+def diagonal_gaussian(mean: torch.Tensor, log_var: torch.Tensor) -> Independent:
+    """N(mean, diag(exp(log_var))) over the last dimension, as a torch distribution.
+
+    Argument checks are off: they read values back to the host, which a captured CUDA graph
+    cannot do (and the encoder's outputs are valid by construction).
+    """
+    scale = torch.exp(0.5 * log_var)
+    return Independent(Normal(mean, scale, validate_args=False), 1, validate_args=False)
+
+
+def standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) summed over the last dimension."""
+    return -0.5 * (z.square() + math.log(2 * math.pi)).sum(dim=-1)
+
+
+def mixture_log_density(
+    z: torch.Tensor, means: torch.Tensor, log_vars: torch.Tensor
+) -> torch.Tensor:
+    """log p(z) of the equal-weight mixture of N(means[k], diag(exp(log_vars[k]))), ``(...,)``.
+
+    The VampPrior (Tomczak & Welling 2018, eq. 9): ``means``/``log_vars`` ``(K, z)`` are the
+    encoder's posteriors at the K pseudo-inputs, p(z) = 1/K sum_k q(z | u_k).
+    """
+    weights = Categorical(logits=torch.zeros_like(means[:, 0]), validate_args=False)
+    mixture = MixtureSameFamily(weights, diagonal_gaussian(means, log_vars), validate_args=False)
+    return mixture.log_prob(z)
+
+
+def importance_weighted_bound(log_weights: torch.Tensor) -> torch.Tensor:
+    """L_k = log (1/k sum_i w_i) per image from log weights ``(B, k)`` (Burda et al. 2016, eq. 8).
+
+    log w_i = log p(x, z_i) - log q(z_i | x) with z_i ~ q(z | x); k = 1 is the ELBO, and
+    L_k rises towards log p(x) as k grows. ``logsumexp`` keeps it exact when the weights
+    underflow.
+    """
+    return torch.logsumexp(log_weights, dim=1) - math.log(log_weights.shape[1])
+
+
+def vector_quantise(
+    z: torch.Tensor, codebooks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest codebook entries of ``z`` ``(B, G * d)`` split into G groups of d dimensions.
+
+    ``codebooks`` is ``(G, C, d)``: group g is quantised against its own C entries. Returns
+    ``(quantised (B, G * d), indices (B, G), distances (B, G, C))``. Van den Oord et al.
+    2017, eq. 1; ``straight_through`` and ``vq_losses`` give the gradient and the loss.
+    """
+    groups, _, width = codebooks.shape
+    parts = z.view(z.shape[0], groups, width).transpose(0, 1)  # (G, B, d)
+    # ||z||^2 - 2 z.e + ||e||^2 as matrix products: what cdist computes, but ONNX can export it.
+    distances = (
+        parts.square().sum(-1, keepdim=True)
+        - 2 * parts @ codebooks.transpose(1, 2)
+        + codebooks.square().sum(-1).unsqueeze(1)
+    ).transpose(0, 1)  # (B, G, C)
+    indices = distances.argmin(dim=2)  # (B, G)
+    quantised = torch.gather(
+        codebooks.unsqueeze(0).expand(z.shape[0], -1, -1, -1),
+        2,
+        indices[:, :, None, None].expand(-1, -1, 1, width),
+    ).view_as(z)
+    return quantised, indices, distances
+
+
+def straight_through(z: torch.Tensor, quantised: torch.Tensor) -> torch.Tensor:
+    """The quantised values forward, the identity backward: the decoder input's gradient
+    reaches the encoder output unchanged (van den Oord et al. 2017, section 3.2)."""
+    return z + (quantised - z).detach()
+
+
+def vq_losses(z: torch.Tensor, quantised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codebook, commitment)`` terms of van den Oord et al. 2017, eq. 3, batch-averaged.
+
+    codebook = ||sg[z] - e||^2 moves the entries towards the codes; commitment =
+    ||z - sg[e]||^2 (weighted by beta in the loss) keeps the encoder near its entries.
+    Squared distances are summed over the code's dimensions.
+    """
+    codebook = (z.detach() - quantised).square().sum(dim=1).mean()
+    commitment = (z - quantised.detach()).square().sum(dim=1).mean()
+    return codebook, commitment

@@ -20,8 +20,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from ae_lightning import markdown, provenance, tb
 from ae_lightning.atomic import write_atomic
-from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
-from ae_lightning.latent import latent_quality
+from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix, to_unit_float
+from ae_lightning.latent import importance_sampled_nll, latent_quality
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying
 from ae_lightning.runfolder import read_json
@@ -46,6 +46,10 @@ def record_run(
             device=model.device, metric_names=[metric_suffix(dataset, c) for c in range(10)],
         )  # fmt: skip
         metrics.update(quality)
+    if trainer.is_global_zero:
+        nll = test_nll(cfg, model, datamodule)
+        if nll is not None:
+            metrics["test/nll"] = nll
     metrics.update(num_parameters=model.num_parameters, bottleneck=model.bottleneck)
     metrics.update(describe_run(cfg, model))
     if trainer.is_global_zero:  # under DDP every rank returns the same metrics
@@ -64,7 +68,7 @@ def record_run(
         logger.save()
     if trainer.is_global_zero:
         record_run_info(run_dir, trainer, ended=True)
-    shown = ("test/mse", "test/knn_acc", "test/probe_acc")
+    shown = ("test/mse", "test/nll", "test/knn_acc", "test/probe_acc")
     log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})
     return metrics
 
@@ -200,3 +204,24 @@ def sweep_varying() -> list[str] | None:
 
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def test_nll(
+    cfg: DictConfig, model: Autoencoder, datamodule: pl.LightningDataModule
+) -> float | None:
+    """``test/nll`` (nats per image) on the first ``eval.nll_images`` test images, seeded;
+    None when switched off or for a family without a likelihood."""
+    settings = cfg.get("eval") or {}
+    samples = settings.get("nll_samples", 0)
+    if not samples:
+        return None
+    images = datamodule.split("test")[0][: settings.get("nll_images")]
+    model.eval()
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        nll = importance_sampled_nll(
+            model.log_weights, to_unit_float(images), samples, device=model.device
+        )
+    if nll is not None:
+        log.info("test/nll %.2f nats (%d samples x %d images)", nll, samples, len(images))
+    return nll

@@ -57,6 +57,8 @@ DATA_KEYS: dict[str, type | tuple[type, ...]] = {
     "num_workers": int,
     "steps_per_call": int,
     "dataset": str,
+    "binarize": str,  # load_run and ae-compare see the images the run was tested on
+    "binarize_seed": int,
 }
 STATUS_FILES = ("interrupted.json", "failed.json")
 

@@ -364,6 +364,38 @@ class TrainingSystem(pl.LightningModule):
         self.trained_epochs = checkpoint.get("epoch", -1) + 1
 
 
+class GeometricStagesLR(torch.optim.lr_scheduler.LambdaLR):
+    """Stage i of ``stages`` lasts ``growth**i`` parts of the run at lr * ``decay**i``.
+
+    Burda et al. 2016's schedule is stages=8, growth=3, decay=10**(-1/7): 3^i passes over
+    the data at 1e-3 * 10^(-i/7) for i = 0..7, 3280 passes in all. Stepped every optimizer
+    step over ``total_steps`` (the run's length, filled in by ``TrainingSystem``), so a
+    shorter run keeps the same stages in proportion.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        stages: int = 8,
+        growth: float = 3.0,
+        decay: float = 10 ** (-1 / 7),
+        last_epoch: int = -1,
+    ) -> None:
+        parts = [growth**i for i in range(stages)]
+        ends, done = [], 0.0
+        for part in parts:
+            done += part
+            ends.append(done / sum(parts) * total_steps)
+        self.stage_ends = ends  # the step at which each stage ends
+
+        def factor(step: int) -> float:
+            stage = next((i for i, end in enumerate(ends) if step < end), stages - 1)
+            return decay**stage
+
+        super().__init__(optimizer, factor, last_epoch)
+
+
 def _overridden(
     trainer: pl.Trainer, hooks: Sequence[str], module_base: type = pl.LightningModule
 ) -> bool:

@@ -239,25 +239,29 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
         ) from None
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # K has one key, engine.steps_per_call; the data module sends lists of K minibatches.
-    datamodule = instantiate(cfg.data, steps_per_call=cfg.engine.steps_per_call)
+    datamodule = instantiate_checked(cfg.data, steps_per_call=cfg.engine.steps_per_call)
     datamodule.prepare_data()  # fails fast, before any model is built, if MNIST is missing
     log.info("Run folder: %s", run_dir.resolve())
     return run_dir, datamodule
 
 
 def build_model(cfg: DictConfig) -> pl.LightningModule:
-    """The model config, with the engine options of this run.
+    """The model config, with the engine options of this run."""
+    return instantiate_checked(cfg.model, _convert_="all", engine=engine_options(cfg))
 
-    A family that refuses one of its knobs (``UserError``) is heard in its own sentence, not
-    inside Hydra's "Error in call to target" wrapping.
-    """
+
+def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate``, with a constructor's ``UserError`` (``model.groups=3`` ...) passed on
+    as itself: Hydra wraps it in an ``InstantiationException`` that no longer reads as one
+    sentence."""
     try:
-        return instantiate(cfg.model, _convert_="all", engine=engine_options(cfg))
+        return instantiate(node, **kwargs)
     except InstantiationException as err:
-        refusal = err.__cause__
-        if not isinstance(refusal, UserError):
+        if not isinstance(err.__cause__, UserError):
             raise
-    raise refusal  # outside the handler: no context chain that leads back to itself
+        refused = err.__cause__
+    refused.__context__ = None  # raised alone: no cycle back through Hydra's wrapper
+    raise refused
 
 
 def engine_options(cfg: DictConfig) -> dict[str, Any]:

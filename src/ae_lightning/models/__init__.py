@@ -9,7 +9,8 @@ overrides ``encode``/``decode``). To add one:
    arguments of its own ``__init__`` (the shared ones arrive through ``**kwargs``, passed on
    to ``super().__init__``), checked there in one sentence each (``UserError``), and the
    methods of the contract it changes (see ``Autoencoder``'s docstring): ``training_loss``,
-   ``evaluation_terms``, ``encode``/``decode``, ``prior_sample``, ``recipe_words``,
+   ``evaluation_terms``, ``encode``/``decode``, ``prior_sample``, ``log_weights`` (for
+   ``test/nll``), ``extra_parameters`` (weights outside the MLPs), ``recipe_words``,
    ``label``, ``graph_blocker``.
 2. ``conf/model/<name>.yaml``: ``_target_: ae_lightning.models.<name>.<Class>`` and its knobs.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,12 +28,17 @@ class Autoencoder(TrainingSystem):
       (what ``samples.png`` decodes by default), or None for a family with none
       (``fitted_sampler``, a ``latent.SAMPLERS`` kind, is fitted to the training codes then:
       a Gaussian unless the family names another); ``prior_description`` names it in titles.
+    - ``log_weights(x, k) -> (B, k) | None``: k log importance weights
+      log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x), for families with a likelihood
+      (what ``test/nll`` estimates log p(x) from), or None for those without.
     - ``recipe_words() -> list[str]``: the family's own knobs in words for the recipe column
       of summaries (e.g. ``["beta 1.0 bernoulli"]``).
     - ``label``: the family in figure titles (``MLP 784-1024-2``, ``VAE 784-1024-2``).
     - ``family`` (its name in checkpoints), ``encoder_class`` (the encoder net it needs) and
       ``code_outputs``, the values that encoder emits per code dimension, for the size
-      arithmetic of ``limits.check_model_size`` (nothing is built to count).
+      arithmetic of ``limits.check_model_size`` (nothing is built to count), with
+      ``extra_parameters(bottleneck, knobs)``: the parameters beyond the encoder/decoder
+      MLPs (pseudo-inputs, codebooks) for the model's config ``knobs``.
 
     ``dropout`` drops hidden units in training; ``output`` is the decoder's last layer:
     ``sigmoid`` (pixels in (0, 1), like the targets) or ``linear`` (unbounded; the loss is MSE
@@ -89,6 +94,11 @@ class Autoencoder(TrainingSystem):
         """g: ``(B, z)`` codes -> ``(B, 1, 28, 28)`` pixels in (0, 1)."""
         return self.decoder(z)
 
+    @classmethod
+    def extra_parameters(cls, bottleneck: int, knobs: Mapping[str, Any]) -> int:
+        """Parameters beyond the encoder and decoder MLPs: none for the plain AE."""
+        return 0
+
     @property
     def bottleneck(self) -> int:
         return self.encoder.bottleneck
@@ -104,6 +114,10 @@ class Autoencoder(TrainingSystem):
 
     def prior_sample(self, n: int, seed: int = 0) -> torch.Tensor | None:
         """None: a plain AE has no prior of its own (decoding N(0, I) would be arbitrary)."""
+        return None
+
+    def log_weights(self, x: torch.Tensor, samples: int) -> torch.Tensor | None:
+        """None: a plain AE defines no likelihood p(x), so it has no test/nll."""
         return None
 
     def recipe_words(self) -> list[str]:

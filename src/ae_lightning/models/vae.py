@@ -14,10 +14,13 @@ from ae_lightning.nets import VariationalEncoder
 from ae_lightning.objectives import (
     LIKELIHOODS,
     corrupt,
+    diagonal_gaussian,
     gaussian_kl,
     kl_weight,
+    log_likelihood,
     reconstruction_nats,
     reparameterise,
+    standard_normal_log_density,
 )
 from ae_lightning.system import check_choice
 
@@ -65,24 +68,41 @@ class VariationalAutoencoder(Autoencoder):
         return None
 
     def _reconstruction(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return reconstruction_nats(self._likelihood_outputs(z), x, self.likelihood)
+
+    def _likelihood_outputs(self, z: torch.Tensor) -> torch.Tensor:
         # Bernoulli reads logits (exact where the sigmoid saturates); Gaussian reads pixels.
-        outputs = self.decoder.logits(z) if self.likelihood == "bernoulli" else self.decoder(z)
-        return reconstruction_nats(outputs, x, self.likelihood)
+        return self.decoder.logits(z) if self.likelihood == "bernoulli" else self.decoder(z)
 
     def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = corrupt(x, self.corruption, self.corruption_level)
+        return self._negative_elbo(corrupt(x, self.corruption, self.corruption_level), x)
+
+    def _negative_elbo(
+        self, inputs: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Reconstruction of ``x`` from one code sampled at ``inputs``, plus beta * KL."""
         mean, log_var = self.encoder.distribution(inputs)
-        reconstruction = self._reconstruction(reparameterise(mean, log_var), x)
-        kl = gaussian_kl(mean, log_var)
+        z = reparameterise(mean, log_var)
+        reconstruction = self._reconstruction(z, x)
+        kl = self._kl(mean, log_var, z)
         loss = reconstruction + kl_weight(self.beta, self.global_step, self.kl_warmup_steps) * kl
         return loss, {"loss": loss, "recon": reconstruction, "kl": kl}
+
+    def _kl(self, mean: torch.Tensor, log_var: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)), batch-averaged: in closed form against N(0, I) (``z`` unused)."""
+        return gaussian_kl(mean, log_var)
+
+    def prior_log_density(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) over the last dimension: the standard normal's."""
+        return standard_normal_log_density(z)
 
     def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``nelbo`` is the one-sample estimate (as in PyTorch's examples/vae); ``mse`` is the
         mean code's reconstruction error per pixel, the number every model reports."""
         mean, log_var = self.encoder.distribution(x)
-        reconstruction = self._reconstruction(reparameterise(mean, log_var), x)
-        kl = gaussian_kl(mean, log_var)
+        z = reparameterise(mean, log_var)
+        reconstruction = self._reconstruction(z, x)
+        kl = self._kl(mean, log_var, z)
         return {
             "mse": F.mse_loss(self.decoder(mean), x),
             "recon": reconstruction,
@@ -90,6 +110,23 @@ class VariationalAutoencoder(Autoencoder):
             "loss": reconstruction + self.beta * kl,
             "nelbo": reconstruction + kl,
         }
+
+    def log_weights(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+        return self._log_weights(x, x, samples)
+
+    def _log_weights(self, inputs: torch.Tensor, x: torch.Tensor, samples: int) -> torch.Tensor:
+        """``(B, k)`` log p(x|z_i) + log p(z_i) - log q(z_i|inputs), z_i ~ q(z|inputs).
+
+        The B * k codes go through the decoder as one batch.
+        """
+        mean, log_var = self.encoder.distribution(inputs)
+        posterior = diagonal_gaussian(mean, log_var)
+        z = posterior.rsample((samples,))  # (k, B, z)
+        log_q = posterior.log_prob(z).T  # (B, k)
+        z = z.transpose(0, 1)  # (B, k, z)
+        outputs = self._likelihood_outputs(z.flatten(0, 1)).unflatten(0, z.shape[:2])
+        log_px = log_likelihood(outputs, x.unsqueeze(1), self.likelihood)  # (B, k)
+        return log_px + self.prior_log_density(z) - log_q
 
     def prior_sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """``(n, z)`` draws from N(0, I), the prior the KL term pulls the codes towards."""
