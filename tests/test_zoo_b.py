@@ -13,7 +13,6 @@ from torch.distributions import Bernoulli, MultivariateNormal, Normal
 
 from ae_lightning import runfolder
 from ae_lightning.api import load_run
-from ae_lightning.compare import Run as ComparedRun
 from ae_lightning.compare import summary_rows, write_summary
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.export import export_run
@@ -27,6 +26,7 @@ from ae_lightning.objectives import (
     vector_quantise,
     vq_losses,
 )
+from ae_lightning.runfolder import RunRecord as ComparedRun
 from ae_lightning.train import train
 from conftest import compose_cfg, run_train_cli, tiny_overrides
 
