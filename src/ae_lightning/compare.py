@@ -51,6 +51,7 @@ DESCRIPTION_COLUMNS = ["family", "dataset", "recipe"]
 METRIC_COLUMNS = [
     "num_parameters", "epochs", "train_time_s", "test/mse", "test/nelbo", "best_val/mse",
     "test/knn_acc", "test/probe_acc",
+    "test/fd_samples", "test/fd_recon", "test/sample_class_entropy", "test/active_units",
 ]  # fmt: skip
 SUMMARY_COLUMNS = [
     "run",

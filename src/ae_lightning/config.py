@@ -115,6 +115,17 @@ def validate_config(cfg: DictConfig) -> None:
         _positive_int(max_epochs, "trainer.max_epochs", "use e.g. trainer.max_epochs=25")
     if cfg.get("test_ckpt") not in ("best", "last"):
         raise UserError(f"test_ckpt={cfg.get('test_ckpt')!r} is not a choice: use best or last.")
+    sample_quality = _select(cfg, "eval.sample_quality")
+    if sample_quality not in (None, True, False):
+        raise UserError(
+            f"eval.sample_quality={sample_quality!r} is not true or false: use "
+            "eval.sample_quality=false to skip the sample-quality metrics."
+        )
+    if sample_quality:
+        _positive_int(
+            _select(cfg, "eval.classifier_epochs"), "eval.classifier_epochs",
+            "use e.g. eval.classifier_epochs=2",
+        )  # fmt: skip
 
 
 def _check_engine(cfg: DictConfig) -> None:

@@ -31,6 +31,7 @@ COMPARISON_GROUP = "versus"
 # The HParams table's metric columns (final values; the plugin reads each run's last point).
 HPARAMS_METRICS = (
     "test/mse", "val/best_mse", "test/knn_acc", "test/probe_acc", "time/train_s", "val/mse",
+    "test/fd_samples",
 )  # fmt: skip
 # The knobs every run reports, in the order the HParams table lists them.
 KNOBS = (

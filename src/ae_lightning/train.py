@@ -42,7 +42,7 @@ from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
 from ae_lightning.config import validate_config
 from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
 from ae_lightning.errors import RunInterrupted, UserError
-from ae_lightning.latent import latent_quality
+from ae_lightning.latent import encode_images, latent_quality
 from ae_lightning.models import checkpoint_family
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying  # (+ the run-folder name resolvers)
@@ -325,6 +325,21 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
     return run_dir, datamodule
 
 
+def _sample_quality_classifier(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Any:
+    """The classifier ``test/fd_*`` are measured with, or None when they are off.
+
+    Found in (or trained into) the data's cache before the run trains, so a damaged cache
+    file is refused before any training. Rank zero only: it alone records the metrics.
+    """
+    wanted = cfg.get("latent_metrics", True) and OmegaConf.select(cfg, "eval.sample_quality")
+    if not wanted or rank_zero_only.rank != 0:
+        return None
+    from ae_lightning.sample_quality import prepare_classifier  # torchmetrics' FID: on demand
+
+    epochs = OmegaConf.select(cfg, "eval.classifier_epochs")
+    return prepare_classifier(datamodule.cache_dir, datamodule.official_train_split(), epochs)
+
+
 def _record(
     cfg: DictConfig,
     run_dir: Path,
@@ -332,8 +347,9 @@ def _record(
     model: Autoencoder,
     datamodule: pl.LightningDataModule,
     metrics: dict[str, Any],
+    classifier: Any = None,
 ) -> dict[str, Any]:
-    """Add the latent-quality metrics, write metrics.json and the HParams record."""
+    """Add the latent- and sample-quality metrics, write metrics.json and the HParams record."""
     if trainer.is_global_zero and cfg.get("latent_metrics", True):
         model.eval()
         dataset = getattr(datamodule, "dataset", "mnist")
@@ -342,6 +358,17 @@ def _record(
             device=model.device, metric_names=[metric_suffix(dataset, c) for c in range(10)],
         )  # fmt: skip
         metrics.update(quality)
+    if trainer.is_global_zero and classifier is not None:
+        from ae_lightning.sample_quality import sample_quality
+
+        def train_codes() -> torch.Tensor:  # what samples.png fits its Gaussian to
+            return encode_images(model.encode, datamodule.split("train")[0][:10_000],
+                                 device=model.device)  # fmt: skip
+
+        test_set = datamodule.split("test")
+        metrics.update(
+            sample_quality(model, classifier, test_set, train_codes, cfg.seed, model.device)
+        )
     metrics.update(num_parameters=model.num_parameters, bottleneck=model.bottleneck)
     metrics.update(describe_run(cfg, model))
     if trainer.is_global_zero:  # under DDP every rank returns the same metrics
@@ -358,7 +385,7 @@ def _record(
         if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
             _record_tensorboard(cfg, logger, metrics, knobs, trainer.global_step)
         logger.save()
-    shown = ("test/mse", "test/knn_acc", "test/probe_acc")
+    shown = ("test/mse", "test/knn_acc", "test/probe_acc", "test/fd_samples", "test/fd_recon")
     log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})
     return metrics
 
@@ -382,6 +409,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir, datamodule = _prepare_run(cfg)
     model = build_model(cfg)
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
+    classifier = _sample_quality_classifier(cfg, datamodule)
     on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
     callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm]
     trainer = build_trainer(cfg, callbacks, _instantiate_group(cfg.get("logger")))
@@ -426,7 +454,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["epoch_times_s"] = [round(t, 4) for t in timer.epoch_times]
     if trainer.is_global_zero:  # the test result is safe on disk before anything else is tried
         write_json(run_dir / "metrics.json", metrics)
-    return _record(cfg, run_dir, trainer, model, datamodule, metrics)
+    return _record(cfg, run_dir, trainer, model, datamodule, metrics, classifier)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -447,6 +475,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     model = load_autoencoder(path)  # before the run folder: a refused file leaves none
     run_dir, datamodule = _prepare_run(cfg)
+    classifier = _sample_quality_classifier(cfg, datamodule)
     callbacks = [
         c for c in _instantiate_group(cfg.get("callbacks")) if not isinstance(c, ModelCheckpoint)
     ]
@@ -454,7 +483,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     (test_metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
     metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
-    return _record(cfg, run_dir, trainer, model, datamodule, metrics)
+    return _record(cfg, run_dir, trainer, model, datamodule, metrics, classifier)
 
 
 def ensure_writable_logs(argv: list[str] | None = None) -> None:
