@@ -181,28 +181,24 @@ def load_classifier(path: Path) -> DigitClassifier:
 
 
 def prepare_classifier(
-    folder: Path,
-    train_set: tuple[torch.Tensor, torch.Tensor],
-    epochs: int,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
+    folder: Path, train_set: tuple[torch.Tensor, torch.Tensor], epochs: int, seed: int = 0
 ) -> DigitClassifier:
     """The classifier of this training split: from ``folder``'s cache, else trained and cached.
 
-    A cache that cannot be written (a read-only data folder) is a warning: the classifier
-    then serves this run only.
+    Trained on the CPU whatever the run's device, so one file means one set of weights. A
+    cache that cannot be written (a read-only data folder) is a warning: the classifier then
+    serves this run only.
     """
     images, labels = train_set
-    device = torch.device(device)
     path = classifier_path(folder, images, labels, epochs, seed)
     if path.is_file():
         log.info("Sample-quality classifier: %s (cached)", path)
-        return load_classifier(path).to(device)
+        return load_classifier(path)
     log.info(
-        "Training the sample-quality classifier (%d epochs on %d images, %s); caching it at %s",
-        epochs, len(images), device, path,
+        "Training the sample-quality classifier (%d epochs on %d images, CPU); caching it at %s",
+        epochs, len(images), path,
     )  # fmt: skip
-    net = train_classifier(images, labels, epochs, seed, device)
+    net = train_classifier(images, labels, epochs, seed, torch.device("cpu"))
     payload = {"state_dict": net.state_dict(), "version": CLASSIFIER_VERSION, "epochs": epochs,
                "seed": seed}  # fmt: skip
     try:
