@@ -83,7 +83,9 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     and computed in float64 by torchmetrics' ``FrechetInceptionDistance``.
     """
     metric = FrechetInceptionDistance(
-        feature=_GivenFeatures(features_a.shape[1]), normalize=True
+        feature=_GivenFeatures(features_a.shape[1]),
+        normalize=True,  # float features in, as given
+        sync_on_compute=False,  # one process holds every feature (rank zero, under DDP too)
     ).to(features_a.device)
     metric.update(features_a, real=True)
     metric.update(features_b.to(features_a.device), real=False)
