@@ -129,6 +129,17 @@ def test_the_cached_classifier_is_reused_not_retrained(tiny_root, tmp_path, capl
     assert len(list(tmp_path.glob("classifier-*.pt"))) == 2
 
 
+def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failure(tiny_root, tmp_path, caplog):
+    train_set = MNISTDataModule(root=str(tiny_root), download=False).official_train_split()
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="ae_lightning.sample_quality"):
+        net = prepare_classifier(blocked / "cache", train_set, epochs=1)
+    assert isinstance(net, DigitClassifier) and not net.training
+    assert "Could not cache the classifier" in caplog.text and "serves this run only" in caplog.text
+    assert blocked.read_text() == "not a folder" and list(tmp_path.iterdir()) == [blocked]
+
+
 def test_training_the_classifier_leaves_the_run_random_stream_alone(tiny_root, tmp_path):
     train_set = MNISTDataModule(root=str(tiny_root), download=False).official_train_split()
     torch.manual_seed(123)
