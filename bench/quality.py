@@ -30,8 +30,17 @@ should agree within 1%.
 ``deep30``: experiment=deep30 beside the same 784-1000-500-250-30 model with the default
 recipe (Adam 1e-3, clean inputs), both for ``--deep-epochs`` epochs (100 by default).
 
+``sample_quality``: the floor of ``test/fd_*``, the Fréchet distance of the test images to
+as many official training images in the sample-quality CNN's features (trained, or read
+from its cache beside the data, as a run would), and the CNN's test accuracy.
+
+``evaluators``: images per second of the evaluators, batched on ``--device`` as runs use
+them, beside a loop of the same maths one image at a time: the CNN's features (for the
+Fréchet distance) and the mean codes of a 784-1024-10 VAE (for active units).
+
     python bench/quality.py --json quality.json --markdown quality.md
     python bench/quality.py --sections vae --epochs 25
+    python bench/quality.py --sections sample_quality evaluators --device cuda
     python bench/quality.py --sections zoo --epochs 1 --data-root <tiny> --val-size 100  # smoke
     python bench/quality.py --sections iwae_paper --paper-passes 100 --device cuda
 """
@@ -44,18 +53,23 @@ import math
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import PROJECT, train_with
+from common import PROJECT, compose_config, train_with
 from torch import nn
 
 from ae_lightning.data import MNISTDataModule, to_unit_float
+from ae_lightning.latent import active_units, encode_images
 
 WORKFLOW = [("linear", 2), ("hidden1024", 2), ("hidden1024", 10)]
 VAE_BOTTLENECKS = [2, 20]
-SECTIONS = ["workflow", "vae", "zoo", "iwae", "vqvae", "iwae_paper", "deep30"]
+SECTIONS = [
+    "workflow", "vae", "zoo", "iwae", "vqvae", "iwae_paper", "deep30", "sample_quality",
+    "evaluators",
+]  # fmt: skip
 # Each family's overrides; the plain loop reads the same weights from ZOO_WEIGHTS.
 ZOO = {
     "sparse kl": ["model=sparse", "model.sparsity=kl"],
@@ -411,6 +425,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs-dir", type=Path, default=None, help="keep the runs here")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument(
+        "--loop-images", type=int, default=1000, help="images the one-at-a-time loops take"
+    )
     args = parser.parse_args(argv)
 
     datamodule = MNISTDataModule(root=args.data_root, val_size=args.val_size, download=False)
@@ -455,6 +472,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["iwae_paper"] = iwae_paper_rows(args, runs_dir)
     if "deep30" in args.sections:
         results["deep30"] = deep30_rows(args, runs_dir)
+    if "sample_quality" in args.sections:
+        results["sample_quality"] = sample_quality_floor(args, datamodule)
+    if "evaluators" in args.sections:
+        results["evaluators"] = evaluator_speed(args, datamodule)
     table = markdown_table(results)
     print(table)
     if args.json:
@@ -584,6 +605,83 @@ def deep30_rows(args: argparse.Namespace, runs_dir: Path) -> list:
     return rows
 
 
+def sample_quality_floor(args: argparse.Namespace, datamodule: MNISTDataModule) -> dict:
+    """The test images against as many official training images, in the CNN's features."""
+    from ae_lightning.sample_quality import (
+        embed,
+        frechet_distance,
+        pixel_batches,
+        prepare_classifier,
+    )
+
+    device = torch.device(args.device)
+    epochs = compose_config().eval.classifier_epochs  # the runs' own classifier and cache
+    train_set = datamodule.official_train_split()
+    classifier = prepare_classifier(datamodule.cache_dir, train_set, epochs).to(device)
+    test_images, test_labels = datamodule.split("test")
+    train_images = train_set[0][: len(test_images)]
+    test, predicted = embed(classifier, pixel_batches(test_images, device))
+    train, _ = embed(classifier, pixel_batches(train_images, device))
+    return {
+        "images": len(test_images),
+        "classifier_epochs": epochs,
+        "classifier_test_acc": round(float((predicted.cpu() == test_labels).float().mean()), 4),
+        "fd_test_vs_train": round(frechet_distance(test, train), 4),
+        "fd_test_vs_itself": round(frechet_distance(test, test), 6) + 0.0,  # no "-0"
+    }
+
+
+def images_per_second(run, n: int, device: torch.device) -> float:
+    """``n`` over the seconds ``run()`` takes, after one warm-up call."""
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return n / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluator_speed(args: argparse.Namespace, datamodule: MNISTDataModule) -> dict:
+    """Images/s of the batched evaluators beside a loop over single images of the same maths."""
+    from ae_lightning.models import families
+    from ae_lightning.sample_quality import DigitClassifier, embed, pixel_batches
+
+    device = torch.device(args.device)
+    test_images = datamodule.split("test")[0]
+    loop_images = test_images[: args.loop_images]
+    torch.manual_seed(0)
+    classifier = DigitClassifier().to(device).eval()  # its speed does not depend on training
+    model = families()["vae"](bottleneck=10, hidden=[1024]).to(device).eval()
+
+    def features_loop() -> None:
+        for image in loop_images:
+            classifier.features(to_unit_float(image[None].to(device)))
+
+    def codes_loop() -> None:
+        codes = torch.cat([model.encode(to_unit_float(image[None].to(device))) for image in
+                           loop_images])  # fmt: skip
+        active_units(codes)
+
+    rows = {
+        "features": (lambda: embed(classifier, pixel_batches(test_images, device)), features_loop),
+        "active_units": (
+            lambda: active_units(encode_images(model.encode, test_images, device=device)),
+            codes_loop,
+        ),
+    }
+    out = {"device": args.device, "batched_images": len(test_images),
+           "loop_images": len(loop_images)}  # fmt: skip
+    for name, (batched, loop) in rows.items():
+        fast = images_per_second(batched, len(test_images), device)
+        slow = images_per_second(loop, len(loop_images), device)
+        out[name] = {"batched_images_per_s": round(fast), "loop_images_per_s": round(slow),
+                     "speedup": round(fast / slow, 1)}  # fmt: skip
+    return out
+
+
 def markdown_table(results: dict) -> str:
     if not results["models"]:
         return extra_tables(results)
@@ -688,6 +786,25 @@ def extra_tables(results: dict) -> str:
             f"| {r['recipe']} | {r['recipe_words']} | {r['epochs']} | {r['test_mse']:.4f} | "
             f"{r['best_val_mse']:.4f} |"
             for r in results["deep30"]
+        ]
+    if results.get("sample_quality"):
+        r = results["sample_quality"]
+        lines += ["", f"Sample quality floor: {r['images']} test images against as many "
+                  f"training images, in the features of the CNN ({r['classifier_epochs']} "
+                  "epochs)", "", "| Fréchet distance test vs train | test vs itself | CNN "
+                  "test accuracy |", "|---|---|---|",
+                  f"| {r['fd_test_vs_train']:.4f} | {r['fd_test_vs_itself']:.2g} | "
+                  f"{r['classifier_test_acc']:.4f} |"]  # fmt: skip
+    if results.get("evaluators"):
+        r = results["evaluators"]
+        lines += ["", f"Evaluators on {r['device']}: images/s batched ({r['batched_images']} "
+                  f"images) and one image at a time ({r['loop_images']} images)", "",
+                  "| evaluator | batched images/s | loop images/s | speed-up |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {name} | {r[name]['batched_images_per_s']:,} | {r[name]['loop_images_per_s']:,}"
+            f" | {r[name]['speedup']:.1f} |"
+            for name in ("features", "active_units")
         ]
     return "\n".join(lines)
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import PROJECT
 
 SPEED_KEYS = {
@@ -126,3 +128,26 @@ def test_quality_benchmark_checks_iwae_and_vqvae_against_plain_loops_and_the_iwa
     assert [r["paper_nll"] for r in paper] == [86.76, 85.54, 84.78]
     assert all(r["test_nll"] > 0 and r["nll_samples"] == 5 for r in paper)
     assert "| IWAE k=50 |" in table.read_text()
+
+
+def test_quality_benchmark_measures_the_sample_quality_floor_and_the_evaluators(
+    tiny_root, tmp_path
+):
+    out = tmp_path / "quality.json"
+    result = run_bench(
+        "quality.py", "--val-size", "100", "--data-root", str(tiny_root), "--json", str(out),
+        "--sections", "sample_quality", "evaluators", "--loop-images", "20",
+    )  # fmt: skip
+    results = json.loads(out.read_text())
+    floor = results["sample_quality"]
+    assert floor["images"] == 200 and 0 <= floor["classifier_test_acc"] <= 1
+    assert abs(floor["fd_test_vs_itself"]) < 1e-4 < floor["fd_test_vs_train"]
+    speed = results["evaluators"]
+    assert (speed["batched_images"], speed["loop_images"]) == (200, 20)
+    for name in ("features", "active_units"):
+        row = speed[name]
+        assert row["batched_images_per_s"] > 0 and row["loop_images_per_s"] > 0
+        assert row["speedup"] == pytest.approx(
+            row["batched_images_per_s"] / row["loop_images_per_s"], rel=0.05, abs=0.1
+        )
+    assert "| features |" in result.stdout and "Sample quality floor" in result.stdout

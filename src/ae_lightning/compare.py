@@ -50,6 +50,7 @@ METRIC_COLUMNS = [
     "num_parameters", "epochs", "train_time_s", "test/mse", "test/nelbo", "test/nll",
     "best_val/mse",
     "test/knn_acc", "test/probe_acc",
+    "test/fd_samples", "test/fd_recon", "test/sample_class_entropy", "test/active_units",
 ]  # fmt: skip
 SUMMARY_COLUMNS = [
     "run",

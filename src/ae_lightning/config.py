@@ -228,6 +228,17 @@ def _check_eval(cfg: DictConfig) -> None:
     images = _select(cfg, "eval.nll_images")
     if images is not None:
         _positive_int(images, "eval.nll_images", "use e.g. eval.nll_images=1000, or null for all")
+    sample_quality = _select(cfg, "eval.sample_quality")
+    if sample_quality not in (None, True, False):
+        raise UserError(
+            f"eval.sample_quality={sample_quality!r} is not true or false: use "
+            "eval.sample_quality=false to skip the sample-quality metrics."
+        )
+    if sample_quality:
+        _positive_int(
+            _select(cfg, "eval.classifier_epochs"), "eval.classifier_epochs",
+            "use e.g. eval.classifier_epochs=2",
+        )  # fmt: skip
 
 
 def _check_engine(cfg: DictConfig) -> None:

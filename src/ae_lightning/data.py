@@ -414,6 +414,16 @@ class MNISTDataModule(pl.LightningDataModule):
             self.setup()
         return self._splits[name]
 
+    def official_train_split(self) -> Batch:
+        """All official training images in file order (validation's too), whatever the run's
+        ``val_size`` and split seed: what the sample-quality classifier learns from."""
+        return self._load(train=True)
+
+    @property
+    def cache_dir(self) -> Path:
+        """``<root>/<Dataset>/ae_lightning/``: what is derived from these files, beside them."""
+        return Path(self.root).expanduser() / DATASETS[self.dataset][0].__name__ / "ae_lightning"
+
     def probe_images(self, n: int = 64, split: str = "test") -> Batch:
         """The first ``n`` images of a split as float pixels, the same in every run."""
         images, labels = self.split(split)

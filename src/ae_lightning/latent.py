@@ -156,6 +156,22 @@ class CodeSampler:
         return out.float()
 
 
+def default_codes(
+    model: object, n: int, seed: int, train_codes: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, str]:
+    """The ``(n, z)`` codes ``samples.png`` decodes by default, and what drew them.
+
+    ``model`` keeps the family contract: its own prior (``prior_sample``), else (a family with
+    none) its ``fitted_sampler`` (a Gaussian unless it names another) fitted to
+    ``train_codes()``, called only then.
+    """
+    prior = model.prior_sample(n, seed)
+    if prior is not None:
+        return prior, f"{model.prior_description}, the {model.label}'s prior"
+    sampler = CodeSampler(getattr(model, "fitted_sampler", "gaussian"), train_codes(), seed=seed)
+    return sampler.sample(n), sampler.description
+
+
 def manifold_grid(
     codes: torch.Tensor, n: int = 20, percentiles: tuple[float, float] = (1.0, 99.0)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,6 +222,17 @@ def probe_accuracy(
     return float(probe.score(test_codes.numpy(), test_labels.numpy()))
 
 
+def active_units(codes: torch.Tensor, threshold: float = 0.01) -> int:
+    """Code dimensions in use: Cov_x(E_q[z_d | x]) > ``threshold`` over a set of inputs.
+
+    Burda, Grosse & Salakhutdinov 2016 ("Importance weighted autoencoders", section 5.2):
+    a unit whose posterior mean hardly moves with the input carries no information.
+    ``codes`` are ``(N, z)`` mean codes (a family's ``encode``); for a deterministic
+    encoder the criterion reads the codes themselves.
+    """
+    return int((codes.double().var(dim=0) > threshold).sum())
+
+
 def per_digit_mse(squared_errors: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
     """Mean per-pixel squared error of each digit's images; ``squared_errors`` is ``(N,)``."""
     return {int(d): float(squared_errors[labels == d].mean()) for d in labels.unique(sorted=True)}
@@ -222,7 +249,8 @@ def latent_quality(
     batch_size: int = 2000,
     metric_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """kNN (k=5) and linear-probe digit accuracy of the codes, and the test MSE per digit.
+    """kNN (k=5) and linear-probe digit accuracy of the codes, their active units (see
+    ``active_units``) and the test MSE per digit.
 
     Labels are used only here, after training: they measure how well the bottleneck
     separates digits it was never told about. ``max_train`` training codes fit the probes.
@@ -245,6 +273,7 @@ def latent_quality(
     metrics = {
         "test/knn_acc": knn_accuracy(train_codes, train_labels, test_codes, test_labels),
         "test/probe_acc": probe_accuracy(train_codes, train_labels, test_codes, test_labels),
+        "test/active_units": active_units(test_codes),
     }
     for digit, mse in per_digit_mse(errors, test_labels).items():
         name = f"digit{digit}" if metric_names is None else metric_names[digit]

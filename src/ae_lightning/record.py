@@ -17,11 +17,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning import markdown, provenance, tb
 from ae_lightning.atomic import write_atomic
 from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix, to_unit_float
-from ae_lightning.latent import importance_sampled_nll, latent_quality
+from ae_lightning.latent import encode_images, importance_sampled_nll, latent_quality
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying
 from ae_lightning.runfolder import read_json
@@ -36,8 +37,9 @@ def record_run(
     model: Autoencoder,
     datamodule: pl.LightningDataModule,
     metrics: dict[str, Any],
+    classifier: Any = None,
 ) -> dict[str, Any]:
-    """Add the latent-quality metrics, write metrics.json and the HParams record."""
+    """Add the latent- and sample-quality metrics, write metrics.json and the HParams record."""
     if trainer.is_global_zero and cfg.get("latent_metrics", True):
         model.eval()
         dataset = getattr(datamodule, "dataset", "mnist")
@@ -46,6 +48,17 @@ def record_run(
             device=model.device, metric_names=[metric_suffix(dataset, c) for c in range(10)],
         )  # fmt: skip
         metrics.update(quality)
+    if trainer.is_global_zero and classifier is not None:
+        from ae_lightning.sample_quality import sample_quality
+
+        def train_codes() -> torch.Tensor:  # what samples.png fits its Gaussian to
+            return encode_images(model.encode, datamodule.split("train")[0][:10_000],
+                                 device=model.device)  # fmt: skip
+
+        test_set = datamodule.split("test")
+        metrics.update(
+            sample_quality(model, classifier, test_set, train_codes, cfg.seed, model.device)
+        )
     if trainer.is_global_zero:
         nll = test_nll(cfg, model, datamodule)
         if nll is not None:
@@ -68,7 +81,7 @@ def record_run(
         logger.save()
     if trainer.is_global_zero:
         record_run_info(run_dir, trainer, ended=True)
-    shown = ("test/mse", "test/nll", "test/knn_acc", "test/probe_acc")
+    shown = ("test/mse", "test/nll", "test/knn_acc", "test/probe_acc", "test/fd_samples")
     log.info("Test metrics: %s", {k: round(metrics[k], 5) for k in shown if k in metrics})
     return metrics
 
@@ -225,3 +238,18 @@ def test_nll(
     if nll is not None:
         log.info("test/nll %.2f nats (%d samples x %d images)", nll, samples, len(images))
     return nll
+
+
+def sample_quality_classifier(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Any:
+    """The classifier ``test/fd_*`` are measured with, or None when they are off.
+
+    Found in (or trained into) the data's cache before the run trains, so a damaged cache
+    file is refused before any training. Rank zero only: it alone records the metrics.
+    """
+    wanted = cfg.get("latent_metrics", True) and OmegaConf.select(cfg, "eval.sample_quality")
+    if not wanted or rank_zero_only.rank != 0:
+        return None
+    from ae_lightning.sample_quality import prepare_classifier  # torchmetrics' FID: on demand
+
+    epochs = OmegaConf.select(cfg, "eval.classifier_epochs")
+    return prepare_classifier(datamodule.cache_dir, datamodule.official_train_split(), epochs)

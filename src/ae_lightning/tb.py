@@ -34,6 +34,7 @@ COMPARISON_GROUP = "versus"
 HPARAMS_METRICS = (
     "test/mse", "val/best_mse", "test/knn_acc", "test/probe_acc", "time/train_s", "val/mse",
     "test/nll",
+    "test/fd_samples",
 )  # fmt: skip
 # The knobs every run reports, in the order the HParams table lists them.
 KNOBS = (

@@ -33,7 +33,12 @@ from ae_lightning.config import validate_config
 from ae_lightning.cpu import flush_denormals, share_cores
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.interrupts import INTERRUPTED, SigtermGuard, Terminated
-from ae_lightning.record import record_run, record_run_info, write_json
+from ae_lightning.record import (
+    record_run,
+    record_run_info,
+    sample_quality_classifier,
+    write_json,
+)
 from ae_lightning.resume import (
     check_resumed_test_checkpoint,
     rerun_command,
@@ -70,6 +75,7 @@ def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[st
     run_dir, datamodule = _prepare_run(cfg)
     model = build_model(cfg)
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
+    classifier = sample_quality_classifier(cfg, datamodule)
     check_resumed_test_checkpoint(cfg)
     on_sigterm = progress.on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
     threads = CpuThreads(cfg.engine.threads)
@@ -118,7 +124,7 @@ def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[st
     progress.phase = "record"
     if trainer.is_global_zero:  # the test result is safe on disk before anything else is tried
         write_json(run_dir / "metrics.json", metrics)
-    return record_run(cfg, run_dir, trainer, model, datamodule, metrics)
+    return record_run(cfg, run_dir, trainer, model, datamodule, metrics, classifier)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -138,10 +144,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "checkpoints/ folder."
         )
     model = load_autoencoder(path)  # before the run folder: a refused file leaves none
+    classifier = None
     trainer = None
     with SigtermGuard() as guard:
         try:
             run_dir, datamodule = _prepare_run(cfg)
+            classifier = sample_quality_classifier(cfg, datamodule)
             callbacks = [
                 c
                 for c in _instantiate_group(cfg.get("callbacks"))
@@ -155,7 +163,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 raise Terminated
             metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
             metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
-            return record_run(cfg, run_dir, trainer, model, datamodule, metrics)
+            return record_run(cfg, run_dir, trainer, model, datamodule, metrics, classifier)
         except (SIGTERMException, Terminated):
             command = rerun_command()  # nothing to keep: the checkpoint is unchanged
             raise RunInterrupted(
