@@ -13,6 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ae_lightning import markdown
 from ae_lightning.compare import compare
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.errors import UserError
@@ -252,7 +253,7 @@ def test_a_sweep_records_sample_quality_everywhere_with_one_classifier(tmp_path)
         for key in ("test/fd_samples", "test/fd_recon", "test/sample_class_entropy"):
             assert float(row[key]) == pytest.approx(metrics[key])
         assert int(row["test/active_units"]) == metrics["test/active_units"]
-    header = (sweep / "summary.md").read_text().splitlines()[0]
+    header = markdown.unescape((sweep / "summary.md").read_text().splitlines()[0])
     assert "test/fd_samples" in header and "test/active_units" in header
     out = compare([sweep], tmp_path / "cmp")  # ae-compare's own table
     assert (out / "summary.md").read_text() == (sweep / "summary.md").read_text()
