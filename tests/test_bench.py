@@ -151,3 +151,18 @@ def test_quality_benchmark_measures_the_sample_quality_floor_and_the_evaluators(
             row["batched_images_per_s"] / row["loop_images_per_s"], rel=0.05, abs=0.1
         )
     assert "| features |" in result.stdout and "Sample quality floor" in result.stdout
+
+
+def test_denormal_benchmark_trains_both_float_modes_to_the_same_result(tiny_root, tmp_path):
+    out = tmp_path / "denormals.json"
+    result = run_bench(
+        "denormals.py", "--epochs", "2", "--model", "linear", "--batch-size", "50",
+        "--val-size", "100", "--data-root", str(tiny_root), "--json", str(out),
+    )  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"flush", "no flush"}
+    assert all(len(row["epoch_times_s"]) == 2 for row in runs.values())
+    # Flushing changes the speed, not the maths (denormals are below float32's resolution
+    # of these values): the same test MSE to the digits reported.
+    assert runs["flush"]["test_mse"] == pytest.approx(runs["no flush"]["test_mse"], rel=1e-4)
+    assert "| no flush |" in result.stdout
