@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 PROJECT = Path(__file__).resolve().parents[1]
+# The sample-quality classifier's fallback cache (a read-only data copy cannot hold it): one
+# per test session, shared by its subprocesses, never the user's own ~/.cache.
+os.environ.setdefault("AE_CACHE_DIR", tempfile.mkdtemp(prefix="ae_test_cache_"))
 CONF = PROJECT / "src" / "ae_lightning" / "conf"
 TINY_TRAIN, TINY_TEST = 600, 200
 

@@ -350,8 +350,8 @@ def test_each_entry_point_refuses_a_bad_file_in_one_sentence(
     before = outside(tmp_path, run)
     common = [*tiny_overrides(tiny_root), "model=linear", "callbacks=minimal", "logger=none"]
     logs = tmp_path / "logs"
-    if where == "resume":
-        result = run_train_cli([*common, f"resume={run}"], logs)
+    if where == "resume":  # to train further: a finished run's resume= changes nothing
+        result = run_train_cli([*common, "trainer.max_epochs=2", f"resume={run}"], logs)
     elif where == "ckpt_path":
         result = run_train_cli([*common, f"ckpt_path={run}/checkpoints/last.ckpt"], logs)
     elif where == "eval":

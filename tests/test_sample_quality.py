@@ -257,3 +257,18 @@ def test_a_sweep_records_sample_quality_everywhere_with_one_classifier(tmp_path)
     assert "test/fd_samples" in header and "test/active_units" in header
     out = compare([sweep], tmp_path / "cmp")  # ae-compare's own table
     assert (out / "summary.md").read_text() == (sweep / "summary.md").read_text()
+
+
+def test_a_read_only_data_folder_caches_the_classifier_in_the_user_cache(
+    tiny_root, tmp_path, caplog
+):
+    train_set = MNISTDataModule(root=str(tiny_root), download=False).official_train_split()
+    blocked, fallback = tmp_path / "a_file", tmp_path / "user-cache" / "MNIST"
+    blocked.write_text("not a folder")  # as a shared, read-only copy of the data
+    with caplog.at_level(logging.INFO, logger="ae_lightning.sample_quality"):
+        prepare_classifier([blocked / "cache", fallback], train_set, epochs=1)
+        (cached,) = fallback.glob("classifier-*.pt")
+        caplog.clear()
+        prepare_classifier([blocked / "cache", fallback], train_set, epochs=1)
+    assert f"{cached} (cached)" in caplog.text and "Training" not in caplog.text
+    assert blocked.read_text() == "not a folder"

@@ -249,7 +249,8 @@ def sample_quality_classifier(cfg: DictConfig, datamodule: pl.LightningDataModul
     wanted = cfg.get("latent_metrics", True) and OmegaConf.select(cfg, "eval.sample_quality")
     if not wanted or rank_zero_only.rank != 0:
         return None
-    from ae_lightning.sample_quality import prepare_classifier  # torchmetrics' FID: on demand
+    from ae_lightning.sample_quality import prepare_classifier, user_cache_dir  # on demand
 
     epochs = OmegaConf.select(cfg, "eval.classifier_epochs")
-    return prepare_classifier(datamodule.cache_dir, datamodule.official_train_split(), epochs)
+    folders = [datamodule.cache_dir, user_cache_dir() / datamodule.cache_dir.parent.name]
+    return prepare_classifier(folders, datamodule.official_train_split(), epochs)

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ae_lightning.checkpointing import OWN_NAME
 from ae_lightning.errors import UserError
 from ae_lightning.models import checkpoint_family
 from ae_lightning.runfolder import load_checkpoint
@@ -81,7 +82,10 @@ def check_resumed_test_checkpoint(cfg: DictConfig) -> None:
     states = load_checkpoint(folder / "last.ckpt").get("callbacks") or {}
     for state in states.values():
         best = state.get("best_model_path") if isinstance(state, dict) else None
-        if best and not (folder / Path(str(best)).name).is_file():
+        name = Path(str(best)).name if best else ""
+        if not OWN_NAME.fullmatch(name):  # not a name this package writes: dropped on resume
+            continue
+        if not (folder / name).is_file():
             raise UserError(
                 f"resume={cfg.resume} would test its best checkpoint {folder / Path(best).name}, "
                 "which is missing: put it back, or add test_ckpt=last to test "

@@ -19,7 +19,8 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -182,32 +183,55 @@ def load_classifier(path: Path) -> DigitClassifier:
     return net.eval()
 
 
-def prepare_classifier(
-    folder: Path, train_set: tuple[torch.Tensor, torch.Tensor], epochs: int, seed: int = 0
-) -> DigitClassifier:
-    """The classifier of this training split: from ``folder``'s cache, else trained and cached.
+def user_cache_dir() -> Path:
+    """Where a classifier goes when the data's own folder cannot be written (a shared,
+    read-only copy): ``$AE_CACHE_DIR``, else ``$XDG_CACHE_HOME/ae-lightning``, else
+    ``~/.cache/ae-lightning``."""
+    if os.environ.get("AE_CACHE_DIR"):
+        return Path(os.environ["AE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "ae-lightning"
 
-    Trained on the CPU whatever the run's device, so one file means one set of weights. A
-    cache that cannot be written (a read-only data folder) is a warning: the classifier then
-    serves this run only.
+
+def prepare_classifier(
+    folder: Path | Sequence[Path],
+    train_set: tuple[torch.Tensor, torch.Tensor],
+    epochs: int,
+    seed: int = 0,
+) -> DigitClassifier:
+    """The classifier of this training split: from a cache, else trained and cached.
+
+    ``folder`` is one cache folder or several, in order of preference: the file is looked for
+    in each, and a new one goes to the first that can be written (the hash in its name ties
+    it to the training bytes and recipe, so any of them serves). Trained on the CPU whatever
+    the run's device, so one file means one set of weights. When none can be written it is a
+    warning: the classifier then serves this run only.
     """
     images, labels = train_set
-    path = classifier_path(folder, images, labels, epochs, seed)
-    if path.is_file():
-        log.info("Sample-quality classifier: %s (cached)", path)
-        return load_classifier(path)
+    folders = [folder] if isinstance(folder, str | os.PathLike) else list(folder)
+    paths = [classifier_path(f, images, labels, epochs, seed) for f in folders]
+    for path in paths:
+        if path.is_file():
+            log.info("Sample-quality classifier: %s (cached)", path)
+            return load_classifier(path)
     log.info(
         "Training the sample-quality classifier (%d epochs on %d images, CPU); caching it at %s",
-        epochs, len(images), path,
+        epochs, len(images), paths[0],
     )  # fmt: skip
     net = train_classifier(images, labels, epochs, seed, torch.device("cpu"))
     payload = {"state_dict": net.state_dict(), "version": CLASSIFIER_VERSION, "epochs": epochs,
                "seed": seed}  # fmt: skip
-    try:
-        AtomicCheckpointIO().save_checkpoint(payload, path)
-    except OSError as err:
-        log.warning("Could not cache the classifier at %s (%s): it serves this run only.",
-                    path, err.strerror or type(err).__name__)  # fmt: skip
+    for path in paths:
+        try:
+            AtomicCheckpointIO().save_checkpoint(payload, path)
+        except OSError as err:
+            log.warning("Could not cache the classifier at %s (%s).", path,
+                        err.strerror or type(err).__name__)  # fmt: skip
+            continue
+        if path != paths[0]:
+            log.info("Sample-quality classifier cached at %s instead.", path)
+        return net
+    log.warning("No cache folder could be written: the classifier serves this run only.")
     return net
 
 
