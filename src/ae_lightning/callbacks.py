@@ -42,6 +42,7 @@ from ae_lightning.latent import (
     pick_pair,
 )
 from ae_lightning.loggers import send_to_image_loggers
+from ae_lightning.nets import IMAGE_SHAPE
 from ae_lightning.plots import (
     curves_figure,
     interpolation_figure,
@@ -440,7 +441,8 @@ def describe(pl_module: pl.LightningModule) -> str:
     """``MLP 784-1024-2`` (``VAE 784-1024-2``) style name of the model, for figure titles."""
     hidden = list(pl_module.hparams.get("hidden") or [])
     kind = getattr(pl_module, "label", "MLP")
-    return f"{kind} " + "-".join(str(s) for s in [784, *hidden, pl_module.hparams["bottleneck"]])
+    pixels = math.prod(getattr(pl_module, "image_shape", IMAGE_SHAPE))
+    return f"{kind} " + "-".join(str(s) for s in [pixels, *hidden, pl_module.hparams["bottleneck"]])
 
 
 def tensorboard_of(trainer: pl.Trainer) -> TensorBoardLogger | None:
@@ -596,9 +598,12 @@ class ScatterFigure(FigureCallback):
             what = f"{codes.shape[1]}-D test codes, {how}"
         else:
             what = "2-D test codes"
+        labelled = getattr(trainer.datamodule, "has_labels", True)
+        if not labelled:
+            what += ", not coloured (the data has no labels)"
         return scatter_figure(
-            projection(codes), labels, f"{what}\n{title}", projection.axis_labels,
-            class_names=getattr(trainer.datamodule, "class_names", None),
+            projection(codes), labels if labelled else None, f"{what}\n{title}",
+            projection.axis_labels, class_names=getattr(trainer.datamodule, "class_names", None),
         )  # fmt: skip
 
 
@@ -638,11 +643,15 @@ class InterpolationFigure(FigureCallback):
         z = pl_module.encode(ends)
         latent = pl_module.decode(interpolate(z[0], z[1], self.steps)).cpu()
         pixels = crossfade(ends[0].cpu(), ends[1].cpu(), self.steps)
-        names = getattr(trainer.datamodule, "class_names", None) or [str(d) for d in range(10)]
-        digits = (
-            f"test #{first} (a {names[int(labels[first])]}) → "
-            f"#{second} (a {names[int(labels[second])]})"
-        )
+        names = getattr(trainer.datamodule, "class_names", None)
+        if names == ():  # label-free data
+            digits = f"test #{first} → #{second}"
+        else:
+            names = names or [str(d) for d in range(10)]
+            digits = (
+                f"test #{first} (a {names[int(labels[first])]}) → "
+                f"#{second} (a {names[int(labels[second])]})"
+            )
         return interpolation_figure(
             [latent, pixels],
             ["through the\nbottleneck", "pixel\ncross-fade"],

@@ -10,6 +10,7 @@ import errno
 import gc
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,9 @@ from ae_lightning import markdown, provenance, tb
 from ae_lightning.atomic import write_atomic
 from ae_lightning.callbacks import CpuThreads, EpochHistory, EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
-from ae_lightning.config import validate_config
+from ae_lightning.config import check_model_size_for, is_mnist, validate_config
 from ae_lightning.cpu import available_cores, flush_denormals
-from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix
+from ae_lightning.data import DEFAULT_BATCH_SIZE
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.interrupts import INTERRUPTED, SigtermGuard, Terminated
 from ae_lightning.latent import latent_quality
@@ -79,7 +80,9 @@ def flat_hyperparameters(
     same = list(cfg.model.get("hidden") or []) == hidden and cfg.bottleneck == model.bottleneck
     knobs = {
         "model": str(choices.get("model") or type(model).__name__) if same else "checkpoint",
-        "architecture": "-".join(str(size) for size in [784, *hidden, model.bottleneck]),
+        "architecture": "-".join(
+            str(size) for size in [math.prod(model.image_shape), *hidden, model.bottleneck]
+        ),
         **describe_run(cfg, model),
         "bottleneck": int(model.bottleneck),
         "hidden": str(hidden),
@@ -208,9 +211,10 @@ def engine_options(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: DictConfig) -> pl.LightningModule:
-    """The model config, with the engine options of this run."""
-    return instantiate(cfg.model, _convert_="all", engine=engine_options(cfg))
+def build_model(cfg: DictConfig, image_shape: Sequence[int] | None = None) -> pl.LightningModule:
+    """The model config, with the engine options of this run and the data's image shape."""
+    shape = {} if image_shape is None else {"image_shape": [int(d) for d in image_shape]}
+    return instantiate(cfg.model, _convert_="all", engine=engine_options(cfg), **shape)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]) -> pl.Trainer:
@@ -352,6 +356,8 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
     # K has one key, engine.steps_per_call; the data module sends lists of K minibatches.
     datamodule = instantiate(cfg.data, steps_per_call=cfg.engine.steps_per_call)
     datamodule.prepare_data()  # fails fast, before any model is built, if MNIST is missing
+    if not is_mnist(cfg):  # MNIST's size was checked with the config
+        check_model_size_for(cfg, math.prod(datamodule.image_shape))
     log.info("Run folder: %s", run_dir.resolve())
     return run_dir, datamodule
 
@@ -366,13 +372,15 @@ def _record(
 ) -> dict[str, Any]:
     """Add the latent-quality metrics, write metrics.json and the HParams record."""
     if trainer.is_global_zero and cfg.get("latent_metrics", True):
-        model.eval()
-        dataset = getattr(datamodule, "dataset", "mnist")
-        quality = latent_quality(
-            model.encode, model.decode, datamodule.split("train"), datamodule.split("test"),
-            device=model.device, metric_names=[metric_suffix(dataset, c) for c in range(10)],
-        )  # fmt: skip
-        metrics.update(quality)
+        if datamodule.has_labels:
+            model.eval()
+            quality = latent_quality(
+                model.encode, model.decode, datamodule.split("train"), datamodule.split("test"),
+                device=model.device, metric_names=datamodule.metric_names,
+            )  # fmt: skip
+            metrics.update(quality)
+        else:
+            log.info("The data has no labels: kNN, probe and per-class MSE are skipped.")
     metrics.update(num_parameters=model.num_parameters, bottleneck=model.bottleneck)
     metrics.update(describe_run(cfg, model))
     if trainer.is_global_zero:  # under DDP every rank returns the same metrics
@@ -459,7 +467,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[str, Any]:
     run_dir, datamodule = _prepare_run(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, datamodule.image_shape)
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
     check_resumed_test_checkpoint(cfg)
     on_sigterm = progress.on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
