@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -511,7 +511,8 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
         if images and not (len(shape) == 4 and shape[-1] in (1, 3) or len(shape) == 3):
             raise NpzFileError(
                 f"data.path={path} holds '{key}' of shape {shape}, not (N, H, W) or "
-                "(N, H, W, C) with C 1 or 3: save grey images as (N, H, W), colour ones as (N, H, W, 3)."
+                "(N, H, W, C) with C 1 or 3: save grey images as (N, H, W), colour ones as "
+                "(N, H, W, 3)."
             )
         if not images and (dtype.kind not in "iu" or len(shape) != 1):
             raise NpzFileError(
@@ -677,3 +678,88 @@ class NpzDataModule(ArrayDataModule):
     @property
     def display_name(self) -> str:
         return Path(self.path).stem or "npz"
+
+
+class ImageFolderDataModule(ArrayDataModule):
+    """torchvision's ``ImageFolder`` (``<path>/<class name>/<image>``), each image converted
+    once to ``channels`` (1 grey, 3 RGB) and resized to ``image_size`` ``[H, W]``, then held
+    in memory as uint8 like the rest; the class names are the folder names."""
+
+    display = "image folder"
+
+    def __init__(
+        self,
+        path: str = "",
+        image_size: Sequence[int] = (32, 32),
+        channels: int = 3,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("dataset", "image_folder")
+        super().__init__(**kwargs)
+        size = list(image_size) if isinstance(image_size, Sequence) else []
+        if len(size) != 2 or not all(isinstance(d, int) and 0 < d <= 4096 for d in size):
+            raise UserError(
+                f"data.image_size={image_size!r} is not [height, width] in pixels: use e.g. "
+                "data.image_size=[32,32]."
+            )
+        if channels not in (1, 3):
+            raise UserError(
+                f"data.channels={channels!r} is not 1 (grey) or 3 (RGB): use data.channels=3."
+            )
+        self.path, self.image_size, self.channels = path, (size[0], size[1]), channels
+        self._classes: tuple[str, ...] = ()
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        from PIL import Image
+        from torchvision.datasets import ImageFolder
+
+        if not self.path:
+            raise UserError(
+                "data.path is not set: name the folder, e.g. data=image_folder "
+                "data.path=/path/to/images (one subfolder per class)."
+            )
+        height, width = self.image_size
+        mode = "L" if self.channels == 1 else "RGB"
+
+        def convert(file: str) -> np.ndarray:
+            with Image.open(file) as image:  # PIL refuses decompression bombs itself
+                resized = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                return np.asarray(resized, dtype=np.uint8)
+
+        try:
+            folder = ImageFolder(self.path, loader=convert)
+        except (FileNotFoundError, NotADirectoryError, OSError) as err:
+            raise UserError(
+                f"data.path={self.path} is not a folder of class subfolders holding images "
+                f"({type(err).__name__}): use the layout <path>/<class name>/<image>.png."
+            ) from None
+        total = len(folder) * self.channels * height * width
+        if total > MAX_NPZ_BYTES:
+            raise UserError(
+                f"data.path={self.path} holds {len(folder)} images, {total} bytes at "
+                f"data.image_size={list(self.image_size)}, more than the {MAX_NPZ_BYTES} held "
+                "in memory: use a smaller data.image_size or fewer images."
+            )
+        images = np.empty((len(folder), height, width, self.channels), dtype=np.uint8)
+        for index, (file, _) in enumerate(folder.samples):
+            try:
+                images[index] = folder.loader(file).reshape(height, width, self.channels)
+            except Exception as err:  # PIL's errors for a damaged or foreign file vary
+                raise UserError(
+                    f"data.path={self.path} has an image {file} that cannot be read "
+                    f"({type(err).__name__}): remove or replace that file."
+                ) from None
+        self._classes = tuple(folder.classes)
+        return {
+            "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            "labels": torch.tensor(folder.targets, dtype=torch.long),
+        }
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        self.arrays()
+        return self._classes
+
+    @property
+    def display_name(self) -> str:
+        return Path(self.path).name or "images"

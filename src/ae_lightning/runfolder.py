@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from ae_lightning.data import MNISTDataModule, NpzDataModule
+from ae_lightning.data import ImageFolderDataModule, MNISTDataModule, NpzDataModule
 from ae_lightning.errors import UserError
 from ae_lightning.limits import MAX_WIDTH, check_model_size, max_parameters
 from ae_lightning.models import checkpoint_family, families, family_class
@@ -43,11 +43,15 @@ MAX_DEPTH = 100  # nesting of YAML/JSON: our own files stay under 10
 # not compressed, so a member inflating more than MAX_RATIO times is a bomb, not a model.
 CHECKPOINT_OVERHEAD_BYTES = 64 << 20
 MAX_RATIO = 100
-# data._target_ of a saved config -> our own class, looked up by name and never imported.
-DATA_CLASSES: dict[str, type[MNISTDataModule]] = {
-    "ae_lightning.data.MNISTDataModule": MNISTDataModule,
-    "ae_lightning.data.NpzDataModule": NpzDataModule,
-}
+# data._target_ of a saved config -> our own class and the keys only it takes (beside
+# DATA_KEYS' shared ones), looked up by name and never imported.
+DATA_CLASSES: dict[str, tuple[type[MNISTDataModule], tuple[str, ...]]] = {
+    "ae_lightning.data.MNISTDataModule": (MNISTDataModule, ()),
+    "ae_lightning.data.NpzDataModule": (NpzDataModule, ("path", "test_size")),
+    "ae_lightning.data.ImageFolderDataModule": (
+        ImageFolderDataModule, ("path", "test_size", "image_size", "channels"),
+    ),
+}  # fmt: skip
 DATA_TARGET = "ae_lightning.data.MNISTDataModule"
 # Data keys a comparison may take from a run, with the types they must have.
 DATA_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -62,9 +66,12 @@ DATA_KEYS: dict[str, type | tuple[type, ...]] = {
     "num_workers": int,
     "steps_per_call": int,
     "dataset": str,
-    "path": str,  # data=npz
+    "path": str,  # data=npz, data=image_folder
     "test_size": int,
+    "image_size": list,  # data=image_folder, checked by its class
+    "channels": int,
 }
+OWN_KEYS = ("path", "test_size", "image_size", "channels")
 STATUS_FILES = ("interrupted.json", "failed.json")
 
 
@@ -482,7 +489,8 @@ def data_settings(run: Path, config: dict[str, Any] | None = None) -> dict[str, 
     if not isinstance(data, dict):
         raise UserError(f"{path} has no data section: remove {run} from the command.")
     extra = [t for t in _targets(data, "data") if t != "data._target_"]
-    if data.get("_target_", DATA_TARGET) not in DATA_CLASSES or extra:
+    target = data.get("_target_", DATA_TARGET)
+    if not isinstance(target, str) or target not in DATA_CLASSES or extra:
         where = extra[0] if extra else "data._target_"
         target = data.get("_target_")
         shown = "an interpolation" if is_interpolation(target) else repr(target)[:80]
@@ -515,10 +523,10 @@ def data_module(run: Path, data_root: str | None = None) -> MNISTDataModule:
     settings = data_settings(run, config)
     if data_root is not None:
         settings["root"] = data_root
-    data_class = DATA_CLASSES[config["data"].get("_target_", DATA_TARGET)]
-    if data_class is MNISTDataModule:
-        settings.pop("path", None)
-        settings.pop("test_size", None)
+    data_class, own = DATA_CLASSES[config["data"].get("_target_", DATA_TARGET)]
+    for key in OWN_KEYS:  # each class takes its own of these, and no other's
+        if key not in own:
+            settings.pop(key, None)
     return data_class(**settings, download=False)
 
 
