@@ -213,3 +213,31 @@ def test_bad_npz_is_refused_in_one_sentence(tmp_path, write, said):
     assert len(errors) == 1 and said in errors[0] and str(path) in errors[0]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def refusal(result: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line of a run refused with exit 2 and no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return line
+
+
+def test_sizes_are_checked_against_the_images_of_the_file(tmp_path):
+    images, labels = grey_images(60)
+    path = tmp_path / "few.npz"
+    np.savez(path, images=images, labels=labels)
+    args = ["data=npz", f"data.path={path}", *SMALL]
+    line = refusal(run_train_cli([*args, "data.batch_size=50"], tmp_path / "logs"))
+    assert "data.batch_size=50" in line and "36 training images" in line and str(path) in line
+    line = refusal(run_train_cli([*args, "data.test_size=60"], tmp_path / "logs"))
+    assert "data.test_size=60" in line and "60 images" in line
+
+
+def test_image_folder_without_class_folders_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = ["data=image_folder", f"data.path={tmp_path / 'empty'}", *SMALL]
+    line = refusal(run_train_cli(args, tmp_path / "logs"))
+    assert f"data.path={tmp_path / 'empty'}" in line and "<class name>" in line
+    line = refusal(run_train_cli([*args, "data.channels=2"], tmp_path / "logs"))
+    assert "data.channels=2" in line

@@ -340,7 +340,7 @@ class MNISTDataModule(pl.LightningDataModule):
         if not 0 < self.val_size < len(images) or self.batch_size > len(images) - self.val_size:
             raise UserError(
                 f"data.val_size={self.val_size} with data.batch_size={self.batch_size} does not "
-                f"fit the {len(images)} training images in {self.root}: keep val_size below "
+                f"fit the {len(images)} training images in {self.root_name}: keep val_size below "
                 "the image count and batch_size at most what is left for training."
             )
         order = torch.randperm(
@@ -374,6 +374,11 @@ class MNISTDataModule(pl.LightningDataModule):
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of every image: what the model's nets are built for."""
         return IMAGE_SHAPE
+
+    @property
+    def root_name(self) -> str:
+        """Where the images come from, for messages (the file or folder a user named)."""
+        return self.root
 
     @property
     def has_labels(self) -> bool:
@@ -628,10 +633,6 @@ class ArrayDataModule(MNISTDataModule):
         return self._given["train" if train else "test"]
 
     @property
-    def root_name(self) -> str:
-        return self.root
-
-    @property
     def image_shape(self) -> tuple[int, int, int]:
         channels, height, width = self.arrays()["images"].shape[1:]
         return int(channels), int(height), int(width)
@@ -696,23 +697,28 @@ class ImageFolderDataModule(ArrayDataModule):
     ) -> None:
         kwargs.setdefault("dataset", "image_folder")
         super().__init__(**kwargs)
-        size = list(image_size) if isinstance(image_size, Sequence) else []
+        self.path, self.image_size, self.channels = path, image_size, channels
+        self._classes: tuple[str, ...] = ()
+
+    def _check_settings(self) -> None:
+        """In ``prepare_data``, not ``__init__``: Hydra would wrap the sentence in its own."""
+        size = list(self.image_size) if isinstance(self.image_size, Sequence) else []
         if len(size) != 2 or not all(isinstance(d, int) and 0 < d <= 4096 for d in size):
             raise UserError(
-                f"data.image_size={image_size!r} is not [height, width] in pixels: use e.g. "
-                "data.image_size=[32,32]."
+                f"data.image_size={self.image_size!r} is not [height, width] in pixels: use "
+                "e.g. data.image_size=[32,32]."
             )
-        if channels not in (1, 3):
+        self.image_size = (size[0], size[1])
+        if self.channels not in (1, 3):
             raise UserError(
-                f"data.channels={channels!r} is not 1 (grey) or 3 (RGB): use data.channels=3."
+                f"data.channels={self.channels!r} is not 1 (grey) or 3 (RGB): use data.channels=3."
             )
-        self.path, self.image_size, self.channels = path, (size[0], size[1]), channels
-        self._classes: tuple[str, ...] = ()
 
     def _read(self) -> dict[str, torch.Tensor]:
         from PIL import Image
         from torchvision.datasets import ImageFolder
 
+        self._check_settings()
         if not self.path:
             raise UserError(
                 "data.path is not set: name the folder, e.g. data=image_folder "
@@ -754,6 +760,10 @@ class ImageFolderDataModule(ArrayDataModule):
             "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
             "labels": torch.tensor(folder.targets, dtype=torch.long),
         }
+
+    @property
+    def root_name(self) -> str:
+        return self.path
 
     @property
     def class_names(self) -> tuple[str, ...]:
