@@ -241,3 +241,11 @@ def test_image_folder_without_class_folders_is_refused(tmp_path):
     assert f"data.path={tmp_path / 'empty'}" in line and "<class name>" in line
     line = refusal(run_train_cli([*args, "data.channels=2"], tmp_path / "logs"))
     assert "data.channels=2" in line
+
+
+def test_evaluating_on_data_of_another_shape_is_refused(grey_run, tiny_root, tmp_path):
+    checkpoint = grey_run / "checkpoints" / "best.ckpt"
+    args = [f"ckpt_path={checkpoint}", f"data.root={tiny_root}", "data.download=false",
+            "trainer.accelerator=cpu", "engine.threads=1"]  # fmt: skip
+    line = refusal(run_train_cli(args, tmp_path / "logs", script="eval.py"))
+    assert "(1, 16, 16)" in line and "(1, 28, 28)" in line and str(checkpoint) in line

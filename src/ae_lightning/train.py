@@ -583,6 +583,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with SigtermGuard() as guard:
         try:
             run_dir, datamodule = _prepare_run(cfg)
+            if tuple(model.image_shape) != tuple(datamodule.image_shape):
+                raise UserError(
+                    f"{path} was trained on images of shape {tuple(model.image_shape)}, but "
+                    f"the data given has {tuple(datamodule.image_shape)}: evaluate it with the "
+                    "data= settings it was trained with."
+                )
             callbacks = [
                 c
                 for c in _instantiate_group(cfg.get("callbacks"))
