@@ -249,3 +249,13 @@ def test_evaluating_on_data_of_another_shape_is_refused(grey_run, tiny_root, tmp
             "trainer.accelerator=cpu", "engine.threads=1"]  # fmt: skip
     line = refusal(run_train_cli(args, tmp_path / "logs", script="eval.py"))
     assert "(1, 16, 16)" in line and "(1, 28, 28)" in line and str(checkpoint) in line
+
+
+def test_interpolation_pair_beyond_this_test_set_is_refused_before_training(tmp_path):
+    images, labels = grey_images()
+    np.savez(tmp_path / "bars.npz", images=images, labels=labels)
+    args = ["data=npz", f"data.path={tmp_path / 'bars.npz'}", *SMALL,
+            "callbacks.interpolation.pair=[0,30]"]  # fmt: skip
+    line = refusal(run_train_cli(args, tmp_path / "logs"))
+    assert "callbacks.interpolation.pair=[0, 30]" in line and "from 0 to 23" in line
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))

@@ -636,6 +636,19 @@ class InterpolationFigure(FigureCallback):
         super().__init__(**kwargs)
         self.steps, self.pair, self.seed = steps, pair, seed
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        split = getattr(trainer.datamodule, "split", None)
+        if self.pair is None or split is None:
+            return
+        count = len(split("test")[0])  # the config checked MNIST's; other data is read now
+        if not all(0 <= int(i) < count for i in self.pair):
+            raise UserError(
+                f"callbacks.{self.name}.pair={list(self.pair)} is not two test-image indices "
+                f"from 0 to {count - 1} (this data's test set): use e.g. "
+                f"callbacks.{self.name}.pair=[0,1], or null for a random pair."
+            )
+
     def make_figure(self, trainer, pl_module, title):
         images, labels = trainer.datamodule.split("test")
         first, second = self.pair if self.pair is not None else pick_pair(labels, self.seed)
