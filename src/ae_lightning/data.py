@@ -1,4 +1,8 @@
-"""MNIST held in memory as uint8 tensors, served as batches sliced on the training device.
+"""Images held in memory as uint8 tensors, served as batches sliced on the training device.
+
+MNIST (and Fashion-MNIST, KMNIST) through torchvision; a user's ``.npz`` (``NpzDataModule``)
+or ``ImageFolder`` (``ImageFolderDataModule``) through the same machinery, their image shape
+``(C, H, W)`` read from the data (``image_shape``) and handed to the model.
 
 MNIST is 47 MB as uint8, so the whole split lives on the device and an epoch is a seeded
 permutation plus tensor slicing: no per-sample PIL decoding, no worker processes. Batches
