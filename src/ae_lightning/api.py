@@ -2,12 +2,14 @@
 
 Everything in a run folder is read as data: the checkpoint with ``weights_only=True``, the
 saved config as plain YAML (never instantiated), ``metrics.json`` as JSON. Images go in as
-numpy arrays or tensors of shape ``(N, 28, 28)``, ``(N, 1, 28, 28)`` or ``(N, 784)``, uint8
+numpy arrays or tensors of the run's image shape, ``(N, C, H, W)``, ``(N, H, W)`` (grey) or
+flat ``(N, C*H*W)`` (MNIST: ``(N, 28, 28)``, ``(N, 1, 28, 28)`` or ``(N, 784)``), uint8
 (0-255) or float in [0, 1]; results come back as tensors on the model's device.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,6 @@ from ae_lightning.latent import SAMPLERS, CodeSampler, encode_images
 from ae_lightning.latent import interpolate as line_between
 
 ArrayLike = np.ndarray | torch.Tensor
-IMAGE_SIDE, PIXELS = 28, 28 * 28
-SHAPES = "(N, 28, 28), (N, 1, 28, 28) or (N, 784)"
 
 
 # --- the public API -------------------------------------------------------------------------
@@ -64,12 +64,12 @@ class Run:
 
     @torch.no_grad()
     def decode(self, codes: ArrayLike) -> torch.Tensor:
-        """Images ``(N, 1, 28, 28)``, pixels in (0, 1), of codes ``(N, z)``."""
+        """Images ``(N, C, H, W)``, pixels in (0, 1), of codes ``(N, z)``."""
         return self.model.decode(self._codes(codes))
 
     @torch.no_grad()
     def reconstruct(self, images: ArrayLike) -> torch.Tensor:
-        """``decode(encode(images))``: ``(N, 1, 28, 28)`` pixels in (0, 1)."""
+        """``decode(encode(images))``: ``(N, C, H, W)`` pixels in (0, 1)."""
         return self.model.decode(self.model.encode(self._pixels(images)))
 
     @torch.no_grad()
@@ -116,7 +116,7 @@ class Run:
         return self.model.decode(self._samplers[key].sample(n).to(self.device))
 
     def test_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(uint8 images (N, 28, 28), labels (N,))`` of the official test split, on the CPU."""
+        """``(uint8 images, labels (N,))`` of the run's test split, on the CPU."""
         return self._datamodule().split("test")
 
     def train_images(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,36 +127,46 @@ class Run:
 
     def _datamodule(self) -> MNISTDataModule:
         if self._data is None:
-            settings = runfolder.saved_data_settings(self.path if self.path.is_dir() else None)
-            if self.data_root is not None:
-                settings["root"] = self.data_root
-            self._data = MNISTDataModule(download=False, **settings)
+            folder = self.path if self.path.is_dir() else None
+            self._data = runfolder.saved_data_module(folder, self.data_root)
             self._data.setup()
         return self._data
 
-    @staticmethod
-    def _one_image(x: ArrayLike, name: str) -> ArrayLike:
-        if tuple(x.shape) in ((IMAGE_SIDE, IMAGE_SIDE), (PIXELS,), (1, IMAGE_SIDE, IMAGE_SIDE)):
-            return x.reshape(1, PIXELS)
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the run was trained on (MNIST's ``(1, 28, 28)``)."""
+        return tuple(self.model.image_shape)
+
+    def _one_shapes(self) -> list[tuple[int, ...]]:
+        """One image's accepted shapes: ``(H, W)`` if grey, ``(C, H, W)`` and flat."""
+        channels, height, width = self.image_shape
+        grey = [(height, width)] if channels == 1 else []
+        return [*grey, (channels, height, width), (channels * height * width,)]
+
+    def _shapes_text(self) -> str:
+        """``(N, 28, 28), (N, 1, 28, 28) or (N, 784)`` for this run's images."""
+        shown = [str(("N", *s)).replace("'", "") for s in self._one_shapes()]
+        return ", ".join(shown[:-1]) + f" or {shown[-1]}"
+
+    def _one_image(self, x: ArrayLike, name: str) -> ArrayLike:
+        if tuple(x.shape) in self._one_shapes():
+            return x.reshape(1, math.prod(self.image_shape))
         if len(x.shape) >= 2 and x.shape[0] == 1:
             return x
+        one = [str(s) for s in self._one_shapes()]
         raise UserError(
             f"{name} has shape {tuple(x.shape)}: interpolate takes one image each, of shape "
-            "(28, 28), (1, 28, 28) or (784,)."
+            f"{', '.join(one[:-1])} or {one[-1]}."
         )
 
     def _pixels(self, images: ArrayLike, name: str = "images") -> torch.Tensor:
-        """``(N, 1, 28, 28)`` float32 on the model's device, or one sentence saying why not."""
+        """``(N, C, H, W)`` float32 on the model's device, or one sentence saying why not."""
         x = _as_tensor(images, name)
         shape = tuple(x.shape)
-        if not (
-            (x.dim() == 3 and shape[1:] == (IMAGE_SIDE, IMAGE_SIDE))
-            or (x.dim() == 4 and shape[1:] == (1, IMAGE_SIDE, IMAGE_SIDE))
-            or (x.dim() == 2 and shape[1] == PIXELS)
-        ):
-            hint = " (add a batch dimension: x[None])" if shape in ((28, 28), (784,)) else ""
-            raise UserError(f"{name} has shape {shape}: pass {SHAPES}{hint}.")
-        x = x.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+        if not (x.dim() >= 2 and shape[1:] in self._one_shapes()):
+            hint = " (add a batch dimension: x[None])" if shape in self._one_shapes() else ""
+            raise UserError(f"{name} has shape {shape}: pass {self._shapes_text()}{hint}.")
+        x = x.reshape(-1, *self.image_shape)
         if x.dtype == torch.uint8:
             return to_unit_float(x.to(self.device))
         if not x.is_floating_point():
@@ -170,7 +180,7 @@ class Run:
                 f"{name} has float values from {low:g} to {high:g}: pixels must lie in "
                 f"[0, 1]{hint}."
             )
-        return x.unsqueeze(1).to(self.device, torch.float32)
+        return x.to(self.device, torch.float32)
 
     def _codes(self, codes: ArrayLike) -> torch.Tensor:
         z = _as_tensor(codes, "codes")

@@ -43,6 +43,7 @@ from ae_lightning.latent import (
     pick_pair,
 )
 from ae_lightning.loggers import send_to_image_loggers
+from ae_lightning.nets import IMAGE_SHAPE
 from ae_lightning.plots import (
     curves_figure,
     interpolation_figure,
@@ -441,7 +442,8 @@ def describe(pl_module: pl.LightningModule) -> str:
     """``MLP 784-1024-2`` (``VAE 784-1024-2``) style name of the model, for figure titles."""
     hidden = list(pl_module.hparams.get("hidden") or [])
     kind = getattr(pl_module, "label", "MLP")
-    return f"{kind} " + "-".join(str(s) for s in [784, *hidden, pl_module.hparams["bottleneck"]])
+    pixels = math.prod(getattr(pl_module, "image_shape", IMAGE_SHAPE))
+    return f"{kind} " + "-".join(str(s) for s in [pixels, *hidden, pl_module.hparams["bottleneck"]])
 
 
 def tensorboard_of(trainer: pl.Trainer) -> TensorBoardLogger | None:
@@ -597,9 +599,12 @@ class ScatterFigure(FigureCallback):
             what = f"{codes.shape[1]}-D test codes, {how}"
         else:
             what = "2-D test codes"
+        labelled = getattr(trainer.datamodule, "has_labels", True)
+        if not labelled:
+            what += ", not coloured (the data has no labels)"
         return scatter_figure(
-            projection(codes), labels, f"{what}\n{title}", projection.axis_labels,
-            class_names=getattr(trainer.datamodule, "class_names", None),
+            projection(codes), labels if labelled else None, f"{what}\n{title}",
+            projection.axis_labels, class_names=getattr(trainer.datamodule, "class_names", None),
         )  # fmt: skip
 
 
@@ -632,6 +637,19 @@ class InterpolationFigure(FigureCallback):
         super().__init__(**kwargs)
         self.steps, self.pair, self.seed = steps, pair, seed
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        split = getattr(trainer.datamodule, "split", None)
+        if self.pair is None or split is None:
+            return
+        count = len(split("test")[0])  # the config checked MNIST's; other data is read now
+        if not all(0 <= int(i) < count for i in self.pair):
+            raise UserError(
+                f"callbacks.{self.name}.pair={list(self.pair)} is not two test-image indices "
+                f"from 0 to {count - 1} (this data's test set): use e.g. "
+                f"callbacks.{self.name}.pair=[0,1], or null for a random pair."
+            )
+
     def make_figure(self, trainer, pl_module, title):
         images, labels = trainer.datamodule.split("test")
         first, second = self.pair if self.pair is not None else pick_pair(labels, self.seed)
@@ -639,11 +657,15 @@ class InterpolationFigure(FigureCallback):
         z = pl_module.encode(ends)
         latent = pl_module.decode(interpolate(z[0], z[1], self.steps)).cpu()
         pixels = crossfade(ends[0].cpu(), ends[1].cpu(), self.steps)
-        names = getattr(trainer.datamodule, "class_names", None) or [str(d) for d in range(10)]
-        digits = (
-            f"test #{first} (a {names[int(labels[first])]}) → "
-            f"#{second} (a {names[int(labels[second])]})"
-        )
+        names = getattr(trainer.datamodule, "class_names", None)
+        if names == ():  # label-free data
+            digits = f"test #{first} → #{second}"
+        else:
+            names = names or [str(d) for d in range(10)]
+            digits = (
+                f"test #{first} (a {names[int(labels[first])]}) → "
+                f"#{second} (a {names[int(labels[second])]})"
+            )
         return interpolation_figure(
             [latent, pixels],
             ["through the\nbottleneck", "pixel\ncross-fade"],

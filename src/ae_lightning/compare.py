@@ -102,10 +102,12 @@ def _figures(
         axis_labels.append(projection.axis_labels)  # "PC1 (22% var.)": each run its own
         dims = f"{codes.shape[1]}-D" + (", PCA" if projection.method == "pca" else "")
         titles.append(f"{name}\n({dims}, test MSE {run.metrics.get('test/mse', float('nan')):.4f})")
+    labelled = datamodule.has_labels
+    coloured = "coloured by " + ("digit" if datamodule.dataset == "mnist" else "class")
     figures["scatter"] = scatter_figure(
-        torch.stack(panels), test_labels,
-        f"{datamodule.display_name} test codes coloured by "
-        + ("digit" if datamodule.dataset == "mnist" else "class"),
+        torch.stack(panels), test_labels if labelled else None,
+        f"{datamodule.display_name} test codes "
+        + (coloured if labelled else "(not coloured: the data has no labels)"),
         axis_labels, ax_titles=titles, class_names=datamodule.class_names,
     )  # fmt: skip
 
@@ -130,11 +132,16 @@ def _figures(
             z = model.encode(ends)
             rows.append(model.decode(interpolate(z[0], z[1], 11)))
     rows.append(crossfade(ends[0], ends[1], 11))
+    ends_named = (
+        f"#{first} (a {classes[int(test_labels[first])]}) and "
+        f"#{second} (a {classes[int(test_labels[second])]})"
+        if labelled
+        else f"#{first} and #{second}"
+    )
     figures["interpolation"] = interpolation_figure(
         rows,
         [_wrap(_short(name)) for name in names] + ["pixel\ncross-fade"],
-        f"Interpolation between test #{first} (a {classes[int(test_labels[first])]}) and "
-        f"#{second} (a {classes[int(test_labels[second])]})",
+        f"Interpolation between test {ends_named}",
     )
 
     samples = []
@@ -232,6 +239,12 @@ def compare(
         log.warning("No run has a loadable checkpoint: only the summary was written.")
         return out
     datamodule = _data_for(models[0][0], data_root)
+    for run, model in models[1:]:  # every model is shown the first run's images
+        if tuple(model.image_shape) != datamodule.image_shape:
+            raise UserError(
+                f"{run.path} was trained on images of shape {tuple(model.image_shape)} but "
+                f"{models[0][0].path} on {datamodule.image_shape}: compare runs of one dataset."
+            )
     figures = _figures(models, datamodule, sampler, seed)
 
     from torch.utils.tensorboard import SummaryWriter

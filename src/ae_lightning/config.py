@@ -15,11 +15,11 @@ from ae_lightning.cpu import THREADS_AUTO
 from ae_lightning.engine import CUDA_GRAPH_CHOICES
 from ae_lightning.errors import UserError
 from ae_lightning.limits import check_model_size
-from ae_lightning.nets import ACTIVATIONS
+from ae_lightning.nets import ACTIVATIONS, PIXELS
 
 MNIST_TRAIN_IMAGES = 60_000
 MNIST_TEST_IMAGES = 10_000  # MNIST, Fashion-MNIST and KMNIST alike
-IMAGE_PIXELS = 28 * 28
+MNIST_TARGET = "ae_lightning.data.MNISTDataModule"  # other data's counts are known once read
 # The step loop, data and engine compute in float32 (or autocast from it); 64-bit would meet
 # float32 batches in the first matrix product.
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true")
@@ -78,7 +78,8 @@ def validate_config(cfg: DictConfig) -> None:
                     f"a positive whole number; use e.g. model.{key}=[1024]."
                 )
 
-    _check_model_size(cfg)
+    if is_mnist(cfg):
+        check_model_size_for(cfg, PIXELS)  # other data: once its images are read
 
     optimizer = model.get("optimizer") or {}
     for key in ("lr", "weight_decay"):
@@ -99,13 +100,17 @@ def validate_config(cfg: DictConfig) -> None:
 
     data = cfg.data
     val_size = data.get("val_size")
-    if not _is_int(val_size) or not 0 < val_size < MNIST_TRAIN_IMAGES:
+    # Other data: the data module checks both against the images it reads.
+    train_images = MNIST_TRAIN_IMAGES if is_mnist(cfg) else math.inf
+    if not is_mnist(cfg):
+        _positive_int(val_size, "data.val_size", "use e.g. data.val_size=1000")
+    elif not _is_int(val_size) or not 0 < val_size < MNIST_TRAIN_IMAGES:
         raise UserError(
             f"data.val_size={val_size!r} must be a whole number between 1 and "
             f"{MNIST_TRAIN_IMAGES - 1} so both validation and training get images: "
             "use e.g. data.val_size=5000."
         )
-    train_size = MNIST_TRAIN_IMAGES - val_size
+    train_size = train_images - val_size
     for key in ("batch_size", "eval_batch_size"):
         value = data.get(key)
         _positive_int(value, f"data.{key}", f"use e.g. data.{key}=128")
@@ -143,14 +148,20 @@ def _target_name(node: Any) -> str:
     return str(target).rsplit(".", 1)[-1] if target else ""
 
 
-def _check_model_size(cfg: DictConfig) -> None:
-    """Refuse, by arithmetic, a model too large to build (``limits.check_model_size``)."""
+def is_mnist(cfg: DictConfig) -> bool:
+    """MNIST, Fashion-MNIST or KMNIST: 60k training images of 28x28, known before reading."""
+    return str(cfg.data.get("_target_", MNIST_TARGET)) == MNIST_TARGET
+
+
+def check_model_size_for(cfg: DictConfig, pixels: int) -> None:
+    """Refuse, by arithmetic, a model too large to build (``limits.check_model_size``) for
+    images of ``pixels`` values."""
     model = cfg.model
     decoder = model.get("decoder_hidden")
     family = _family_class(model)
     check_model_size(
         int(model.get("bottleneck", cfg.bottleneck)), [int(s) for s in model.get("hidden") or []],
-        None if decoder is None else [int(s) for s in decoder], IMAGE_PIXELS,
+        None if decoder is None else [int(s) for s in decoder], pixels,
         where=f"bottleneck={cfg.bottleneck} with model.hidden={list(model.get('hidden') or [])}",
         code_outputs=int(getattr(family, "code_outputs", 1)),
         extra_parameters=_extra_parameters(family, model),
@@ -203,9 +214,11 @@ def _check_figures(cfg: DictConfig) -> None:
             pair = node.get("pair")
             if pair is None:
                 continue
+            # other data: InterpolationFigure checks the bound once the test set is read
+            test_images = MNIST_TEST_IMAGES if is_mnist(cfg) else math.inf
             ok = (
                 (OmegaConf.is_list(pair) or isinstance(pair, list)) and len(pair) == 2
-                and all(_is_int(i) and 0 <= i < MNIST_TEST_IMAGES for i in pair)
+                and all(_is_int(i) and 0 <= i < test_images for i in pair)
                 and pair[0] != pair[1]
             )  # fmt: skip
             if not ok:

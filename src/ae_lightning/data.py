@@ -1,4 +1,8 @@
-"""MNIST held in memory as uint8 tensors, served as batches sliced on the training device.
+"""Images held in memory as uint8 tensors, served as batches sliced on the training device.
+
+MNIST (and Fashion-MNIST, KMNIST) through torchvision; a user's ``.npz`` (``NpzDataModule``)
+or ``ImageFolder`` (``ImageFolderDataModule``) through the same machinery, their image shape
+``(C, H, W)`` read from the data (``image_shape``) and handed to the model.
 
 MNIST is 47 MB as uint8, so the whole split lives on the device and an epoch is a seeded
 permutation plus tensor slicing: no per-sample PIL decoding, no worker processes. Batches
@@ -15,15 +19,19 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
 from ae_lightning.errors import UserError
+from ae_lightning.nets import IMAGE_SHAPE
 
 DATA_ENV_VAR = "AE_DATA_ROOT"
 DEFAULT_BATCH_SIZE = 128  # the reference workflow's
@@ -54,8 +62,9 @@ class MNISTFileError(UserError):
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
-    """``(B, 28, 28)`` uint8 -> ``(B, 1, 28, 28)`` float pixels in [0, 1]."""
-    return images.unsqueeze(1).float().div_(255.0)
+    """``(B, H, W)`` (grey) or ``(B, C, H, W)`` uint8 -> ``(B, C, H, W)`` float pixels in [0, 1]."""
+    images = images.unsqueeze(1) if images.dim() == 3 else images
+    return images.float().div_(255.0)
 
 
 def binarized(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -72,7 +81,11 @@ def metric_suffix(dataset: str, label: int) -> str:
     """``digit3`` for MNIST; the class name as a tag-safe word otherwise (``t_shirt_top``)."""
     if dataset == "mnist":
         return f"digit{label}"
-    return re.sub(r"[^a-z0-9]+", "_", DATASETS[dataset][2][label].lower()).strip("_")
+    return _slug(DATASETS[dataset][2][label])
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def load_mnist(
@@ -360,7 +373,7 @@ class MNISTDataModule(pl.LightningDataModule):
         if not 0 < self.val_size < len(images) or self.batch_size > len(images) - self.val_size:
             raise UserError(
                 f"data.val_size={self.val_size} with data.batch_size={self.batch_size} does not "
-                f"fit the {len(images)} training images in {self.root}: keep val_size below "
+                f"fit the {len(images)} training images in {self.root_name}: keep val_size below "
                 "the image count and batch_size at most what is left for training."
             )
         order = torch.randperm(
@@ -400,6 +413,21 @@ class MNISTDataModule(pl.LightningDataModule):
 
     # --- public API for callbacks, comparisons and benchmarks -----------------------------
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of every image: what the model's nets are built for."""
+        return IMAGE_SHAPE
+
+    @property
+    def root_name(self) -> str:
+        """Where the images come from, for messages (the file or folder a user named)."""
+        return self.root
+
+    @property
+    def has_labels(self) -> bool:
+        """False for label-free data: the label metrics and the scatter's colours are skipped."""
+        return True
+
+    @property
     def class_names(self) -> tuple[str, ...]:
         """The ten labels' names, for legends and titles (``T-shirt/top``... for Fashion)."""
         return DATASETS[self.dataset][2]
@@ -408,8 +436,14 @@ class MNISTDataModule(pl.LightningDataModule):
     def display_name(self) -> str:
         return DATASETS[self.dataset][1]
 
+    @property
+    def metric_names(self) -> list[str]:
+        """Each class's word in ``test/mse_<word>`` (``digit3``, ``t_shirt_top``)."""
+        return [metric_suffix(self.dataset, c) for c in range(len(self.class_names))]
+
     def split(self, name: str) -> Batch:
-        """``(uint8 images (N, 28, 28), labels (N,))`` of ``"train"``, ``"val"`` or ``"test"``."""
+        """``(uint8 images (N, H, W) or (N, C, H, W), labels (N,))`` of ``"train"``, ``"val"``
+        or ``"test"`` (zeros as labels for label-free data)."""
         if not self._splits:
             self.setup()
         return self._splits[name]
@@ -465,3 +499,329 @@ class MNISTDataModule(pl.LightningDataModule):
             drop_last=drop_last,
             steps_per_call=steps_per_call,
         )
+
+
+MAX_NPZ_BYTES = 8 << 30  # the arrays' uncompressed size: beyond it, data is not for memory
+NPZ_KEYS = ("images", "labels", "test_images", "test_labels")
+
+
+class NpzFileError(UserError):
+    """A user's ``.npz`` that is not uint8 images (and integer labels) of a size we hold."""
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """``key -> (shape, dtype)`` of the known arrays, read from the zip directory and the
+    ``.npy`` headers alone, so nothing is allocated before the sizes are checked."""
+    fix = "save it with np.savez(path, images=uint8 array, labels=int array)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            total = sum(info.file_size for info in members.values())
+            if total > MAX_NPZ_BYTES:
+                raise NpzFileError(
+                    f"data.path={path} unpacks to {total} bytes, more than the "
+                    f"{MAX_NPZ_BYTES} held in memory: use a smaller subset of the images."
+                )
+            headers = {}
+            for key in NPZ_KEYS:
+                if f"{key}.npy" not in members:
+                    continue
+                with archive.open(f"{key}.npy") as member:
+                    version = np.lib.format.read_magic(member)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read(member)
+                headers[key] = (tuple(shape), dtype)
+    except NpzFileError:
+        raise
+    except FileNotFoundError:
+        raise NpzFileError(
+            f"data.path={path} does not exist: point data.path at an .npz file of images."
+        ) from None
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as err:
+        raise NpzFileError(
+            f"data.path={path} is not a readable .npz archive ({type(err).__name__}): {fix}."
+        ) from None
+    if "images" not in headers:
+        raise NpzFileError(f"data.path={path} holds no array named 'images': {fix}.")
+    promised = sum(math.prod(shape) * dtype.itemsize for shape, dtype in headers.values())
+    if promised > MAX_NPZ_BYTES:
+        raise NpzFileError(
+            f"data.path={path} holds arrays of {promised} bytes, more than the "
+            f"{MAX_NPZ_BYTES} held in memory: use a smaller subset of the images."
+        )
+    for key, (shape, dtype) in headers.items():
+        if dtype.hasobject:
+            raise NpzFileError(
+                f"data.path={path} holds '{key}' as an array of Python objects, which loading "
+                "would unpickle: save plain numeric arrays (uint8 images, integer labels)."
+            )
+        images = key.endswith("images")
+        if images and dtype != np.uint8:
+            raise NpzFileError(
+                f"data.path={path} holds '{key}' of dtype {dtype}, not uint8: save pixels "
+                "0-255 as np.uint8 (e.g. (x * 255).round().astype(np.uint8))."
+            )
+        if images and not (len(shape) == 4 and shape[-1] in (1, 3) or len(shape) == 3):
+            raise NpzFileError(
+                f"data.path={path} holds '{key}' of shape {shape}, not (N, H, W) or "
+                "(N, H, W, C) with C 1 or 3: save grey images as (N, H, W), colour ones as "
+                "(N, H, W, 3)."
+            )
+        if not images and (dtype.kind not in "iu" or len(shape) != 1):
+            raise NpzFileError(
+                f"data.path={path} holds '{key}' of shape {shape} and dtype {dtype}, not one "
+                "integer class per image: save labels as an (N,) integer array."
+            )
+    return headers
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The known arrays of an ``.npz`` as tensors: images ``(N, C, H, W)`` uint8, labels int64.
+
+    Checked from the headers first (``_npz_headers``); never unpickles (``allow_pickle=False``).
+    """
+    if not str(path):
+        raise NpzFileError(
+            "data.path is not set: name the file, e.g. data=npz data.path=/path/to/images.npz."
+        )
+    path = Path(path).expanduser()
+    headers = _npz_headers(path)
+    if ("test_images" in headers) != ("test_labels" in headers) and "labels" in headers:
+        raise NpzFileError(
+            f"data.path={path} has labels but test_images without test_labels (or the other "
+            "way round): save both test arrays or neither."
+        )
+    loaded = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            loaded = {key: np.ascontiguousarray(npz[key]) for key in headers}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise NpzFileError(
+            f"data.path={path} cannot be read ({type(err).__name__}: truncated or damaged): "
+            "save it again with np.savez."
+        ) from None
+    arrays = {}
+    for key, array in loaded.items():
+        value = torch.from_numpy(array)
+        if key.endswith("images"):
+            value = value.unsqueeze(1) if value.dim() == 3 else value.permute(0, 3, 1, 2)
+            arrays[key] = value.contiguous()
+        else:
+            arrays[key] = value.long()
+    shapes = {tuple(arrays[k].shape[1:]) for k in ("images", "test_images") if k in arrays}
+    if len(shapes) > 1:
+        raise NpzFileError(
+            f"data.path={path} holds images and test_images of different shapes {sorted(shapes)}:"
+            " save both at one size."
+        )
+    for images, labels in (("images", "labels"), ("test_images", "test_labels")):
+        if labels in arrays and len(arrays[labels]) != len(arrays[images]):
+            raise NpzFileError(
+                f"data.path={path} holds {len(arrays[images])} {images} but "
+                f"{len(arrays[labels])} {labels}: save one label per image."
+            )
+        if labels in arrays and len(arrays[labels]) and int(arrays[labels].min()) < 0:
+            raise NpzFileError(
+                f"data.path={path} has negative {labels}: number the classes 0, 1, 2..."
+            )
+    return arrays
+
+
+class ArrayDataModule(MNISTDataModule):
+    """Images already held as tensors (a user's ``.npz``, a converted ``ImageFolder``), served
+    by the same in-memory machinery as MNIST: a seeded split, device-side batches.
+
+    A subclass gives ``_read()`` -> the arrays of ``load_npz``; without ``test_images`` the
+    last ``test_size`` of a seeded permutation are the test set (``split_seed``, like val).
+    """
+
+    display = "images"
+
+    def __init__(self, test_size: int = 1000, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.test_size = test_size
+        self._arrays: dict[str, torch.Tensor] | None = None
+        self._given: dict[str, Batch] = {}
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        if self._arrays is None:
+            self._arrays = self._read()
+        return self._arrays
+
+    def prepare_data(self) -> None:
+        """Read, check and split now, so a bad file or size is refused before any model."""
+        self.setup()
+
+    def _load(self, train: bool) -> Batch:
+        if not self._given:
+            arrays = self.arrays()
+            images = arrays["images"]
+            labels = arrays.get("labels", torch.zeros(len(images), dtype=torch.long))
+            if "test_images" in arrays:
+                test = arrays["test_images"]
+                test_labels = arrays.get("test_labels", torch.zeros(len(test), dtype=torch.long))
+                self._given = {"train": (images, labels), "test": (test, test_labels)}
+            else:
+                if not 0 < self.test_size < len(images):
+                    raise UserError(
+                        f"data.test_size={self.test_size} does not fit the {len(images)} images"
+                        f" in {self.root_name}: keep it between 1 and {len(images) - 1}."
+                    )
+                order = torch.randperm(
+                    len(images), generator=torch.Generator().manual_seed(self.split_seed + 1)
+                )
+                keep, test = order[: -self.test_size], order[-self.test_size :]
+                self._given = {
+                    "train": (images[keep], labels[keep]),
+                    "test": (images[test], labels[test]),
+                }
+        return self._given["train" if train else "test"]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        channels, height, width = self.arrays()["images"].shape[1:]
+        return int(channels), int(height), int(width)
+
+    @property
+    def has_labels(self) -> bool:
+        return "labels" in self.arrays()
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        if not self.has_labels:
+            return ()
+        arrays = self.arrays()
+        top = max(int(arrays[k].max()) for k in ("labels", "test_labels") if k in arrays)
+        return tuple(str(c) for c in range(top + 1))
+
+    @property
+    def display_name(self) -> str:
+        return self.display
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [f"class{c}" if n.isdigit() else _slug(n) for c, n in enumerate(self.class_names)]
+
+
+class NpzDataModule(ArrayDataModule):
+    """A user's ``.npz`` of uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` (``images``), with
+    optional ``labels`` and a given test split (``test_images``/``test_labels``)."""
+
+    display = "npz"
+
+    def __init__(self, path: str = "", **kwargs: Any) -> None:
+        kwargs.setdefault("dataset", "npz")
+        super().__init__(**kwargs)
+        self.path = path
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        return load_npz(self.path)
+
+    @property
+    def root_name(self) -> str:
+        return self.path
+
+    @property
+    def display_name(self) -> str:
+        return Path(self.path).stem or "npz"
+
+
+class ImageFolderDataModule(ArrayDataModule):
+    """torchvision's ``ImageFolder`` (``<path>/<class name>/<image>``), each image converted
+    once to ``channels`` (1 grey, 3 RGB) and resized to ``image_size`` ``[H, W]``, then held
+    in memory as uint8 like the rest; the class names are the folder names."""
+
+    display = "image folder"
+
+    def __init__(
+        self,
+        path: str = "",
+        image_size: Sequence[int] = (32, 32),
+        channels: int = 3,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("dataset", "image_folder")
+        super().__init__(**kwargs)
+        self.path, self.image_size, self.channels = path, image_size, channels
+        self._classes: tuple[str, ...] = ()
+
+    def _check_settings(self) -> None:
+        """In ``prepare_data``, not ``__init__``: Hydra would wrap the sentence in its own."""
+        size = list(self.image_size) if isinstance(self.image_size, Sequence) else []
+        if len(size) != 2 or not all(isinstance(d, int) and 0 < d <= 4096 for d in size):
+            raise UserError(
+                f"data.image_size={self.image_size!r} is not [height, width] in pixels: use "
+                "e.g. data.image_size=[32,32]."
+            )
+        self.image_size = (size[0], size[1])
+        if self.channels not in (1, 3):
+            raise UserError(
+                f"data.channels={self.channels!r} is not 1 (grey) or 3 (RGB): use data.channels=3."
+            )
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        from PIL import Image
+        from torchvision.datasets import ImageFolder
+
+        self._check_settings()
+        if not self.path:
+            raise UserError(
+                "data.path is not set: name the folder, e.g. data=image_folder "
+                "data.path=/path/to/images (one subfolder per class)."
+            )
+        height, width = self.image_size
+        mode = "L" if self.channels == 1 else "RGB"
+
+        def convert(file: str) -> np.ndarray:
+            with Image.open(file) as image:  # PIL refuses decompression bombs itself
+                resized = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                return np.asarray(resized, dtype=np.uint8)
+
+        try:
+            folder = ImageFolder(self.path, loader=convert)
+        except (FileNotFoundError, NotADirectoryError, OSError) as err:
+            raise UserError(
+                f"data.path={self.path} is not a folder of class subfolders holding images "
+                f"({type(err).__name__}): use the layout <path>/<class name>/<image>.png."
+            ) from None
+        total = len(folder) * self.channels * height * width
+        if total > MAX_NPZ_BYTES:
+            raise UserError(
+                f"data.path={self.path} holds {len(folder)} images, {total} bytes at "
+                f"data.image_size={list(self.image_size)}, more than the {MAX_NPZ_BYTES} held "
+                "in memory: use a smaller data.image_size or fewer images."
+            )
+        images = np.empty((len(folder), height, width, self.channels), dtype=np.uint8)
+        for index, (file, _) in enumerate(folder.samples):
+            try:
+                images[index] = folder.loader(file).reshape(height, width, self.channels)
+            except Exception as err:  # PIL's errors for a damaged or foreign file vary
+                raise UserError(
+                    f"data.path={self.path} has an image {file} that cannot be read "
+                    f"({type(err).__name__}): remove or replace that file."
+                ) from None
+        self._classes = tuple(folder.classes)
+        return {
+            "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            "labels": torch.tensor(folder.targets, dtype=torch.long),
+        }
+
+    @property
+    def root_name(self) -> str:
+        return self.path
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        self.arrays()
+        return self._classes
+
+    @property
+    def display_name(self) -> str:
+        return Path(self.path).name or "images"

@@ -1,7 +1,8 @@
 """``ae-export <run> --format onnx|torchscript``: the encoder and the decoder as two files.
 
 Each file takes and gives float32 tensors with a free batch size: the encoder maps pixels
-``(N, 1, 28, 28)`` in [0, 1] to codes ``(N, z)``, the decoder codes back to pixels in (0, 1).
+``(N, C, H, W)`` (the run's image shape; MNIST's ``(N, 1, 28, 28)``) in [0, 1] to codes
+``(N, z)``, the decoder codes back to pixels in (0, 1).
 ``model.json`` beside them records these shapes and the pixel range for the app that loads
 them.
 """
@@ -79,7 +80,7 @@ def export_run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     z = run.bottleneck
-    pixels = torch.rand(2, 1, 28, 28)
+    pixels = torch.rand(2, *run.image_shape)
     codes = run.model.encode(pixels).detach()
     save = _save_onnx if fmt == "onnx" else _save_torchscript
     ext = FORMATS[fmt]
@@ -91,7 +92,7 @@ def export_run(
         ):
             save(module.eval(), example, Path(staging, name), names)
             write_atomic(out / name, Path(staging, name).read_bytes())
-    pixel = {"dtype": "float32", "shape": ["N", 1, 28, 28], "range": [0.0, 1.0]}
+    pixel = {"dtype": "float32", "shape": ["N", *run.image_shape], "range": [0.0, 1.0]}
     code = {"dtype": "float32", "shape": ["N", z]}
     manifest: dict[str, Any] = {
         "format": fmt,

@@ -24,7 +24,8 @@ def encode_images(
     batch_size: int = 2000,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Codes ``(N, z)`` on the CPU for uint8 images ``(N, 28, 28)``, in chunks to bound memory."""
+    """Codes ``(N, z)`` on the CPU for uint8 images ``(N, H, W)`` or ``(N, C, H, W)``, in
+    chunks to bound memory."""
     device = torch.device(device) if device is not None else images.device
     chunks = [
         encode(to_unit_float(images[i : i + batch_size].to(device))).float().cpu()
@@ -39,7 +40,7 @@ def decode_codes(
     codes: torch.Tensor,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Images ``(N, 1, 28, 28)`` on the CPU for codes ``(N, z)``."""
+    """Images ``(N, C, H, W)`` on the CPU for codes ``(N, z)``."""
     return decode(codes.to(device)).float().cpu()
 
 
@@ -58,11 +59,14 @@ def crossfade(x_start: torch.Tensor, x_end: torch.Tensor, steps: int) -> torch.T
 
 
 def pick_pair(labels: torch.Tensor, seed: int) -> tuple[int, int]:
-    """Indices of two images of different digits, drawn with ``seed``."""
+    """Indices of two images of different digits (two images, if all share one label, as
+    label-free data does), drawn with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     first = int(torch.randint(len(labels), (1,), generator=generator))
     others = torch.nonzero(labels != labels[first]).flatten()
-    assert len(others) > 0, "all images have the same label; pass the pair explicitly"
+    if len(others) == 0:
+        others = torch.nonzero(torch.arange(len(labels)) != first).flatten()
+    assert len(others) > 0, "an interpolation needs two images"
     second = int(others[torch.randint(len(others), (1,), generator=generator)])
     return first, second
 

@@ -7,13 +7,14 @@ and metric that calls ``encode`` sees the mean code).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-IMAGE_SHAPE = (1, 28, 28)
-PIXELS = 28 * 28
+IMAGE_SHAPE = (1, 28, 28)  # MNIST's, and that of checkpoints written before the key
+PIXELS = math.prod(IMAGE_SHAPE)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -59,7 +60,7 @@ def mlp(
 
 
 class Encoder(nn.Module):
-    """f: image -> bottleneck code. ``(B, 1, 28, 28)`` or ``(B, 784)`` -> ``(B, z)``.
+    """f: image -> bottleneck code. ``(B, C, H, W)`` or ``(B, C*H*W)`` -> ``(B, z)``.
 
     The code is linear (no activation at the bottleneck) so it can take any real value,
     as in the reference workflow.
@@ -78,7 +79,7 @@ class Encoder(nn.Module):
         self.to_latent = mlp([in_features, *hidden, bottleneck], activation, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_latent(x.flatten(1))  # (B, 784) -> (B, z)
+        return self.to_latent(x.flatten(1))  # (B, C*H*W) -> (B, z)
 
 
 class VariationalEncoder(nn.Module):
@@ -114,7 +115,7 @@ class VariationalEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """g: bottleneck code -> image. ``(B, z)`` -> ``(B, 1, 28, 28)`` with pixels in (0, 1).
+    """g: bottleneck code -> image. ``(B, z)`` -> ``(B, C, H, W)`` with pixels in (0, 1).
 
     ``output="sigmoid"`` (default) keeps pixels in (0, 1) like the targets, and its
     pre-sigmoid ``logits`` feed the Bernoulli likelihood; ``"linear"`` leaves them unbounded
@@ -147,11 +148,11 @@ class Decoder(nn.Module):
         )
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """The pre-output values ``(B, 1, 28, 28)``: the pixels themselves for ``linear``."""
+        """The pre-output values ``(B, C, H, W)``: the pixels themselves for ``linear``."""
         return self.to_pixels[0](z).view(-1, *self.image_shape)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.to_pixels(z).view(-1, *self.image_shape)  # (B, z) -> (B, 1, 28, 28)
+        return self.to_pixels(z).view(-1, *self.image_shape)  # (B, z) -> (B, C, H, W)
 
 
 def build_encoder_decoder(
@@ -162,17 +163,19 @@ def build_encoder_decoder(
     dropout: float = 0.0,
     output: str = "sigmoid",
     encoder_class: type[nn.Module] = Encoder,
+    image_shape: Sequence[int] = IMAGE_SHAPE,
 ) -> tuple[nn.Module, Decoder]:
     """Encoder with ``hidden`` sizes and a decoder that mirrors it unless told otherwise.
 
     ``encoder_class`` is the encoder the model asks for (``Encoder``, ``VariationalEncoder``
-    or any class taking the same arguments).
+    or any class taking the same arguments); ``image_shape`` ``(C, H, W)`` is the data's.
     """
     hidden = list(hidden)
     mirrored = list(reversed(hidden)) if decoder_hidden is None else list(decoder_hidden)
+    pixels = math.prod(image_shape)
     return (
-        encoder_class(bottleneck, hidden, activation, dropout=dropout),
-        Decoder(bottleneck, mirrored, activation, dropout=dropout, output=output),
+        encoder_class(bottleneck, hidden, activation, in_features=pixels, dropout=dropout),
+        Decoder(bottleneck, mirrored, activation, image_shape, dropout=dropout, output=output),
     )
 
 

@@ -31,16 +31,18 @@ PAD_VALUE = 0.35  # grey gutters between tiles: visible against black and white 
 
 
 def tile(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
-    """``(N, 1, H, W)`` pixels -> one ``(rows*H, nrow*W)`` array, tiles in reading order."""
+    """``(N, C, H, W)`` pixels -> one array, tiles in reading order: ``(rows*H, nrow*W)`` for
+    grey images (C=1), ``(rows*H, nrow*W, 3)`` for colour ones (C=3)."""
     from torchvision.utils import make_grid
 
     grid = make_grid(
         images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=padding, pad_value=PAD_VALUE
-    )
-    return grid[0].numpy()
+    )  # make_grid repeats a grey channel three times
+    return grid[0].numpy() if images.shape[1] == 1 else grid.permute(1, 2, 0).numpy()
 
 
 def _show(ax, array: np.ndarray, title: str | None = None, **kwargs) -> None:
+    # (the colour map applies to grey arrays only; colour ones are shown as they are)
     ax.imshow(array, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", **kwargs)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -50,17 +52,18 @@ def _show(ax, array: np.ndarray, title: str | None = None, **kwargs) -> None:
 
 def scatter_figure(
     points: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     title: str,
     axis_labels: Sequence[str] | Sequence[Sequence[str]] = ("z[0]", "z[1]"),
     ax_titles: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
 ) -> Figure:
-    """2-D codes coloured by class, with a legend of the ten classes and equal axes.
+    """2-D codes coloured by class, with a legend of the classes and equal axes.
 
     ``points`` is ``(N, 2)`` or, for several panels side by side, ``(P, N, 2)``;
-    ``class_names`` name the labels 0-9 in the legend (the digits themselves by default).
-    ``axis_labels`` one (x, y) pair for all panels or one pair per panel.
+    ``class_names`` name the labels 0, 1, ... in the legend (the digits 0-9 by default).
+    ``axis_labels`` one (x, y) pair for all panels or one pair per panel. ``labels`` None
+    (label-free data): one colour, no legend.
     """
     from matplotlib.figure import Figure
 
@@ -70,15 +73,17 @@ def scatter_figure(
         axis_labels = [axis_labels] * len(panels)
     fig = Figure(figsize=(5.6 * len(panels) + 1.2, 5.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    labels = labels.cpu().numpy()
+    labelled = labels is not None
+    labels = labels.cpu().numpy() if labelled else np.zeros(panels.shape[1], dtype=np.int64)
     marker_size = 2.0 if len(labels) > 2000 else 8.0
     for i, (ax, xy) in enumerate(zip(axes, panels, strict=True)):
         xy = xy.detach().cpu().numpy()
-        for digit in range(10):
+        for digit in range(len(names) if labelled else 1):
             mask = labels == digit
             ax.scatter(
-                xy[mask, 0], xy[mask, 1], s=marker_size, alpha=0.5, color=DIGIT_COLOURS[digit],
-                linewidths=0, rasterized=True, label=names[digit],
+                xy[mask, 0], xy[mask, 1], s=marker_size, alpha=0.5,
+                color=DIGIT_COLOURS[digit % len(DIGIT_COLOURS)],
+                linewidths=0, rasterized=True, label=names[digit] if labelled else None,
             )  # fmt: skip
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_xlabel(axis_labels[i][0])
@@ -86,14 +91,15 @@ def scatter_figure(
         ax.grid(alpha=0.25)
         if ax_titles is not None:
             ax.set_title(ax_titles[i], fontsize=10)
-    handles, shown = axes[-1].get_legend_handles_labels()
-    digits = names == [str(d) for d in range(10)]
-    fig.legend(
-        handles, shown, title="digit" if digits else "class", loc="outside right center",
-        frameon=False, markerscale=12 / marker_size**0.5,
-    )  # fmt: skip
-    for handle in fig.legends[0].legend_handles:
-        handle.set_alpha(1.0)
+    if labelled:
+        handles, shown = axes[-1].get_legend_handles_labels()
+        digits = names == [str(d) for d in range(10)]
+        fig.legend(
+            handles, shown, title="digit" if digits else "class", loc="outside right center",
+            frameon=False, markerscale=12 / marker_size**0.5,
+        )  # fmt: skip
+        for handle in fig.legends[0].legend_handles:
+            handle.set_alpha(1.0)
     fig.suptitle(title, fontsize=11)
     return fig
 
@@ -168,7 +174,7 @@ def manifold_figure(images: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, ti
     canvas = tile(images, nrow=n, padding=0)
     fig = Figure(figsize=(7.4, 7.4), layout="constrained")
     ax = fig.subplots()
-    ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    _show(ax, canvas)
     size = canvas.shape[0] / n
     ticks = list(range(0, n, max(1, n // 5))) + ([n - 1] if (n - 1) % max(1, n // 5) else [])
     ax.set_xticks([(i + 0.5) * size for i in ticks], [f"{float(xs[i]):.2g}" for i in ticks])

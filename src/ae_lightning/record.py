@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning import markdown, provenance, tb
 from ae_lightning.atomic import write_atomic
-from ae_lightning.data import DEFAULT_BATCH_SIZE, metric_suffix, to_unit_float
+from ae_lightning.data import DEFAULT_BATCH_SIZE, to_unit_float
 from ae_lightning.latent import encode_images, importance_sampled_nll, latent_quality
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying
@@ -41,13 +42,15 @@ def record_run(
 ) -> dict[str, Any]:
     """Add the latent- and sample-quality metrics, write metrics.json and the HParams record."""
     if trainer.is_global_zero and cfg.get("latent_metrics", True):
-        model.eval()
-        dataset = getattr(datamodule, "dataset", "mnist")
-        quality = latent_quality(
-            model.encode, model.decode, datamodule.split("train"), datamodule.split("test"),
-            device=model.device, metric_names=[metric_suffix(dataset, c) for c in range(10)],
-        )  # fmt: skip
-        metrics.update(quality)
+        if datamodule.has_labels:
+            model.eval()
+            quality = latent_quality(
+                model.encode, model.decode, datamodule.split("train"), datamodule.split("test"),
+                device=model.device, metric_names=datamodule.metric_names,
+            )  # fmt: skip
+            metrics.update(quality)
+        else:
+            log.info("The data has no labels: kNN, probe and per-class MSE are skipped.")
     if trainer.is_global_zero and classifier is not None:
         from ae_lightning.sample_quality import sample_quality
 
@@ -169,7 +172,9 @@ def flat_hyperparameters(
     same = list(cfg.model.get("hidden") or []) == hidden and cfg.bottleneck == model.bottleneck
     knobs = {
         "model": str(choices.get("model") or type(model).__name__) if same else "checkpoint",
-        "architecture": "-".join(str(size) for size in [784, *hidden, model.bottleneck]),
+        "architecture": "-".join(
+            str(size) for size in [math.prod(model.image_shape), *hidden, model.bottleneck]
+        ),
         **describe_run(cfg, model),
         "bottleneck": int(model.bottleneck),
         "hidden": str(hidden),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import pickle
 import re
@@ -26,11 +27,12 @@ from typing import Any
 import torch
 import yaml
 
-from ae_lightning.data import MNISTDataModule
+from ae_lightning.data import ImageFolderDataModule, MNISTDataModule, NpzDataModule
 from ae_lightning.errors import UserError
-from ae_lightning.limits import check_model_size, max_parameters
+from ae_lightning.limits import MAX_WIDTH, check_model_size, max_parameters
 from ae_lightning.models import checkpoint_family, families, family_class
 from ae_lightning.models.ae import Autoencoder
+from ae_lightning.nets import IMAGE_SHAPE
 
 # Far above what train.py writes (a config is a few kB, metrics.json grows by one number an
 # epoch); a received file past it is refused before it is read into memory.
@@ -41,8 +43,15 @@ MAX_DEPTH = 100  # nesting of YAML/JSON: our own files stay under 10
 # not compressed, so a member inflating more than MAX_RATIO times is a bomb, not a model.
 CHECKPOINT_OVERHEAD_BYTES = 64 << 20
 MAX_RATIO = 100
-PIXELS = 28 * 28
-
+# data._target_ of a saved config -> our own class and the keys only it takes (beside
+# DATA_KEYS' shared ones), looked up by name and never imported.
+DATA_CLASSES: dict[str, tuple[type[MNISTDataModule], tuple[str, ...]]] = {
+    "ae_lightning.data.MNISTDataModule": (MNISTDataModule, ()),
+    "ae_lightning.data.NpzDataModule": (NpzDataModule, ("path", "test_size")),
+    "ae_lightning.data.ImageFolderDataModule": (
+        ImageFolderDataModule, ("path", "test_size", "image_size", "channels"),
+    ),
+}  # fmt: skip
 DATA_TARGET = "ae_lightning.data.MNISTDataModule"
 # Data keys a comparison may take from a run, with the types they must have.
 DATA_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -59,7 +68,12 @@ DATA_KEYS: dict[str, type | tuple[type, ...]] = {
     "dataset": str,
     "binarize": str,  # load_run and ae-compare see the images the run was tested on
     "binarize_seed": int,
+    "path": str,  # data=npz, data=image_folder
+    "test_size": int,
+    "image_size": list,  # data=image_folder, checked by its class
+    "channels": int,
 }
+OWN_KEYS = ("path", "test_size", "image_size", "channels")
 STATUS_FILES = ("interrupted.json", "failed.json")
 
 
@@ -306,6 +320,16 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
                 isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in value
             ):
                 raise refuse(f"hyper_parameters.{key}", value, "a list of positive widths")
+        elif key == "image_shape":
+            if (
+                not isinstance(value, list | tuple)
+                or len(value) != 3
+                or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_WIDTH
+                    for d in value
+                )
+            ):
+                raise refuse("hyper_parameters.image_shape", value, "a (C, H, W) image shape")
         elif key == "bottleneck":
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise refuse("hyper_parameters.bottleneck", value, "a positive whole number")
@@ -313,7 +337,8 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
             raise refuse(f"hyper_parameters.{key}", value, "a plain value")
     check_model_size(
         hparams.get("bottleneck", 2), list(hparams.get("hidden") or []),
-        hparams.get("decoder_hidden"), PIXELS, str(path),
+        hparams.get("decoder_hidden"), math.prod(hparams.get("image_shape", IMAGE_SHAPE)),
+        str(path),
         code_outputs=model_class.code_outputs,
     )  # fmt: skip
     weights = checkpoint["state_dict"]
@@ -466,7 +491,8 @@ def data_settings(run: Path, config: dict[str, Any] | None = None) -> dict[str, 
     if not isinstance(data, dict):
         raise UserError(f"{path} has no data section: remove {run} from the command.")
     extra = [t for t in _targets(data, "data") if t != "data._target_"]
-    if data.get("_target_", DATA_TARGET) != DATA_TARGET or extra:
+    target = data.get("_target_", DATA_TARGET)
+    if not isinstance(target, str) or target not in DATA_CLASSES or extra:
         where = extra[0] if extra else "data._target_"
         target = data.get("_target_")
         shown = "an interpolation" if is_interpolation(target) else repr(target)[:80]
@@ -495,10 +521,15 @@ def data_settings(run: Path, config: dict[str, Any] | None = None) -> dict[str, 
 
 def data_module(run: Path, data_root: str | None = None) -> MNISTDataModule:
     """Our own data module with the run's data settings (never the file's own ``_target_``)."""
-    settings = data_settings(run)
+    config = read_config(run)
+    settings = data_settings(run, config)
     if data_root is not None:
         settings["root"] = data_root
-    return MNISTDataModule(**settings, download=False)
+    data_class, own = DATA_CLASSES[config["data"].get("_target_", DATA_TARGET)]
+    for key in OWN_KEYS:  # each class takes its own of these, and no other's
+        if key not in own:
+            settings.pop(key, None)
+    return data_class(**settings, download=False)
 
 
 # --- metrics and status ---------------------------------------------------------------------
@@ -635,6 +666,13 @@ def saved_data_settings(folder: Path | None) -> dict[str, Any]:
     if folder is None or not (folder / ".hydra" / "config.yaml").is_file():
         return {}
     return data_settings(folder)
+
+
+def saved_data_module(folder: Path | None, data_root: str | None = None) -> MNISTDataModule:
+    """The run's own data module (``data_module``); MNIST's defaults for a lone .ckpt."""
+    if folder is None or not (folder / ".hydra" / "config.yaml").is_file():
+        return MNISTDataModule(download=False, **({} if data_root is None else {"root": data_root}))
+    return data_module(folder, data_root)
 
 
 @dataclass

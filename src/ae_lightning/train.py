@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ae_lightning.callbacks import CpuThreads, EpochHistory, EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
-from ae_lightning.config import validate_config
+from ae_lightning.config import check_model_size_for, is_mnist, validate_config
 from ae_lightning.cpu import flush_denormals, share_cores
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.interrupts import INTERRUPTED, SigtermGuard, Terminated
@@ -73,7 +74,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[str, Any]:
     run_dir, datamodule = _prepare_run(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, datamodule.image_shape)
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
     classifier = sample_quality_classifier(cfg, datamodule)
     check_resumed_test_checkpoint(cfg)
@@ -149,6 +150,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with SigtermGuard() as guard:
         try:
             run_dir, datamodule = _prepare_run(cfg)
+            if tuple(model.image_shape) != tuple(datamodule.image_shape):
+                raise UserError(
+                    f"{path} was trained on images of shape {tuple(model.image_shape)}, but "
+                    f"the data given has {tuple(datamodule.image_shape)}: evaluate it with the "
+                    "data= settings it was trained with."
+                )
             classifier = sample_quality_classifier(cfg, datamodule)
             callbacks = [
                 c
@@ -249,13 +256,16 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
     # K has one key, engine.steps_per_call; the data module sends lists of K minibatches.
     datamodule = instantiate_checked(cfg.data, steps_per_call=cfg.engine.steps_per_call)
     datamodule.prepare_data()  # fails fast, before any model is built, if MNIST is missing
+    if not is_mnist(cfg):  # MNIST's size was checked with the config
+        check_model_size_for(cfg, math.prod(datamodule.image_shape))
     log.info("Run folder: %s", run_dir.resolve())
     return run_dir, datamodule
 
 
-def build_model(cfg: DictConfig) -> pl.LightningModule:
-    """The model config, with the engine options of this run."""
-    return instantiate_checked(cfg.model, _convert_="all", engine=engine_options(cfg))
+def build_model(cfg: DictConfig, image_shape: Sequence[int] | None = None) -> pl.LightningModule:
+    """The model config, with the engine options of this run and the data's image shape."""
+    shape = {} if image_shape is None else {"image_shape": [int(d) for d in image_shape]}
+    return instantiate_checked(cfg.model, _convert_="all", engine=engine_options(cfg), **shape)
 
 
 def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:

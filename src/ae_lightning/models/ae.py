@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ae_lightning.errors import UserError
-from ae_lightning.nets import OUTPUTS, Encoder, build_encoder_decoder
+from ae_lightning.nets import IMAGE_SHAPE, OUTPUTS, Encoder, build_encoder_decoder
 from ae_lightning.objectives import CORRUPTIONS, corrupt
 from ae_lightning.system import TrainingSystem, check_choice
 
@@ -21,8 +21,8 @@ class Autoencoder(TrainingSystem):
 
     - ``training_loss(x) -> (loss, terms)`` and ``evaluation_terms(x)`` (at least ``mse``):
       the objective, see ``TrainingSystem``; ``graph_blocker`` likewise.
-    - ``encode(x) -> codes`` and ``decode(codes) -> images``: ``(B, 1, 28, 28)`` pixels in
-      [0, 1] to ``(B, z)`` codes and back; figures, probes, comparisons and ``load_run`` use
+    - ``encode(x) -> codes`` and ``decode(codes) -> images``: ``(B, *image_shape)`` pixels
+      in [0, 1] to ``(B, z)`` codes and back; figures, probes, comparisons and ``load_run`` use
       only these (a stochastic encoder gives its mean code).
     - ``prior_sample(n, seed) -> codes | None``: ``(n, z)`` draws from the family's own prior
       (what ``samples.png`` decodes by default), or None for a family with none
@@ -34,6 +34,9 @@ class Autoencoder(TrainingSystem):
     - ``recipe_words() -> list[str]``: the family's own knobs in words for the recipe column
       of summaries (e.g. ``["beta 1.0 bernoulli"]``).
     - ``label``: the family in figure titles (``MLP 784-1024-2``, ``VAE 784-1024-2``).
+    - ``image_shape``: ``(C, H, W)`` of the data, given by the data module when the model is
+      built and saved with the other settings, so a checkpoint rebuilds its own nets (those
+      written before the key hold MNIST's ``(1, 28, 28)``).
     - ``family`` (its name in checkpoints), ``encoder_class`` (the encoder net it needs) and
       ``code_outputs``, the values that encoder emits per code dimension, for the size
       arithmetic of ``limits.check_model_size`` (nothing is built to count), with
@@ -65,6 +68,7 @@ class Autoencoder(TrainingSystem):
         output: str = "sigmoid",
         corruption: str = "none",
         corruption_level: float = 0.0,
+        image_shape: Sequence[int] = IMAGE_SHAPE,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -79,19 +83,21 @@ class Autoencoder(TrainingSystem):
                 "in [0, 1), e.g. 0.2."
             )
         self.encoder, self.decoder = build_encoder_decoder(
-            bottleneck, hidden, activation, decoder_hidden, dropout, output, self.encoder_class
-        )
+            bottleneck, hidden, activation, decoder_hidden, dropout, output, self.encoder_class,
+            image_shape,
+        )  # fmt: skip
+        self.image_shape = tuple(int(d) for d in image_shape)
         self.corruption, self.corruption_level = corruption, corruption_level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """f: ``(B, 1, 28, 28)`` pixels in [0, 1] -> ``(B, z)`` codes."""
+        """f: ``(B, *image_shape)`` pixels in [0, 1] -> ``(B, z)`` codes."""
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """g: ``(B, z)`` codes -> ``(B, 1, 28, 28)`` pixels in (0, 1)."""
+        """g: ``(B, z)`` codes -> ``(B, *image_shape)`` pixels in (0, 1)."""
         return self.decoder(z)
 
     @classmethod

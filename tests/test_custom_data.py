@@ -1,0 +1,261 @@
+"""data=npz and data=image_folder: the user's own images, their shape flowing from the data.
+
+Each dataset trains through ``python train.py`` as a user runs it, draws every figure, exports
+and reloads through ``load_run``; bad npz files are refused in one sentence, exit 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ae_lightning.api import load_run
+from ae_lightning.errors import UserError
+from conftest import PROJECT, run_train_cli
+
+FIGURES = {"curves", "interpolation", "manifold", "reconstructions", "samples", "scatter"}
+SMALL = [
+    "data.val_size=24",
+    "data.test_size=24",
+    "data.batch_size=24",
+    "data.eval_batch_size=48",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=1",
+    "engine.threads=1",
+    "logger=csv",
+]
+
+
+def grey_images(n: int = 144, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Four 16x16 bar patterns, one per class, at random brightness."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    yy, xx = np.mgrid[0:16, 0:16]
+    patterns = [(np.abs(xx - 3 - 3 * c) < 2) | (np.abs(yy - 3 - 3 * c) < 2) for c in range(4)]
+    images = np.stack([patterns[c] for c in labels]) * rng.uniform(0.6, 1.0, (n, 1, 1))
+    return (images * 255).astype(np.uint8), labels
+
+
+def only_run(logs: Path) -> Path:
+    (run,) = (logs / "runs").iterdir()
+    return run
+
+
+def train_cli(args: list[str], logs: Path) -> Path:
+    result = run_train_cli([*args, *SMALL], logs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return only_run(logs)
+
+
+def export(run: Path) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "ae_lightning.export", str(run), "--format", "torchscript"],
+        cwd=PROJECT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run / "export" / "model.json").read_text())
+
+
+def png_shape(path: Path) -> tuple[int, ...]:
+    with Image.open(path) as image:
+        return np.asarray(image).shape
+
+
+def is_grey(path: Path) -> bool:
+    """Every pixel of the figure has R = G = B (matplotlib writes grey images as RGB)."""
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+@pytest.fixture(scope="module")
+def grey_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("npz_grey")
+    images, labels = grey_images()
+    np.savez(folder / "bars.npz", images=images, labels=labels)
+    return train_cli(
+        ["data=npz", f"data.path={folder / 'bars.npz'}", "model=hidden1024", "model.hidden=[32]"],
+        folder / "logs",
+    )
+
+
+def test_grey_npz_trains_draws_exports_and_reloads_at_its_shape(grey_run):
+    assert {p.stem for p in (grey_run / "figures").glob("*.png")} == FIGURES
+    metrics = json.loads((grey_run / "metrics.json").read_text())
+    assert {"test/knn_acc", "test/probe_acc", "test/mse_class3"} <= set(metrics)
+    manifest = export(grey_run)
+    assert manifest["encoder"]["input"]["shape"] == ["N", 1, 16, 16]
+    assert manifest["decoder"]["output"]["shape"] == ["N", 1, 16, 16]
+
+    run = load_run(grey_run, device="cpu")
+    assert run.image_shape == (1, 16, 16)
+    images, _ = grey_images(5, seed=1)
+    for given in (images, images[:, None], images.reshape(5, 256)):  # (N,H,W), (N,C,H,W), flat
+        assert tuple(run.encode(given).shape) == (5, 2)
+    assert tuple(run.reconstruct(images).shape) == (5, 1, 16, 16)
+    assert tuple(run.decode(torch.zeros(3, 2)).shape) == (3, 1, 16, 16)
+    with pytest.raises(UserError, match=r"pass \(N, 16, 16\), \(N, 1, 16, 16\) or \(N, 256\)"):
+        run.encode(np.zeros((2, 28, 28), np.uint8))
+
+
+def test_label_free_npz_skips_the_label_metrics_and_says_so(tmp_path):
+    images, _ = grey_images()
+    np.savez(tmp_path / "bars.npz", images=images)
+    result = run_train_cli(
+        ["data=npz", f"data.path={tmp_path / 'bars.npz'}", "callbacks=minimal", *SMALL],
+        tmp_path / "logs",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = (result.stdout + result.stderr).count("The data has no labels")
+    assert said == 1
+    metrics = json.loads((only_run(tmp_path / "logs") / "metrics.json").read_text())
+    assert "test/mse" in metrics
+    assert not [k for k in metrics if "knn" in k or "probe" in k or k.startswith("test/mse_")]
+
+
+def test_given_test_split_is_the_test_set(tmp_path):
+    images, labels = grey_images()
+    test_images, test_labels = grey_images(30, seed=3)
+    path = tmp_path / "split.npz"
+    np.savez(path, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
+    run_dir = train_cli(["data=npz", f"data.path={path}", "callbacks=none"], tmp_path / "logs")
+    test, _ = load_run(run_dir, device="cpu").test_images()
+    assert torch.equal(test, torch.from_numpy(test_images)[:, None])
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 20 RGB PNGs at 20x24, each class its own colour."""
+    root = tmp_path_factory.mktemp("image_folder")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["apple", "leaf", "sky"]):
+        (root / "pictures" / name).mkdir(parents=True)
+        for i in range(20):
+            pixels = np.zeros((20, 24, 3), np.uint8)
+            pixels[..., c] = rng.integers(140, 255)
+            pixels[5:15, 6:18, (c + 1) % 3] = 220
+            Image.fromarray(pixels).save(root / "pictures" / name / f"{i}.png")
+    overrides = [
+        "data=image_folder", f"data.path={root / 'pictures'}", "data.image_size=[16,16]",
+        "data.channels=3", "data.val_size=12", "data.test_size=12", "data.batch_size=12",
+    ]  # fmt: skip
+    result = run_train_cli([*SMALL, *overrides], root / "logs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return only_run(root / "logs")
+
+
+def test_image_folder_trains_in_colour_exports_and_reloads(folder_run):
+    assert {p.stem for p in (folder_run / "figures").glob("*.png")} == FIGURES
+    reconstructions = folder_run / "figures" / "reconstructions.png"
+    assert png_shape(reconstructions)[-1] in (3, 4) and not is_grey(reconstructions)
+    metrics = json.loads((folder_run / "metrics.json").read_text())
+    assert {"test/mse_apple", "test/mse_leaf", "test/mse_sky"} <= set(metrics)
+    assert export(folder_run)["encoder"]["input"]["shape"] == ["N", 3, 16, 16]
+    run = load_run(folder_run, device="cpu")
+    codes = run.encode(torch.rand(4, 3, 16, 16))
+    assert tuple(codes.shape) == (4, 2)
+    assert tuple(run.decode(codes).shape) == (4, 3, 16, 16)
+
+
+def test_compare_reads_runs_of_these_datasets(grey_run, tmp_path):
+    from ae_lightning.cli.compare import main as compare_main
+
+    compare_main([str(grey_run), str(grey_run), "--out", str(tmp_path / "cmp")])
+    assert {"scatter.png", "reconstructions.png", "summary.md"} <= {
+        p.name for p in (tmp_path / "cmp").iterdir()
+    }
+
+
+def object_npz(path: Path) -> None:
+    np.savez(path, images=np.array([np.zeros(3), "x"], dtype=object), allow_pickle=True)
+
+
+def promising_npz(path: Path) -> None:
+    """An images.npy whose header promises 9 GB over a few bytes: refused before any read."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (100_000, 300, 300)}
+    )
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("images.npy", header.getvalue() + bytes(100))
+
+
+@pytest.mark.parametrize(
+    ("write", "said"),
+    [
+        (lambda p: np.savez(p, images=np.zeros((50, 8, 8), np.float32)), "not uint8"),
+        (lambda p: np.savez(p, images=np.zeros((50, 64), np.uint8)), "not (N, H, W)"),
+        (object_npz, "array of Python objects"),
+        (promising_npz, "more than the"),
+    ],
+    ids=["dtype", "ndim", "pickled", "too_large"],
+)
+def test_bad_npz_is_refused_in_one_sentence(tmp_path, write, said):
+    path = tmp_path / "bad.npz"
+    write(path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    result = run_train_cli(["data=npz", f"data.path={path}", *SMALL], tmp_path / "logs")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and said in errors[0] and str(path) in errors[0]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def refusal(result: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line of a run refused with exit 2 and no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return line
+
+
+def test_sizes_are_checked_against_the_images_of_the_file(tmp_path):
+    images, labels = grey_images(60)
+    path = tmp_path / "few.npz"
+    np.savez(path, images=images, labels=labels)
+    args = ["data=npz", f"data.path={path}", *SMALL]
+    line = refusal(run_train_cli([*args, "data.batch_size=50"], tmp_path / "logs"))
+    assert "data.batch_size=50" in line and "36 training images" in line and str(path) in line
+    line = refusal(run_train_cli([*args, "data.test_size=60"], tmp_path / "logs"))
+    assert "data.test_size=60" in line and "60 images" in line
+
+
+def test_image_folder_without_class_folders_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = ["data=image_folder", f"data.path={tmp_path / 'empty'}", *SMALL]
+    line = refusal(run_train_cli(args, tmp_path / "logs"))
+    assert f"data.path={tmp_path / 'empty'}" in line and "<class name>" in line
+    line = refusal(run_train_cli([*args, "data.channels=2"], tmp_path / "logs"))
+    assert "data.channels=2" in line
+
+
+def test_evaluating_on_data_of_another_shape_is_refused(grey_run, tiny_root, tmp_path):
+    checkpoint = grey_run / "checkpoints" / "best.ckpt"
+    args = [f"ckpt_path={checkpoint}", f"data.root={tiny_root}", "data.download=false",
+            "trainer.accelerator=cpu", "engine.threads=1"]  # fmt: skip
+    line = refusal(run_train_cli(args, tmp_path / "logs", script="eval.py"))
+    assert "(1, 16, 16)" in line and "(1, 28, 28)" in line and str(checkpoint) in line
+
+
+def test_interpolation_pair_beyond_this_test_set_is_refused_before_training(tmp_path):
+    images, labels = grey_images()
+    np.savez(tmp_path / "bars.npz", images=images, labels=labels)
+    args = ["data=npz", f"data.path={tmp_path / 'bars.npz'}", *SMALL,
+            "callbacks.interpolation.pair=[0,30]"]  # fmt: skip
+    line = refusal(run_train_cli(args, tmp_path / "logs"))
+    assert "callbacks.interpolation.pair=[0, 30]" in line and "from 0 to 23" in line
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
