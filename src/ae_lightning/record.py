@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning import markdown, provenance, tb
 from ae_lightning.atomic import write_atomic
-from ae_lightning.data import DEFAULT_BATCH_SIZE, to_unit_float
+from ae_lightning.data import DATASETS, DEFAULT_BATCH_SIZE, to_unit_float
 from ae_lightning.latent import encode_images, importance_sampled_nll, latent_quality
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying
@@ -253,6 +253,12 @@ def sample_quality_classifier(cfg: DictConfig, datamodule: pl.LightningDataModul
     """
     wanted = cfg.get("latent_metrics", True) and OmegaConf.select(cfg, "eval.sample_quality")
     if not wanted or rank_zero_only.rank != 0:
+        return None
+    if getattr(datamodule, "dataset", None) not in DATASETS:  # data=npz, image_folder
+        log.info(
+            "Sample-quality metrics (test/fd_*) need one of the 28x28 ten-class datasets "
+            "(%s); skipped for this data.", ", ".join(DATASETS)
+        )
         return None
     from ae_lightning.sample_quality import prepare_classifier, user_cache_dir  # on demand
 
