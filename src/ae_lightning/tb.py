@@ -1,6 +1,6 @@
 """What TensorBoard shows beyond Lightning's own logging: HParams, the curves layout, tags.
 
-Written with TensorBoard's own summary protos into a separate event file of the run's
+Written with TensorBoard's own summary functions into a separate event file of the run's
 folder, so nothing here depends on a logger's internals. Each function takes a folder and
 plain values; callers decide what goes where (a run's folder, or the sweep's).
 """
@@ -19,9 +19,9 @@ from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.types_pb2 import DT_STRING
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
-from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from torch.utils.tensorboard.summary import hparams as torch_hparams
 
 from ae_lightning import markdown
 
@@ -86,9 +86,11 @@ def varied_knobs(varying_keys: Iterable[str]) -> list[str]:
     return knobs
 
 
-def _write(log_dir: Path | str, summaries: Iterable[tuple[Summary, int]]) -> None:
+def _write(
+    log_dir: Path | str, summaries: Iterable[tuple[Summary, int]], suffix: str = ".ae-lightning"
+) -> None:
     Path(log_dir).mkdir(parents=True, exist_ok=True)
-    writer = EventFileWriter(str(log_dir), filename_suffix=".ae-lightning")
+    writer = EventFileWriter(str(log_dir), filename_suffix=suffix)
     try:
         for summary, step in summaries:
             writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
@@ -96,37 +98,44 @@ def _write(log_dir: Path | str, summaries: Iterable[tuple[Summary, int]]) -> Non
         writer.close()
 
 
-def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
-    """The summary TensorBoard's hparams plugin reads (its own v1 helpers need TensorFlow)."""
-    summary = Summary()
-    summary.value.add(
-        tag=tag,
-        metadata=hparams_metadata.create_summary_metadata(data),
-        tensor=hparams_metadata.NULL_TENSOR,
-    )
-    return summary
+def differing_knobs(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Knob -> its distinct values, for the knobs whose values differ across ``rows``.
 
-
-def write_experiment(log_dir: Path | str, knobs: Iterable[str], varied: Iterable[str] = ()) -> None:
-    """One HParams experiment: its knob columns (varied ones shown first) and metric columns.
-
-    Written once per sweep (in its ``comparison`` run) or by a single run; TensorBoard uses
-    the first experiment it finds, so jobs of a sweep write none of their own.
+    A knob some rows lack differs too. Listed in ``KNOBS`` order, then in the rows' order.
     """
-    varied = set(varied)
-    infos = [
-        api_pb2.HParamInfo(name=name, differs=name in varied)
-        for name in [*[k for k in knobs if k in varied], *[k for k in knobs if k not in varied]]
-    ]
-    metrics = [
-        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=tag)
-        for tag in HPARAMS_METRICS
-    ]
-    experiment = api_pb2.Experiment(
-        hparam_infos=infos, metric_infos=metrics, time_created_secs=time.time()
-    )
-    data = plugin_data_pb2.HParamsPluginData(experiment=experiment)
-    _write(log_dir, [(_hparams_summary(hparams_metadata.EXPERIMENT_TAG, data), 0)])
+    rows = list(rows)
+    names = list(dict.fromkeys([*KNOBS, *(name for row in rows for name in row)]))
+    differing = {}
+    for name in names:
+        values = [knob_value(row[name]) if name in row else None for row in rows]
+        distinct = list(dict.fromkeys(values))
+        if len(distinct) > 1:
+            differing[name] = [v for v in distinct if v is not None]
+    return differing
+
+
+EXPERIMENT_SUFFIX = ".ae-hparams"
+
+
+def write_experiment(log_dir: Path | str, knobs: Mapping[str, Iterable[Any]]) -> None:
+    """One HParams experiment: a column per knob (with the values seen) and the metric columns.
+
+    TensorBoard's HParams tab ticks the first five knobs it is given, so a sweep passes only
+    the knobs that differ between its runs. TensorBoard uses the first experiment it finds:
+    written once per sweep (in its ``comparison`` run, replacing an earlier one) or by a
+    single run; jobs of a sweep write none of their own.
+    """
+    log_dir = Path(log_dir)
+    for old in log_dir.glob(f"*{EXPERIMENT_SUFFIX}") if log_dir.is_dir() else ():
+        old.unlink()
+    hparams = []
+    for name, values in knobs.items():
+        values = list(dict.fromkeys(knob_value(v) for v in values))
+        same_type = values and len({type(v) for v in values}) == 1
+        hparams.append(hp.HParam(name, hp.Discrete(values) if same_type else None))
+    metrics = [hp.Metric(tag, display_name=tag) for tag in HPARAMS_METRICS]
+    summary = hp.hparams_config_pb(hparams=hparams, metrics=metrics)
+    _write(log_dir, [(summary, 0)], suffix=EXPERIMENT_SUFFIX)
 
 
 def write_session(
@@ -134,25 +143,14 @@ def write_session(
 ) -> None:
     """This run's row of the HParams table: its knobs; metrics come from its own scalars.
 
-    ``trial`` names the row (default: the run's folder); short, as the column is narrow.
+    ``trial`` names the row: the job's folder, the name TensorBoard gives the run.
     """
-    now = time.time()
-    start = plugin_data_pb2.SessionStartInfo(start_time_secs=now, group_name=trial)
-    for name, value in hparams.items():
-        value = knob_value(value)
-        if isinstance(value, bool):
-            start.hparams[name].bool_value = value
-        elif isinstance(value, float):
-            start.hparams[name].number_value = value
-        else:
-            start.hparams[name].string_value = value
-    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=now)
-    _write(log_dir, [
-        (_hparams_summary(hparams_metadata.SESSION_START_INFO_TAG,
-                          plugin_data_pb2.HParamsPluginData(session_start_info=start)), step),
-        (_hparams_summary(hparams_metadata.SESSION_END_INFO_TAG,
-                          plugin_data_pb2.HParamsPluginData(session_end_info=end)), step),
-    ])  # fmt: skip
+    start = hp.hparams_pb(
+        {name: knob_value(value) for name, value in hparams.items()}, trial_id=trial or None
+    )
+    # TensorBoard's own writer has no session end; torch's gives the finished status.
+    end = torch_hparams({"trial": trial or "run"}, {})[2]
+    _write(log_dir, [(start, step), (end, step)])
 
 
 def write_curves_layout(log_dir: Path | str) -> None:
