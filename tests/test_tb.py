@@ -6,6 +6,7 @@ from ae_lightning.tb import (
     differing_knobs,
     final_scalars,
     knob_value,
+    metrics_table,
     monospace_table,
     padded_codes,
     write_experiment,
@@ -81,3 +82,12 @@ def test_only_knobs_whose_values_differ_become_hparams_columns(tmp_path):
     assert start.hparams["bottleneck"].string_value == "2"  # whole numbers read as such
     assert start.hparams["lr"].number_value == 0.003
     assert end.status == 1  # STATUS_SUCCESS: the row reads as a finished run
+
+
+def test_metrics_table_opens_on_the_main_metrics():
+    metrics = {f"test/mse_digit{d}": 0.01 * d for d in range(10)}
+    metrics.update({"test/probe_acc": 0.8, "test/mse": 0.03, "best_val/mse": 0.031,
+                    "epochs": 2, "family": "ae", "test/knn_acc": 0.9})  # fmt: skip
+    rows = [line.split(" | ")[0].lstrip("| ") for line in metrics_table(metrics).splitlines()[2:]]
+    assert rows[:4] == ["test/mse", "val/best\\_mse", "test/knn\\_acc", "test/probe\\_acc"]
+    assert rows[4:] == sorted(rows[4:]) and "test/mse\\_digit0" in rows[4:]

@@ -181,10 +181,23 @@ def write_curves_layout(log_dir: Path | str) -> None:
     _write(log_dir, [(summary, 0)])
 
 
+# The Text tab's metrics table opens on these, in this order; the rest (per-class MSEs,
+# counts, words) follow by name.
+MAIN_METRICS = (
+    "test/mse", "test/nelbo", "val/best_mse", "test/knn_acc", "test/probe_acc", "time/train_s",
+)  # fmt: skip
+
+
+def main_first(tag: str) -> tuple[int, str]:
+    """Sort key: the main metrics in ``MAIN_METRICS`` order, then every other tag by name."""
+    return (MAIN_METRICS.index(tag) if tag in MAIN_METRICS else len(MAIN_METRICS), tag)
+
+
 def metrics_table(metrics: Mapping[str, Any]) -> str:
-    """A two-column Markdown table of the final metrics, for the Text tab (cells escaped)."""
+    """A two-column Markdown table of the final metrics, main ones first (cells escaped)."""
     rows = []
-    for tag, value in sorted((FINAL_TAGS.get(k, k), v) for k, v in metrics.items()):
+    tagged = [(FINAL_TAGS.get(k, k), v) for k, v in metrics.items()]
+    for tag, value in sorted(tagged, key=lambda item: main_first(item[0])):
         if isinstance(value, float):
             value = f"{value:.5g}"
         elif isinstance(value, list):
