@@ -154,7 +154,11 @@ def write_session(
 
 
 def write_curves_layout(log_dir: Path | str) -> None:
-    """Custom Scalars tab: train and val MSE of every run on one chart, time per epoch."""
+    """Custom Scalars tab: a train and a val curve of every run, time per epoch.
+
+    A VAE trains on its objective, not on MSE: its train curve is ``train/loss`` beside
+    ``val/nelbo``, on a chart of its own (nats per image, not MSE's scale).
+    """
     layout = layout_pb2.Layout(
         category=[
             layout_pb2.Category(
@@ -163,6 +167,12 @@ def write_curves_layout(log_dir: Path | str) -> None:
                     layout_pb2.Chart(
                         title="MSE per pixel: train and val of every run",
                         multiline=layout_pb2.MultilineChartContent(tag=[r"^(train|val)/mse$"]),
+                    ),
+                    layout_pb2.Chart(
+                        title="Objective in nats per image (VAEs): train/loss and val/nelbo",
+                        multiline=layout_pb2.MultilineChartContent(
+                            tag=[r"^train/loss$", r"^val/nelbo$"]
+                        ),
                     ),
                     layout_pb2.Chart(
                         title="Seconds per epoch",

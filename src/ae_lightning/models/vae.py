@@ -79,17 +79,23 @@ class VariationalAutoencoder(Autoencoder):
 
     def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``nelbo`` is the one-sample estimate (as in PyTorch's examples/vae); ``mse`` is the
-        mean code's reconstruction error per pixel, the number every model reports."""
+        mean code's reconstruction error per pixel, the number every model reports.
+
+        ``loss`` (the beta-weighted objective) only where beta is not 1: there it would be
+        ``nelbo`` twice over.
+        """
         mean, log_var = self.encoder.distribution(x)
         reconstruction = self._reconstruction(reparameterise(mean, log_var), x)
         kl = gaussian_kl(mean, log_var)
-        return {
+        terms = {
             "mse": F.mse_loss(self.decoder(mean), x),
             "recon": reconstruction,
             "kl": kl,
-            "loss": reconstruction + self.beta * kl,
             "nelbo": reconstruction + kl,
         }
+        if self.beta != 1:
+            terms["loss"] = reconstruction + self.beta * kl
+        return terms
 
     def prior_sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """``(n, z)`` draws from N(0, I), the prior the KL term pulls the codes towards."""
