@@ -61,15 +61,18 @@ def read_hparams(log_dir):
 
 def test_only_knobs_whose_values_differ_become_hparams_columns(tmp_path):
     # linear vs hidden1024: lr differs through the model's config, not an override.
+    # `hidden` says what `model` says; `recipe` tells the third run apart (its scheduler).
     rows = [
-        {"model": "linear", "bottleneck": 2, "lr": 0.003, "activation": "relu", "seed": 0},
-        {"model": "hidden1024", "bottleneck": 2, "lr": 0.001, "activation": "relu", "seed": 0},
+        {"model": "linear", "bottleneck": 2, "lr": 0.003, "activation": "relu", "seed": 0,
+         "hidden": "[]", "recipe": "adam lr=0.003"},
+        {"model": "hidden1024", "bottleneck": 2, "lr": 0.001, "activation": "relu", "seed": 0,
+         "hidden": "[1024]", "recipe": "adam lr=0.001"},
         {"model": "hidden1024", "bottleneck": 2.0, "lr": 0.001, "activation": "relu", "seed": 0,
-         "data.val_size": "100"},
+         "data.val_size": "100", "hidden": "[1024]", "recipe": "adam lr=0.001, cosine"},
     ]  # fmt: skip
     differing = differing_knobs(rows)
-    assert differing == {"model": ["linear", "hidden1024"], "lr": [0.003, 0.001],
-                         "data.val_size": ["100"]}  # fmt: skip
+    assert list(differing) == ["model", "lr", "data.val_size", "recipe"]
+    assert differing["model"] == ["linear", "hidden1024"] and differing["lr"] == [0.003, 0.001]
     write_experiment(tmp_path, differing)
     write_experiment(tmp_path, {"model": ["linear", "hidden1024"]})  # replaces the first
     assert len(list(tmp_path.glob("*.ae-hparams"))) == 1
@@ -91,3 +94,11 @@ def test_metrics_table_opens_on_the_main_metrics():
     rows = [line.split(" | ")[0].lstrip("| ") for line in metrics_table(metrics).splitlines()[2:]]
     assert rows[:4] == ["test/mse", "val/best\\_mse", "test/knn\\_acc", "test/probe\\_acc"]
     assert rows[4:] == sorted(rows[4:]) and "test/mse\\_digit0" in rows[4:]
+
+
+def test_text_tab_summary_leaves_out_columns_every_row_agrees_on():
+    markdown = ("| run | dataset | test/mse | error |\n|---|---|---|---|\n"
+                "| a | mnist | 0.05 |  |\n| b | mnist | 0.06 |  |\n")  # fmt: skip
+    header = monospace_table(markdown, drop_constant=True).strip("`\n").splitlines()[0]
+    assert header.split() == ["run", "test/mse"]
+    assert monospace_table(markdown).strip("`\n").splitlines()[0].split()[1] == "dataset"

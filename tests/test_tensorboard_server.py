@@ -96,10 +96,10 @@ def test_tensorboard_serves_runs_scalars_images_and_hparams(sweep_logs):
 
         experiment = get(f"{base}/data/plugin/hparams/experiment",
                          json.dumps({"experimentName": ""}).encode())  # fmt: skip
-        # Only the knobs that differ, lr through the models' own configs: the tab ticks
-        # the first five it is given, so these and no constant one.
+        # Only the knobs that differ, lr through the models' own configs (`hidden` and
+        # `recipe` say the same as `model`): the tab ticks these and no constant one.
         hparams = {h["name"] for h in experiment["hparamInfos"]}
-        assert hparams == {"model", "architecture", "hidden", "lr", "recipe"}, hparams
+        assert hparams == {"model", "architecture", "lr"}, hparams
         metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
         assert {"test/mse", "val/best_mse", "time/train_s"} <= metrics
         layout = get(f"{base}/data/plugin/custom_scalars/layout")

@@ -307,7 +307,8 @@ def compare(
             save_png(rgb, out / f"{name}.png")
             writer.add_image(f"{COMPARISON_GROUP}/{name}", rgb, 0, dataformats="HWC")
         # `comparison/` sorts before the jobs' `run/` cards in the Text tab.
-        writer.add_text("comparison/summary", monospace_table((out / "summary.md").read_text()), 0)
+        summary = monospace_table((out / "summary.md").read_text(), drop_constant=True)
+        writer.add_text("comparison/summary", summary, 0)
     return out
 
 

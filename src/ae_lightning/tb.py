@@ -98,19 +98,34 @@ def _write(
         writer.close()
 
 
+# Knobs that only describe others (`hidden` is in `architecture`, `recipe` puts `lr` and
+# the scheduler in words): a column of their own only when they tell the runs apart further.
+DESCRIPTIVE_KNOBS = ("hidden", "recipe", "family", "dataset")
+
+
 def differing_knobs(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Knob -> its distinct values, for the knobs whose values differ across ``rows``.
 
-    A knob some rows lack differs too. Listed in ``KNOBS`` order, then in the rows' order.
+    A knob some rows lack differs too. Listed in ``KNOBS`` order, then in the rows' order;
+    a descriptive knob that splits the runs exactly as a knob already listed is left out,
+    so the five columns TensorBoard ticks go to knobs that say something new.
     """
     rows = list(rows)
     names = list(dict.fromkeys([*KNOBS, *(name for row in rows for name in row)]))
-    differing = {}
+    names.sort(key=lambda name: name in DESCRIPTIVE_KNOBS)  # stable: real knobs first
+    differing, columns = {}, {}
     for name in names:
         values = [knob_value(row[name]) if name in row else None for row in rows]
         distinct = list(dict.fromkeys(values))
-        if len(distinct) > 1:
-            differing[name] = [v for v in distinct if v is not None]
+        if len(distinct) < 2:
+            continue
+        if name in DESCRIPTIVE_KNOBS and any(
+            len(set(zip(values, other, strict=True))) == len(distinct) == len(set(other))
+            for other in columns.values()
+        ):
+            continue  # one-to-one with a listed knob: no new information
+        columns[name] = values
+        differing[name] = [v for v in distinct if v is not None]
     return differing
 
 
@@ -216,11 +231,13 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     return markdown.table(["metric", "value"], rows)
 
 
-def monospace_table(text: str) -> str:
+def monospace_table(text: str, drop_constant: bool = False) -> str:
     """A Markdown table as aligned plain text in a code block, for TensorBoard's Text tab.
 
     Its HTML tables squeeze columns to their cells and break headers mid-word (``statu|s``);
-    a code block keeps every header whole and the columns aligned.
+    a code block keeps every header whole and the columns aligned. ``drop_constant`` leaves
+    out the columns every row agrees on (``dataset``, an empty ``error``), so the metrics
+    fit the card.
     """
     rows = [  # escaped cells hold no `|` of their own (markdown.escape)
         [markdown.unescape(cell.strip()) for cell in line.strip().strip("|").split("|")]
@@ -231,6 +248,10 @@ def monospace_table(text: str) -> str:
         return text
     columns = len(rows[0])
     rows = [(row + [""] * columns)[:columns] for row in rows]
+    if drop_constant and len(rows) > 2:
+        kept = [i for i in range(columns) if len({row[i] for row in rows[1:]}) > 1 or i == 0]
+        rows = [[row[i] for i in kept] for row in rows]
+        columns = len(kept)
     widths = [max(len(row[i]) for row in rows) for i in range(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
