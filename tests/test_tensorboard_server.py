@@ -68,7 +68,7 @@ def test_tensorboard_serves_runs_scalars_images_and_hparams(sweep_logs):
             run = prefix + job
             assert {"train/mse", "val/mse", *final} <= set(scalars[run])
             assert not {"best_val/mse", "train_time_s"} & set(scalars[run])  # no one-dot groups
-            assert {f"figures/{name}" for name in FIGURES} <= set(images[run])
+            assert {f"views/{name}" for name in FIGURES} <= set(images[run])
             # Final metrics once, at the run's last step: one point per run, never at 0.
             global_step = json.loads((sweep / job / "metrics.json").read_text())["global_step"]
             for tag in final:
