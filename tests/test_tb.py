@@ -102,3 +102,6 @@ def test_text_tab_summary_leaves_out_columns_every_row_agrees_on():
     header = monospace_table(markdown, drop_constant=True).strip("`\n").splitlines()[0]
     assert header.split() == ["run", "test/mse"]
     assert monospace_table(markdown).strip("`\n").splitlines()[0].split()[1] == "dataset"
+    reordered = monospace_table(markdown, first=["test/mse", "absent"]).strip("`\n")
+    assert reordered.splitlines()[0].split() == ["run", "test/mse", "dataset", "error"]
+    assert reordered.splitlines()[2].split() == ["a", "0.05", "mnist"]

@@ -65,6 +65,8 @@ SUMMARY_COLUMNS = [
 ]
 COUNT_COLUMNS = ("num_parameters", "epochs")  # shown as one whole number when seeds agree
 SEED_GROUP_STATUS = "mean"  # the status cell of a row that averages a run's seeds
+# The Text tab's summary opens on these after the run's name: what a reader compares first.
+TEXT_TAB_FIRST = ["test/mse", "test/nelbo", "best_val/mse", "test/knn_acc", "test/probe_acc", "n"]
 
 
 IGNORED_IN_LABELS = ("data.root", "data.download", "trainer.accelerator", "resume", "ckpt_path")
@@ -307,7 +309,9 @@ def compare(
             save_png(rgb, out / f"{name}.png")
             writer.add_image(f"{COMPARISON_GROUP}/{name}", rgb, 0, dataformats="HWC")
         # `comparison/` sorts before the jobs' `run/` cards in the Text tab.
-        summary = monospace_table((out / "summary.md").read_text(), drop_constant=True)
+        summary = monospace_table(
+            (out / "summary.md").read_text(), drop_constant=True, first=TEXT_TAB_FIRST
+        )
         writer.add_text("comparison/summary", summary, 0)
     return out
 

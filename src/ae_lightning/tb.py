@@ -231,13 +231,13 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     return markdown.table(["metric", "value"], rows)
 
 
-def monospace_table(text: str, drop_constant: bool = False) -> str:
+def monospace_table(text: str, drop_constant: bool = False, first: Iterable[str] = ()) -> str:
     """A Markdown table as aligned plain text in a code block, for TensorBoard's Text tab.
 
     Its HTML tables squeeze columns to their cells and break headers mid-word (``statu|s``);
     a code block keeps every header whole and the columns aligned. ``drop_constant`` leaves
-    out the columns every row agrees on (``dataset``, an empty ``error``), so the metrics
-    fit the card.
+    out the columns every row agrees on (``dataset``, an empty ``error``), and the columns
+    named in ``first`` follow the first column, so the main metrics fit the card.
     """
     rows = [  # escaped cells hold no `|` of their own (markdown.escape)
         [markdown.unescape(cell.strip()) for cell in line.strip().strip("|").split("|")]
@@ -252,6 +252,9 @@ def monospace_table(text: str, drop_constant: bool = False) -> str:
         kept = [i for i in range(columns) if len({row[i] for row in rows[1:]}) > 1 or i == 0]
         rows = [[row[i] for i in kept] for row in rows]
         columns = len(kept)
+    leading = [rows[0].index(name) for name in first if name in rows[0][1:]]
+    order = [0, *leading, *(i for i in range(1, columns) if i not in leading)]
+    rows = [[row[i] for i in order] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
