@@ -61,10 +61,10 @@ def read_hparams(log_dir):
 
 def test_only_knobs_whose_values_differ_become_hparams_columns(tmp_path):
     # linear vs hidden1024: lr differs through the model's config, not an override.
-    # `hidden` says what `model` says; `recipe` tells the third run apart (its scheduler).
+    # `model` fixes `hidden` and `family`; `recipe` tells the third run apart (its scheduler).
     rows = [
         {"model": "linear", "bottleneck": 2, "lr": 0.003, "activation": "relu", "seed": 0,
-         "hidden": "[]", "recipe": "adam lr=0.003"},
+         "hidden": "[]", "recipe": "adam lr=0.003", "family": "ae"},
         {"model": "hidden1024", "bottleneck": 2, "lr": 0.001, "activation": "relu", "seed": 0,
          "hidden": "[1024]", "recipe": "adam lr=0.001"},
         {"model": "hidden1024", "bottleneck": 2.0, "lr": 0.001, "activation": "relu", "seed": 0,

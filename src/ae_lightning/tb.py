@@ -107,8 +107,8 @@ def differing_knobs(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Knob -> its distinct values, for the knobs whose values differ across ``rows``.
 
     A knob some rows lack differs too. Listed in ``KNOBS`` order, then in the rows' order;
-    a descriptive knob that splits the runs exactly as a knob already listed is left out,
-    so the five columns TensorBoard ticks go to knobs that say something new.
+    a descriptive knob whose value a knob already listed fixes is left out, so the five
+    columns TensorBoard ticks go to knobs that say something new.
     """
     rows = list(rows)
     names = list(dict.fromkeys([*KNOBS, *(name for row in rows for name in row)]))
@@ -120,10 +120,10 @@ def differing_knobs(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]:
         if len(distinct) < 2:
             continue
         if name in DESCRIPTIVE_KNOBS and any(
-            len(set(zip(values, other, strict=True))) == len(distinct) == len(set(other))
+            len(set(zip(values, other, strict=True))) == len(set(other))
             for other in columns.values()
         ):
-            continue  # one-to-one with a listed knob: no new information
+            continue  # fixed by a listed knob (`family` by `model`): no new information
         columns[name] = values
         differing[name] = [v for v in distinct if v is not None]
     return differing
