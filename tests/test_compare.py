@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -101,3 +102,52 @@ def test_eval_refuses_a_missing_or_foreign_checkpoint(tiny_root, tmp_path):
     )
     assert result.returncode == 2 and "is not an ae-lightning checkpoint" in result.stderr
     assert "Traceback" not in result.stderr + missing.stderr
+
+
+def hparams_experiment(log_dir):
+    """The HParams experiment TensorBoard's event reader finds in ``log_dir``."""
+    from tensorboard.plugins.hparams import metadata
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.EXPERIMENT_TAG]
+    return metadata.parse_experiment_plugin_data(content)
+
+
+def test_seeds_of_one_run_get_a_mean_and_std_row(tiny_root, tmp_path):
+    logs = tmp_path / "logs"
+    result = run_train_cli(
+        ["-m", "seed=0,1", *tiny_overrides(tiny_root), "callbacks=none"], logs=logs
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (sweep,) = (logs / "multiruns").iterdir()
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["status"], r["n"]) for r in rows][0] == (
+        "all seeds (mean ± std)", "mean", "2",
+    )  # fmt: skip
+    assert sorted(r["run"] for r in rows[1:]) == ["seed=0", "seed=1"]
+    seeds = [json.loads((sweep / r["run"] / "metrics.json").read_text()) for r in rows[1:]]
+    mses = [m["test/mse"] for m in seeds]
+    assert float(rows[0]["test/mse"]) == pytest.approx(statistics.fmean(mses))
+    assert float(rows[0]["test/mse std"]) == pytest.approx(statistics.stdev(mses))
+    shown = f"{statistics.fmean(mses):.4f} ± {statistics.stdev(mses):.4f}"
+    assert "| all seeds (mean ± std) | mean | 2 |" in (sweep / "summary.md").read_text()
+    assert shown in (sweep / "summary.md").read_text()
+
+    # ae-compare prints the same row; the sweep's Text tab shows it too.
+    cli = subprocess.run(
+        [sys.executable, "-m", "ae_lightning.compare", str(sweep), "--out", str(tmp_path / "c")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr[-2000:]
+    assert "| all seeds (mean ± std) | mean | 2 |" in cli.stdout and shown in cli.stdout
+    events = EventAccumulator(str(sweep / "comparison"), size_guidance={"tensors": 0})
+    events.Reload()
+    (text,) = events.Tensors("comparison/summary/text_summary")
+    assert shown in text.tensor_proto.string_val[0].decode()
+
+    # HParams shows (and so ticks) the one knob that differs between the jobs.
+    experiment = hparams_experiment(sweep / "comparison")
+    assert [info.name for info in experiment.hparam_infos] == ["seed"]
+    assert list(experiment.hparam_infos[0].domain_discrete.values) != []

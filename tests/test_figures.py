@@ -31,8 +31,11 @@ def test_two_dimensional_run_writes_every_figure(tiny_root, tmp_path):
     events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     events.Reload()
     images = set(events.Tags()["images"])
-    assert {f"figures/{name}" for name in FIGURES} <= images
-    steps = [e.step for e in events.Images("figures/scatter")]
+    assert {f"views/{name}" for name in FIGURES} <= images
+    # Time Series opens on the first tag group by name: the curves, then the figures.
+    curves = [t for t in events.Tags()["scalars"] if t.startswith(("train/", "val/"))]
+    assert curves and max(curves) < min(images) and min(images) > "versus/scatter"
+    steps = [e.step for e in events.Images("views/scatter")]
     assert len(steps) == 3 and steps == sorted(steps)  # epochs 1, 2 and the final one
     assert "lr-Adam" in events.Tags()["scalars"]
     projector = (tmp_path / "projector_config.pbtxt").read_text()

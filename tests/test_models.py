@@ -94,12 +94,14 @@ def test_vae_run_logs_its_terms_and_its_checkpoint_loads_as_data(tiny_root, tmp_
     metrics = train(cfg)
     assert metrics["family"] == "vae" and "beta 1.0 bernoulli" in metrics["recipe"]
     for stage in ("test",):
-        for name in ("mse", "recon", "kl", "loss", "nelbo"):
+        for name in ("mse", "recon", "kl", "nelbo"):
             assert math.isfinite(metrics[f"{stage}/{name}"]), name
+    assert "test/loss" not in metrics  # at beta 1 it is test/nelbo: kept once, as that
     assert metrics["test/nelbo"] == pytest.approx(metrics["test/recon"] + metrics["test/kl"])
     assert 0 < metrics["test/mse"] < 0.2
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/loss", "train/recon", "train/kl", "val/nelbo", "val/mse"} <= set(header)
+    assert "val/loss" not in header
 
     path = run_dir / "checkpoints" / "best.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only

@@ -451,6 +451,9 @@ def tensorboard_of(trainer: pl.Trainer) -> TensorBoardLogger | None:
 
 
 _warned_no_tensorboard: set[int] = set()
+# TensorBoard's Time Series sorts its card groups by tag and opens on the first: the figures'
+# group sorts after `train/`, `val/` and the comparison's `versus/`, so the curves come first.
+TENSORBOARD_FIGURE_GROUP = "views"
 
 
 @contextmanager
@@ -518,7 +521,7 @@ class FigureCallback(Callback):
         if tensorboard is not None:
             try:
                 tensorboard.experiment.add_image(
-                    f"figures/{self.name}", rgb, step, dataformats="HWC"
+                    f"{TENSORBOARD_FIGURE_GROUP}/{self.name}", rgb, step, dataformats="HWC"
                 )
             except OSError as err:
                 log.warning("Could not log figure %s to TensorBoard: %s", self.name, err)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,23 @@ METRIC_COLUMNS = [
     "test/knn_acc", "test/probe_acc",
     "test/fd_samples", "test/fd_recon", "test/sample_class_entropy", "test/active_units",
 ]  # fmt: skip
+# A seed group's row holds each metric's mean; its spread is in `<metric> std` (CSV only).
+SEED_STD_COLUMNS = [f"{m} std" for m in METRIC_COLUMNS]
 SUMMARY_COLUMNS = [
     "run",
     "status",
+    "n",
     *DESCRIPTION_COLUMNS,
     "overrides",
     *METRIC_COLUMNS,
     "error",
     "path",
+    *SEED_STD_COLUMNS,
 ]
+COUNT_COLUMNS = ("num_parameters", "epochs")  # shown as one whole number when seeds agree
+SEED_GROUP_STATUS = "mean"  # the status cell of a row that averages a run's seeds
+# The Text tab's summary opens on these after the run's name: what a reader compares first.
+TEXT_TAB_FIRST = ["test/mse", "test/nelbo", "best_val/mse", "test/knn_acc", "test/probe_acc", "n"]
 
 
 IGNORED_IN_LABELS = ("data.root", "data.download", "trainer.accelerator", "resume", "ckpt_path")
@@ -169,20 +178,77 @@ def _wrap(text: str, width: int = 14) -> str:
 
 
 def summary_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
-    """One row per run, finished runs by test MSE, failed ones after them."""
+    """One row per run, and a mean +- std row above the runs that differ only in ``seed``.
+
+    Groups sort by their mean test MSE (a lone run is a group of one), failed runs last.
+    """
     rows = []
     for run in runs:
         row = {
             "run": run.label,
             "status": "ok" if run.ok and "test/mse" in run.metrics else run.status or "failed",
+            "n": 1,
             "overrides": " ".join(run.overrides),
             "error": run.error,
             "path": str(run.path),
+            **dict.fromkeys(SEED_STD_COLUMNS, ""),
         }
         for key in DESCRIPTION_COLUMNS + METRIC_COLUMNS:
             row[key] = run.metrics.get(key, "")
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["status"] != "ok", r["test/mse"] or float("inf")))
+    ok = [(run, row) for run, row in zip(runs, rows, strict=True) if row["status"] == "ok"]
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for run, row in ok:
+        groups.setdefault(seedless(run.overrides), []).append(row)
+    ordered = []
+    for members in groups.values():
+        members.sort(key=lambda r: r["test/mse"])
+        if len(members) > 1:
+            ordered.append([seed_group_row(members), *members])
+        else:
+            ordered.append(members)
+    ordered.sort(key=lambda block: block[0]["test/mse"])
+    failed = [row for row in rows if row["status"] != "ok"]
+    return [row for block in ordered for row in block] + failed
+
+
+def seedless(overrides: list[str]) -> tuple[str, ...]:
+    """What a run is apart from its seed (and where its files were): runs alike but for it."""
+    return tuple(
+        sorted(
+            o for o in overrides
+            if not o.lstrip("+").startswith(("seed=", *IGNORED_IN_LABELS))
+        )
+    )  # fmt: skip
+
+
+def seed_label(label: str) -> str:
+    """``model=linear seed=1`` -> ``model=linear``: the name the seeds' mean row goes by."""
+    return " ".join(word for word in label.split() if not word.startswith("seed=")) or "all seeds"
+
+
+def seed_group_row(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each metric over runs that differ only in seed, its sample std, and n."""
+    first = members[0]
+    row = {
+        "run": f"{seed_label(first['run'])} (mean ± std)",
+        "status": SEED_GROUP_STATUS,
+        "n": len(members),
+        **{key: first[key] for key in DESCRIPTION_COLUMNS},
+        "overrides": " ".join(o for o in first["overrides"].split() if not o.startswith("seed=")),
+        "error": "",
+        "path": "",
+    }
+    for key in METRIC_COLUMNS:
+        values = [m[key] for m in members if isinstance(m[key], (int, float))]
+        if len(values) == len(members) and key in COUNT_COLUMNS and len(set(values)) == 1:
+            row[key] = values[0]  # the same count for every seed: no spread to show
+        elif len(values) == len(members):
+            row[key] = statistics.fmean(values)
+            row[f"{key} std"] = statistics.stdev(values)
+        else:  # a metric not every seed has (an old run): no mean that hides it
+            row[key] = row[f"{key} std"] = ""
+    return row
 
 
 def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
@@ -190,14 +256,18 @@ def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    shown = [c for c in SUMMARY_COLUMNS if c not in ("overrides", "path")]
+    shown = [c for c in SUMMARY_COLUMNS if c not in ("overrides", "path", *SEED_STD_COLUMNS)]
     cells = []
     for row in rows:
         cells.append([])
         for column in shown:
             value = row[column]
             if isinstance(value, float):
-                value = f"{value:.4f}" if column.startswith(("test/", "best_")) else f"{value:.1f}"
+                digits = 4 if column.startswith(("test/", "best_")) else 1
+                value = f"{value:.{digits}f}"
+                std = row.get(f"{column} std")
+                if isinstance(std, float):
+                    value += f" ± {std:.{digits}f}"
             cells[-1].append(value)
     (out / "summary.md").write_text(markdown.table(shown, cells) + "\n")  # cells escaped
 
@@ -255,7 +325,10 @@ def compare(
             save_png(rgb, out / f"{name}.png")
             writer.add_image(f"{COMPARISON_GROUP}/{name}", rgb, 0, dataformats="HWC")
         # `comparison/` sorts before the jobs' `run/` cards in the Text tab.
-        writer.add_text("comparison/summary", monospace_table((out / "summary.md").read_text()), 0)
+        summary = monospace_table(
+            (out / "summary.md").read_text(), drop_constant=True, first=TEXT_TAB_FIRST
+        )
+        writer.add_text("comparison/summary", summary, 0)
     return out
 
 

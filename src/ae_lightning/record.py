@@ -200,12 +200,11 @@ def _record_tensorboard(
 ) -> None:
     """HParams row, Text tab (config and metrics) and, outside a sweep, the experiment."""
     log_dir = logger.log_dir
-    # In a sweep the row is named by the varied values alone (`hidden1024,10`): the column
-    # is narrow and its header row already names the knobs.
-    trial = re.sub(r"[^,=]+=", "", Path(cfg.run_dir).name) if in_multirun() else ""
+    # In a sweep the row is named as TensorBoard names the run: by the job's folder.
+    trial = Path(cfg.run_dir).name if in_multirun() else ""
     tb.write_session(log_dir, knobs, step, trial)
     if not in_multirun():  # a sweep writes one experiment and layout for all its jobs
-        tb.write_experiment(log_dir, list(knobs))
+        tb.write_experiment(log_dir, {name: [value] for name, value in knobs.items()})
         tb.write_curves_layout(log_dir)
     try:
         config = OmegaConf.to_yaml(cfg, resolve=True)
@@ -257,7 +256,8 @@ def sample_quality_classifier(cfg: DictConfig, datamodule: pl.LightningDataModul
     if getattr(datamodule, "dataset", None) not in DATASETS:  # data=npz, image_folder
         log.info(
             "Sample-quality metrics (test/fd_*) need one of the 28x28 ten-class datasets "
-            "(%s); skipped for this data.", ", ".join(DATASETS)
+            "(%s); skipped for this data.",
+            ", ".join(DATASETS),
         )
         return None
     from ae_lightning.sample_quality import prepare_classifier, user_cache_dir  # on demand

@@ -585,6 +585,28 @@ def metrics(run: Path) -> dict[str, Any]:
     return found
 
 
+def knobs(run: Path) -> dict[str, Any]:
+    """The run's HParams knobs (``hparams.yaml``, written by the logger): plain values only.
+
+    A missing or unreadable file is no knobs, not a refused run: the knobs only choose which
+    HParams columns a sweep shows.
+    """
+    path = run / "hparams.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        found = read_yaml(path, within=run)
+    except UserError:
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {
+        str(key): value
+        for key, value in found.items()
+        if isinstance(value, (str, bool, int, float))
+    }
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -686,6 +708,7 @@ class RunRecord:
     error: str = ""
     label: str = ""
     status: str = ""  # "interrupted" or "failed" from the folder's own files
+    knobs: dict[str, Any] = field(default_factory=dict)  # its HParams row (hparams.yaml)
 
     @property
     def ok(self) -> bool:
@@ -737,6 +760,7 @@ def read_run(path: Path) -> RunRecord:
         overrides = read_yaml(overrides_file, within=path) or []
         run.overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
     run.metrics = metrics(path)
+    run.knobs = knobs(path)
     run.status, run.error = status(path)
     run.checkpoint = choose_checkpoint(path)
     if run.checkpoint is None:

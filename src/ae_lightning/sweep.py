@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from ae_lightning import tb
 from ae_lightning.compare import compare
 from ae_lightning.naming import record_sweep
+from ae_lightning.runfolder import find_runs, read_run
 from ae_lightning.runlock import SWEEP_LOCK_NAME, RunFolderBusy, acquire
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,8 @@ class SweepSummary(Callback):
         """Take the sweep folder, then record what the sweep varies (jobs are named by it).
 
         A second sweep into a folder in use is refused before it writes anything there: its
-        jobs would take the first one's job names. The sweep's one HParams experiment
-        (varied knobs shown first) and curves layout go into its ``comparison`` run, next
-        to the summary written at the end.
+        jobs would take the first one's job names. The sweep's curves layout goes into its
+        ``comparison`` run; its HParams experiment and summary follow at the end.
         """
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
@@ -47,8 +47,6 @@ class SweepSummary(Callback):
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
         varying = record_sweep(config)
-        knobs = list(dict.fromkeys([*tb.KNOBS, *tb.varied_knobs(varying)]))
-        tb.write_experiment(sweep_dir / "comparison", knobs, tb.varied_knobs(varying))
         tb.write_curves_layout(sweep_dir / "comparison")
         log.info("Sweep over %s: %s", ", ".join(varying) or "nothing", sweep_dir)
 
@@ -66,6 +64,10 @@ class SweepSummary(Callback):
 
     def summarise(self, sweep_dir: Path) -> None:
         """Compare the sweep's job folders so far (also after SIGTERM stopped the sweep)."""
+        try:
+            write_experiment(sweep_dir)
+        except Exception:
+            log.exception("The sweep's HParams experiment failed; TensorBoard derives its own.")
         if not self.enabled:
             return
         try:
@@ -77,3 +79,15 @@ class SweepSummary(Callback):
                      (sweep_dir / "summary.md").read_text())  # fmt: skip
         except Exception:
             log.exception("The sweep summary failed; the jobs' own folders are untouched.")
+
+
+def write_experiment(sweep_dir: Path) -> None:
+    """The sweep's HParams experiment: a column for each knob whose values differ between jobs.
+
+    Read from the jobs' own records once they ran, so a knob a model config changes (``lr``
+    of ``hidden1024``) is shown, and one the sweep left alone is not.
+    """
+    runs = [read_run(path) for path in find_runs([sweep_dir])]
+    tb.write_experiment(
+        sweep_dir / "comparison", tb.differing_knobs(run.knobs for run in runs if run.knobs)
+    )

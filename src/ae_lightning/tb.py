@@ -1,6 +1,6 @@
 """What TensorBoard shows beyond Lightning's own logging: HParams, the curves layout, tags.
 
-Written with TensorBoard's own summary protos into a separate event file of the run's
+Written with TensorBoard's own summary functions into a separate event file of the run's
 folder, so nothing here depends on a logger's internals. Each function takes a folder and
 plain values; callers decide what goes where (a run's folder, or the sweep's).
 """
@@ -19,9 +19,9 @@ from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.types_pb2 import DT_STRING
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
-from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from torch.utils.tensorboard.summary import hparams as torch_hparams
 
 from ae_lightning import markdown
 
@@ -88,9 +88,11 @@ def varied_knobs(varying_keys: Iterable[str]) -> list[str]:
     return knobs
 
 
-def _write(log_dir: Path | str, summaries: Iterable[tuple[Summary, int]]) -> None:
+def _write(
+    log_dir: Path | str, summaries: Iterable[tuple[Summary, int]], suffix: str = ".ae-lightning"
+) -> None:
     Path(log_dir).mkdir(parents=True, exist_ok=True)
-    writer = EventFileWriter(str(log_dir), filename_suffix=".ae-lightning")
+    writer = EventFileWriter(str(log_dir), filename_suffix=suffix)
     try:
         for summary, step in summaries:
             writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
@@ -98,37 +100,59 @@ def _write(log_dir: Path | str, summaries: Iterable[tuple[Summary, int]]) -> Non
         writer.close()
 
 
-def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
-    """The summary TensorBoard's hparams plugin reads (its own v1 helpers need TensorFlow)."""
-    summary = Summary()
-    summary.value.add(
-        tag=tag,
-        metadata=hparams_metadata.create_summary_metadata(data),
-        tensor=hparams_metadata.NULL_TENSOR,
-    )
-    return summary
+# Knobs that only describe others (`hidden` is in `architecture`, `recipe` puts `lr` and
+# the scheduler in words): a column of their own only when they tell the runs apart further.
+DESCRIPTIVE_KNOBS = ("hidden", "recipe", "family", "dataset")
 
 
-def write_experiment(log_dir: Path | str, knobs: Iterable[str], varied: Iterable[str] = ()) -> None:
-    """One HParams experiment: its knob columns (varied ones shown first) and metric columns.
+def differing_knobs(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Knob -> its distinct values, for the knobs whose values differ across ``rows``.
 
-    Written once per sweep (in its ``comparison`` run) or by a single run; TensorBoard uses
-    the first experiment it finds, so jobs of a sweep write none of their own.
+    A knob some rows lack differs too. Listed in ``KNOBS`` order, then in the rows' order;
+    a descriptive knob whose value a knob already listed fixes is left out, so the five
+    columns TensorBoard ticks go to knobs that say something new.
     """
-    varied = set(varied)
-    infos = [
-        api_pb2.HParamInfo(name=name, differs=name in varied)
-        for name in [*[k for k in knobs if k in varied], *[k for k in knobs if k not in varied]]
-    ]
-    metrics = [
-        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=tag)
-        for tag in HPARAMS_METRICS
-    ]
-    experiment = api_pb2.Experiment(
-        hparam_infos=infos, metric_infos=metrics, time_created_secs=time.time()
-    )
-    data = plugin_data_pb2.HParamsPluginData(experiment=experiment)
-    _write(log_dir, [(_hparams_summary(hparams_metadata.EXPERIMENT_TAG, data), 0)])
+    rows = list(rows)
+    names = list(dict.fromkeys([*KNOBS, *(name for row in rows for name in row)]))
+    names.sort(key=lambda name: name in DESCRIPTIVE_KNOBS)  # stable: real knobs first
+    differing, columns = {}, {}
+    for name in names:
+        values = [knob_value(row[name]) if name in row else None for row in rows]
+        distinct = list(dict.fromkeys(values))
+        if len(distinct) < 2:
+            continue
+        if name in DESCRIPTIVE_KNOBS and any(
+            len(set(zip(values, other, strict=True))) == len(set(other))
+            for other in columns.values()
+        ):
+            continue  # fixed by a listed knob (`family` by `model`): no new information
+        columns[name] = values
+        differing[name] = [v for v in distinct if v is not None]
+    return differing
+
+
+EXPERIMENT_SUFFIX = ".ae-hparams"
+
+
+def write_experiment(log_dir: Path | str, knobs: Mapping[str, Iterable[Any]]) -> None:
+    """One HParams experiment: a column per knob (with the values seen) and the metric columns.
+
+    TensorBoard's HParams tab ticks the first five knobs it is given, so a sweep passes only
+    the knobs that differ between its runs. TensorBoard uses the first experiment it finds:
+    written once per sweep (in its ``comparison`` run, replacing an earlier one) or by a
+    single run; jobs of a sweep write none of their own.
+    """
+    log_dir = Path(log_dir)
+    for old in log_dir.glob(f"*{EXPERIMENT_SUFFIX}") if log_dir.is_dir() else ():
+        old.unlink()
+    hparams = []
+    for name, values in knobs.items():
+        values = list(dict.fromkeys(knob_value(v) for v in values))
+        same_type = values and len({type(v) for v in values}) == 1
+        hparams.append(hp.HParam(name, hp.Discrete(values) if same_type else None))
+    metrics = [hp.Metric(tag, display_name=tag) for tag in HPARAMS_METRICS]
+    summary = hp.hparams_config_pb(hparams=hparams, metrics=metrics)
+    _write(log_dir, [(summary, 0)], suffix=EXPERIMENT_SUFFIX)
 
 
 def write_session(
@@ -136,29 +160,22 @@ def write_session(
 ) -> None:
     """This run's row of the HParams table: its knobs; metrics come from its own scalars.
 
-    ``trial`` names the row (default: the run's folder); short, as the column is narrow.
+    ``trial`` names the row: the job's folder, the name TensorBoard gives the run.
     """
-    now = time.time()
-    start = plugin_data_pb2.SessionStartInfo(start_time_secs=now, group_name=trial)
-    for name, value in hparams.items():
-        value = knob_value(value)
-        if isinstance(value, bool):
-            start.hparams[name].bool_value = value
-        elif isinstance(value, float):
-            start.hparams[name].number_value = value
-        else:
-            start.hparams[name].string_value = value
-    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=now)
-    _write(log_dir, [
-        (_hparams_summary(hparams_metadata.SESSION_START_INFO_TAG,
-                          plugin_data_pb2.HParamsPluginData(session_start_info=start)), step),
-        (_hparams_summary(hparams_metadata.SESSION_END_INFO_TAG,
-                          plugin_data_pb2.HParamsPluginData(session_end_info=end)), step),
-    ])  # fmt: skip
+    start = hp.hparams_pb(
+        {name: knob_value(value) for name, value in hparams.items()}, trial_id=trial or None
+    )
+    # TensorBoard's own writer has no session end; torch's gives the finished status.
+    end = torch_hparams({"trial": trial or "run"}, {})[2]
+    _write(log_dir, [(start, step), (end, step)])
 
 
 def write_curves_layout(log_dir: Path | str) -> None:
-    """Custom Scalars tab: train and val MSE of every run on one chart, time per epoch."""
+    """Custom Scalars tab: a train and a val curve of every run, time per epoch.
+
+    A VAE trains on its objective, not on MSE: its train curve is ``train/loss`` beside
+    ``val/nelbo``, on a chart of its own (nats per image, not MSE's scale).
+    """
     layout = layout_pb2.Layout(
         category=[
             layout_pb2.Category(
@@ -167,6 +184,12 @@ def write_curves_layout(log_dir: Path | str) -> None:
                     layout_pb2.Chart(
                         title="MSE per pixel: train and val of every run",
                         multiline=layout_pb2.MultilineChartContent(tag=[r"^(train|val)/mse$"]),
+                    ),
+                    layout_pb2.Chart(
+                        title="Objective in nats per image (VAEs): train/loss and val/nelbo",
+                        multiline=layout_pb2.MultilineChartContent(
+                            tag=[r"^train/loss$", r"^val/nelbo$"]
+                        ),
                     ),
                     layout_pb2.Chart(
                         title="Seconds per epoch",
@@ -185,10 +208,23 @@ def write_curves_layout(log_dir: Path | str) -> None:
     _write(log_dir, [(summary, 0)])
 
 
+# The Text tab's metrics table opens on these, in this order; the rest (per-class MSEs,
+# counts, words) follow by name.
+MAIN_METRICS = (
+    "test/mse", "test/nelbo", "val/best_mse", "test/knn_acc", "test/probe_acc", "time/train_s",
+)  # fmt: skip
+
+
+def main_first(tag: str) -> tuple[int, str]:
+    """Sort key: the main metrics in ``MAIN_METRICS`` order, then every other tag by name."""
+    return (MAIN_METRICS.index(tag) if tag in MAIN_METRICS else len(MAIN_METRICS), tag)
+
+
 def metrics_table(metrics: Mapping[str, Any]) -> str:
-    """A two-column Markdown table of the final metrics, for the Text tab (cells escaped)."""
+    """A two-column Markdown table of the final metrics, main ones first (cells escaped)."""
     rows = []
-    for tag, value in sorted((FINAL_TAGS.get(k, k), v) for k, v in metrics.items()):
+    tagged = [(FINAL_TAGS.get(k, k), v) for k, v in metrics.items()]
+    for tag, value in sorted(tagged, key=lambda item: main_first(item[0])):
         if isinstance(value, float):
             value = f"{value:.5g}"
         elif isinstance(value, list):
@@ -197,11 +233,13 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     return markdown.table(["metric", "value"], rows)
 
 
-def monospace_table(text: str) -> str:
+def monospace_table(text: str, drop_constant: bool = False, first: Iterable[str] = ()) -> str:
     """A Markdown table as aligned plain text in a code block, for TensorBoard's Text tab.
 
     Its HTML tables squeeze columns to their cells and break headers mid-word (``statu|s``);
-    a code block keeps every header whole and the columns aligned.
+    a code block keeps every header whole and the columns aligned. ``drop_constant`` leaves
+    out the columns every row agrees on (``dataset``, an empty ``error``), and the columns
+    named in ``first`` follow the first column, so the main metrics fit the card.
     """
     rows = [  # escaped cells hold no `|` of their own (markdown.escape)
         [markdown.unescape(cell.strip()) for cell in line.strip().strip("|").split("|")]
@@ -212,6 +250,13 @@ def monospace_table(text: str) -> str:
         return text
     columns = len(rows[0])
     rows = [(row + [""] * columns)[:columns] for row in rows]
+    if drop_constant and len(rows) > 2:
+        kept = [i for i in range(columns) if len({row[i] for row in rows[1:]}) > 1 or i == 0]
+        rows = [[row[i] for i in kept] for row in rows]
+        columns = len(kept)
+    leading = [rows[0].index(name) for name in first if name in rows[0][1:]]
+    order = [0, *leading, *(i for i in range(1, columns) if i not in leading)]
+    rows = [[row[i] for i in order] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))

@@ -98,18 +98,24 @@ class VariationalAutoencoder(Autoencoder):
 
     def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``nelbo`` is the one-sample estimate (as in PyTorch's examples/vae); ``mse`` is the
-        mean code's reconstruction error per pixel, the number every model reports."""
+        mean code's reconstruction error per pixel, the number every model reports.
+
+        ``loss`` (the beta-weighted objective) only where beta is not 1: there it would be
+        ``nelbo`` twice over.
+        """
         mean, log_var = self.encoder.distribution(x)
         z = reparameterise(mean, log_var)
         reconstruction = self._reconstruction(z, x)
         kl = self._kl(mean, log_var, z)
-        return {
+        terms = {
             "mse": F.mse_loss(self.decoder(mean), x),
             "recon": reconstruction,
             "kl": kl,
-            "loss": reconstruction + self.beta * kl,
             "nelbo": reconstruction + kl,
         }
+        if self.beta != 1:
+            terms["loss"] = reconstruction + self.beta * kl
+        return terms
 
     def log_weights(self, x: torch.Tensor, samples: int) -> torch.Tensor:
         return self._log_weights(x, x, samples)
