@@ -129,7 +129,7 @@ class EngineOptimizer(torch.optim.Optimizer):
 
     Lightning counts optimizer steps (``global_step``) when its optimizer's ``step`` is
     called, and on the way runs its closure, which dispatches ``on_before_optimizer_step``
-    to every callback and the module (~25 us a step: a tenth of a ``linear`` step on a CPU).
+    to every callback and the module (a measurable share of a ``linear`` step on a CPU).
     This ``step`` runs that closure only while ``closure_needed`` (someone listens), and
     applies the update unless a graph replay already did (``update_applied``). State,
     param groups and checkpoints are the wrapped optimizer's own.

@@ -70,8 +70,8 @@ class TrainingSystem(pl.LightningModule):
 
     Training is one loop over the minibatches that arrive: one optimizer step per minibatch,
     K minibatches per Lightning step when the data module sends lists of K
-    (``engine.steps_per_call``). Lightning's ~0.3 ms of hooks a step is then paid once per K
-    steps, while the maths, ``global_step`` and the loggers' x-axis stay those of one step
+    (``engine.steps_per_call``). Lightning's hooks and bookkeeping per call, as costly as a
+    whole small-model step on a CPU (BENCHMARKS.md), are then paid once per K steps, while the maths, ``global_step`` and the loggers' x-axis stay those of one step
     per call. On CUDA each step can be replayed from a captured graph (``engine.cuda_graphs``,
     see ``ae_lightning.engine``); accumulation and clipping (``engine``) are applied here.
 
@@ -163,10 +163,10 @@ class TrainingSystem(pl.LightningModule):
         every = self.engine.accumulate_grad_batches
         loss = loss / every if every > 1 else loss
         if self._plain_backward:
-            loss.backward()  # what manual_backward does here, less ~0.2 ms of hook dispatch
+            loss.backward()  # what manual_backward does here, less its hook dispatch
         else:
             self.manual_backward(loss)
-        if every > 1:  # (an nn.Module attribute write costs ~2 us: only when accumulating)
+        if every > 1:  # (an nn.Module attribute write is not free: only when accumulating)
             self._accumulated += 1
             if self._accumulated < every and not end_of_epoch:
                 return None
@@ -195,8 +195,8 @@ class TrainingSystem(pl.LightningModule):
     def _loggers_write_at(self, step: int) -> bool:
         """True on the steps where the loggers write (every ``log_every_n_steps``).
 
-        ``self.log`` costs ~0.7 ms on the CPU, as much as a whole step of the linear model,
-        and reading a loss is a host sync, so the terms are read only when a logger writes.
+        ``self.log`` costs about as much as a whole step of the linear model on the CPU, and
+        reading a loss is a host sync, so the terms are read only when a logger writes.
         """
         every = self.trainer.log_every_n_steps
         return every > 0 and (step + 1) % every == 0
@@ -308,8 +308,8 @@ class TrainingSystem(pl.LightningModule):
     def _fused_where_supported(self) -> dict[str, bool]:
         """``fused=True`` for optimizers with a fused kernel (Adam, AdamW, SGD...) on CPU/CUDA.
 
-        One kernel per step instead of several per tensor: on 2 CPU cores it cuts a
-        hidden1024 epoch from ~5.5 s to ~4 s. Skipped where the config already chose
+        One kernel per step instead of several per tensor, a large share of a small model's
+        step (BENCHMARKS.md). Skipped where the config already chose
         ``fused`` or ``foreach``.
         """
         target = getattr(self.optimizer_factory, "func", None)
@@ -340,7 +340,7 @@ class TrainingSystem(pl.LightningModule):
 
         It scales fp16 losses, syncs DDP gradients and runs the ``on_before_backward`` /
         ``on_after_backward`` hooks; in one 32-bit process with no such hook it adds only the
-        hook dispatch, ~0.2 ms a step, as much as a ``linear`` step itself on a CPU.
+        hook dispatch, about as costly as a ``linear`` step itself on a CPU.
         """
         trainer = self.trainer
         if trainer.world_size > 1 or str(trainer.precision) != "32-true":

@@ -319,7 +319,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Any]
         share_cores(trainer.num_devices)  # DDP ranks on one machine's CPU
     if trainer.world_size == 1:
         # Lightning sets this so that device checks cannot poison a later fork; with it set,
-        # every Adam step asks NVML for the device count (~0.2 ms a step). One process
+        # every Adam step asks NVML for the device count, a cost per step. One process
         # forks nothing, so plain CUDA checks are safe and cheaper.
         os.environ.pop(NVML_CHECK, None)
     if trainer.strategy.root_device.type == "cpu":
