@@ -72,8 +72,9 @@ class TrainingSystem(pl.LightningModule):
     K minibatches per Lightning step when the data module sends lists of K
     (``engine.steps_per_call``). Lightning's hooks and bookkeeping per call, as costly as a
     whole small-model step on a CPU (BENCHMARKS.md), are then paid once per K steps, while
-    the maths, ``global_step`` and the loggers' x-axis stay those of one step per call. On CUDA each step can be replayed from a captured graph (``engine.cuda_graphs``,
-    see ``ae_lightning.engine``); accumulation and clipping (``engine``) are applied here.
+    the maths, ``global_step`` and the loggers' x-axis stay those of one step per call. On
+    CUDA each step can be replayed from a captured graph (``engine.cuda_graphs``, see
+    ``ae_lightning.engine``); accumulation and clipping (``engine``) are applied here.
 
     ``optimizer`` is a partial (``_partial_: true`` in Hydra) completed with the parameters;
     ``scheduler``, if given, a partial completed with the optimizer (and ``total_steps`` if it
