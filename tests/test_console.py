@@ -112,6 +112,9 @@ def test_terminal_bar_counts_optimizer_steps_and_hides_every_run_notices(tiny_ro
     assert final and "train/mse 0." in final[-1] and "val/mse 0." in final[-1], bars
     assert "TPU available" not in screen and "GPU available" not in screen
     assert "the device is cpu" not in screen
+    # The model summary shows real sizes: in/out sizes and FLOPs, not a FLOPs column of 0.
+    assert "In sizes" in screen and "[1, 1, 28, 28]" in screen
+    assert "Total FLOPs: 0" not in screen and "Total FLOPs" in screen
     (run_dir,) = (tmp_path / "runs").iterdir()
     log = (run_dir / "train.log").read_text()
     assert "TPU available" in log and "the device is cpu" in log  # kept for the record

@@ -403,6 +403,8 @@ class MNISTDataModule(pl.LightningDataModule):
         return self._batches("test", self.eval_batch_size, shuffle=False, drop_last=False)
 
     def on_after_batch_transfer(self, batch: TrainBatch, dataloader_idx: int) -> TrainBatch:
+        if isinstance(batch, torch.Tensor):  # the model summary's example input, pixels already
+            return batch
         pixels = to_unit_float
         if self.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
             pixels = _binarized_pixels  # fresh draws each minibatch, on the device

@@ -88,6 +88,9 @@ class Autoencoder(TrainingSystem):
         )  # fmt: skip
         self.image_shape = tuple(int(d) for d in image_shape)
         self.corruption, self.corruption_level = corruption, corruption_level
+        # Lightning's model summary runs it once, so the table shows each part's input and
+        # output sizes and real FLOPs (without one: a FLOPs column of 0).
+        self.example_input_array = torch.zeros(1, *self.image_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
