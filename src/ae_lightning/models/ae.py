@@ -132,3 +132,27 @@ class Autoencoder(TrainingSystem):
     def recipe_words(self) -> list[str]:
         """The shared knobs are described by ``train.describe_run``: nothing of its own."""
         return []
+
+
+class PenalisedAutoencoder(Autoencoder):
+    """A deterministic autoencoder trained on a reconstruction plus a penalty (sparse,
+    contractive, WAE, RAE): the family gives ``_objective``, this class the rest.
+
+    ``_objective(inputs, x) -> (decoded, terms)`` reconstructs ``inputs`` and returns the
+    loss terms against the clean ``x`` (``terms["loss"]`` is the one minimised). Training
+    corrupts the input as every autoencoder does; evaluation adds the per-pixel ``mse``.
+    Declares no ``family`` of its own, so the registry does not list it.
+    """
+
+    def _objective(
+        self, inputs: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        _, terms = self._objective(corrupt(x, self.corruption, self.corruption_level), x)
+        return terms["loss"], terms
+
+    def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        decoded, terms = self._objective(x, x)
+        return {"mse": F.mse_loss(decoded, x), **terms}

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ae_lightning.errors import UserError
-from ae_lightning.models.ae import Autoencoder
-from ae_lightning.objectives import corrupt, encoder_jacobian, reconstruction_nats
+from ae_lightning.models.ae import PenalisedAutoencoder
+from ae_lightning.objectives import encoder_jacobian, reconstruction_nats
 
 
-class ContractiveAutoencoder(Autoencoder):
+class ContractiveAutoencoder(PenalisedAutoencoder):
     """Summed squared error per image + ``contractive_weight`` * ||dz/dx||_F^2 (Rifai et al.
     2011), the exact squared Frobenius norm of the encoder's Jacobian at each training image.
 
@@ -42,14 +41,6 @@ class ContractiveAutoencoder(Autoencoder):
         recon = reconstruction_nats(decoded, x, "gaussian")  # the summed squared error
         loss = recon + self.contractive_weight * jacobian
         return decoded, {"loss": loss, "recon": recon, "jacobian": jacobian}
-
-    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        _, terms = self._objective(corrupt(x, self.corruption, self.corruption_level), x)
-        return terms["loss"], terms
-
-    def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        decoded, terms = self._objective(x, x)
-        return {"mse": F.mse_loss(decoded, x), **terms}
 
     def recipe_words(self) -> list[str]:
         return [f"contractive {self.contractive_weight}"]

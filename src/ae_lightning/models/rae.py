@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ae_lightning.errors import UserError
-from ae_lightning.models.ae import Autoencoder
-from ae_lightning.objectives import corrupt, reconstruction_nats, squared_norm
+from ae_lightning.models.ae import PenalisedAutoencoder
+from ae_lightning.objectives import reconstruction_nats, squared_norm
 
 
-class RegularisedAutoencoder(Autoencoder):
+class RegularisedAutoencoder(PenalisedAutoencoder):
     """RAE-L2 (Ghosh et al. 2020): summed squared error per image + ``code_weight`` *
     ||z||^2 / 2 + ``decoder_weight`` * ||theta_dec||^2, every decoder parameter (weights and
     biases) squared and summed. The code penalty keeps the codes near the origin, the
@@ -45,14 +44,6 @@ class RegularisedAutoencoder(Autoencoder):
         decoder = squared_norm(self.decoder.parameters())
         loss = recon + self.code_weight * code + self.decoder_weight * decoder
         return decoded, {"loss": loss, "recon": recon, "code": code, "decoder_l2": decoder}
-
-    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        _, terms = self._objective(corrupt(x, self.corruption, self.corruption_level), x)
-        return terms["loss"], terms
-
-    def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        decoded, terms = self._objective(x, x)
-        return {"mse": F.mse_loss(decoded, x), **terms}
 
     def recipe_words(self) -> list[str]:
         return [f"code {self.code_weight} decoder {self.decoder_weight}"]

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ae_lightning.errors import UserError
-from ae_lightning.models.ae import Autoencoder
+from ae_lightning.models.ae import PenalisedAutoencoder
 from ae_lightning.nets import Encoder
-from ae_lightning.objectives import corrupt, kl_sparsity, l1_sparsity, reconstruction_nats
+from ae_lightning.objectives import kl_sparsity, l1_sparsity, reconstruction_nats
 from ae_lightning.system import check_choice
 
 SPARSITIES = ("l1", "kl")
@@ -35,7 +34,7 @@ class SparseEncoder(Encoder):
         return units, h
 
 
-class SparseAutoencoder(Autoencoder):
+class SparseAutoencoder(PenalisedAutoencoder):
     """Summed squared error per image + ``sparsity_weight`` * a sparsity penalty.
 
     ``sparsity=l1``: sum_j |z_j|, the L1 norm of the code. (The decoder can undo any shrinking
@@ -85,14 +84,6 @@ class SparseAutoencoder(Autoencoder):
         recon = reconstruction_nats(decoded, x, "gaussian")  # the summed squared error
         loss = recon + self.sparsity_weight * penalty
         return decoded, {"loss": loss, "recon": recon, "sparsity": penalty}
-
-    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        _, terms = self._objective(corrupt(x, self.corruption, self.corruption_level), x)
-        return terms["loss"], terms
-
-    def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        decoded, terms = self._objective(x, x)
-        return {"mse": F.mse_loss(decoded, x), **terms}
 
     def recipe_words(self) -> list[str]:
         if self.sparsity == "l1":

@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ae_lightning.errors import UserError
 from ae_lightning.latent import CodeSampler
-from ae_lightning.models.ae import Autoencoder
-from ae_lightning.objectives import corrupt, imq_mmd, reconstruction_nats
+from ae_lightning.models.ae import PenalisedAutoencoder
+from ae_lightning.objectives import imq_mmd, reconstruction_nats
 
 
-class WassersteinAutoencoder(Autoencoder):
+class WassersteinAutoencoder(PenalisedAutoencoder):
     """A deterministic encoder trained on summed squared error per image + ``mmd_weight`` *
     MMD^2(codes, N(0, I) draws) (Tolstikhin et al. 2018, WAE-MMD with the inverse
     multiquadratic kernel at the paper's scales): the codes of a minibatch are matched, as a
@@ -41,14 +40,6 @@ class WassersteinAutoencoder(Autoencoder):
         mmd = imq_mmd(codes, torch.randn_like(codes)) if len(codes) > 1 else codes.new_zeros(())
         loss = recon + self.mmd_weight * mmd
         return decoded, {"loss": loss, "recon": recon, "mmd": mmd}
-
-    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        _, terms = self._objective(corrupt(x, self.corruption, self.corruption_level), x)
-        return terms["loss"], terms
-
-    def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        decoded, terms = self._objective(x, x)
-        return {"mse": F.mse_loss(decoded, x), **terms}
 
     def prior_sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """``(n, z)`` draws from N(0, I), the prior the MMD term matches the codes to."""
