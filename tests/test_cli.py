@@ -38,7 +38,7 @@ def test_documented_command_on_real_mnist(mnist_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_child(tmp_path / "runs")
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d+_model=hidden1024,bottleneck=10[,+][^ ]*", run_dir.name
+        r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d+_hidden1024,z=10[,+][^ ]*", run_dir.name
     )
     metrics = assert_run_contract(run_dir)
     assert metrics["test/mse"] < 0.0675  # better than predicting the mean image
@@ -51,11 +51,11 @@ def test_multirun_leaves_one_folder_per_job(tiny_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = only_child(tmp_path / "multiruns")
     jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
-    assert [j.name for j in jobs] == ["bottleneck=2", "bottleneck=3"]  # what the sweep varies
+    assert [j.name for j in jobs] == ["z=2", "z=3"]  # what the sweep varies, in short words
     assert [assert_run_contract(j)["bottleneck"] for j in jobs] == [2, 3]
     # The sweep callback compared the jobs when the multirun ended.
     summary = (sweep / "summary.md").read_text()
-    assert "| bottleneck=2 | ok |" in summary and "| bottleneck=3 | ok |" in summary
+    assert "| z=2 | ok |" in summary and "| z=3 | ok |" in summary
     for name in ("scatter", "reconstructions", "interpolation", "samples"):
         assert (sweep / "comparison" / f"{name}.png").is_file()
 

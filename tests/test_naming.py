@@ -19,8 +19,11 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9._+=,-]+")
 
 
 def test_names_keep_lists_readable_and_cap_long_command_lines():
-    assert short_name([("model", "linear"), ("bottleneck", "2")]) == "model=linear,bottleneck=2"
-    assert short_name([("model.hidden", "[64, 32]")]) == "model.hidden=64-32"
+    assert short_name([("model", "linear"), ("bottleneck", "2")]) == "linear,z=2"
+    assert short_name([("model.hidden", "[64, 32]")]) == "hidden=64-32"
+    assert short_name([("model.beta", "4"), ("model.optimizer.lr", "1e-3")]) == "beta=4,lr=1e-3"
+    # two keys with one last part keep their full keys: the name must tell them apart
+    assert short_name([("model.beta", "4"), ("data.beta", "1")]) == "model.beta=4,data.beta=1"
     long_a = short_name([("model.optimizer.lr", "0.001"), ("+note", "x" * 300)])
     long_b = short_name([("model.optimizer.lr", "0.001"), ("+note", "y" * 300)])
     assert len(long_a) <= NAME_LIMIT and long_a != long_b and SAFE_NAME.fullmatch(long_a)
@@ -60,7 +63,7 @@ def test_a_300_character_command_line_trains_and_its_folder_resumes_unquoted(tin
     (run_dir,) = (tmp_path / "runs").iterdir()
     suffix = run_dir.name.split("_", 2)[2]
     assert len(suffix) <= NAME_LIMIT and SAFE_NAME.fullmatch(suffix), run_dir.name
-    assert suffix.startswith("model=hidden1024")
+    assert suffix.startswith("hidden1024")
     saved = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "a-long-free-text-note_" * 12 in saved  # the full overrides stay in .hydra/
 

@@ -145,8 +145,8 @@ def test_a_later_sweep_into_the_same_folder_never_takes_a_job_folder(tmp_path):
 
 
 def test_folder_names_keep_signs():
-    assert short_name([("figures.every_n_epochs", "-1")]) == "figures.every_n_epochs=-1"
-    assert short_name([("model.hidden", "[-1, 2]")]) == "model.hidden=-1-2"
+    assert short_name([("figures.every_n_epochs", "-1")]) == "every_n_epochs=-1"
+    assert short_name([("model.hidden", "[-1, 2]")]) == "hidden=-1-2"
 
 
 def test_summary_md_and_its_text_tab_show_overrides_as_typed(tmp_path):

@@ -147,9 +147,9 @@ def test_a_failing_job_does_not_take_the_sweep_down(tiny_root, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (sweep,) = (tmp_path / "multiruns").iterdir()
     jobs = {p.name: p for p in sweep.iterdir() if (p / ".hydra").is_dir()}  # named by what varies
-    assert (jobs["bottleneck=2"] / "metrics.json").is_file()
-    assert (jobs["bottleneck=3"] / "metrics.json").is_file()
-    failed = json.loads((jobs["bottleneck=0"] / "failed.json").read_text())
+    assert (jobs["z=2"] / "metrics.json").is_file()
+    assert (jobs["z=3"] / "metrics.json").is_file()
+    failed = json.loads((jobs["z=0"] / "failed.json").read_text())
     assert failed["status"] == "failed"
     assert failed["error"].startswith("UserError: bottleneck=0 is not a positive whole number")
 

@@ -1,9 +1,10 @@
 """Run-folder names: short, readable, valid on any file system, and pasteable into ``resume=``.
 
-A sweep job's folder is named by the overrides that vary across the sweep
-(``model=linear,bottleneck=2``), so TensorBoard, which names a run by its folder, shows
-just that. A single run's folder is its start time plus its overrides. Names longer than
-the cap keep their start and end in a short hash; the full overrides stay in ``.hydra/``.
+A sweep job's folder is named by the overrides that vary across the sweep, in short words
+(``model=linear bottleneck=2`` -> ``linear,z=2``), so TensorBoard, which names a run by its
+folder, shows just that; ``ae-compare`` names runs the same way. A single run's folder is
+its start time plus its overrides. Names longer than the cap keep their start and end in a
+short hash; the full overrides stay in ``.hydra/``.
 """
 
 from __future__ import annotations
@@ -50,9 +51,34 @@ def _safe_value(value: str) -> str:
     return "-".join(part for part in _UNSAFE_IN_VALUE.split(value) if part) or "none"
 
 
+# Short words for the common knobs, so a name fits TensorBoard's run labels: ``linear,z=2``.
+# ``""``: the value alone (a model config's name says what it is). Other keys are named by
+# their last part (``model.beta`` -> ``beta``) unless two of a name's keys share it.
+KEY_WORDS = {
+    "model": "", "data": "", "bottleneck": "z", "model.optimizer.lr": "lr",
+    "model.optimizer.weight_decay": "wd", "data.batch_size": "batch",
+    "trainer.max_epochs": "epochs",
+}  # fmt: skip
+
+
+def _name_items(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    keys = [KEY_WORDS.get(key, key.rsplit(".", 1)[-1]) for key, _ in pairs]
+    items = []
+    for (key, value), word in zip(pairs, keys, strict=True):
+        if key not in KEY_WORDS and keys.count(word) > 1:
+            word = key  # `model.beta` and `data.beta`: the full keys tell them apart
+        items.append(f"{word}={_safe_value(value)}" if word else _safe_value(value))
+    return items
+
+
+def display_name(pairs: Sequence[tuple[str, str]]) -> str:
+    """``linear,z=2`` for ``model=linear bottleneck=2``: how runs are named everywhere."""
+    return ",".join(_name_items(pairs))
+
+
 def short_name(pairs: Sequence[tuple[str, str]], limit: int = NAME_LIMIT) -> str:
-    """``model=linear,bottleneck=2``; past ``limit`` characters, cut and ended by a hash."""
-    items = [f"{key}={_safe_value(value)}" for key, value in pairs]
+    """``display_name``; past ``limit`` characters, cut and ended by a hash."""
+    items = _name_items(pairs)
     name = ",".join(items)
     if len(name) <= limit:
         return name
