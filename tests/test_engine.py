@@ -185,7 +185,7 @@ def test_the_loggers_count_optimizer_steps_with_k_steps_per_call(tiny_root, tmp_
     )  # fmt: skip
     train(cfg)
     assert [s for s, _ in scalars(tmp_path, "val/mse")] == [9, 19]  # 10 steps an epoch
-    assert [s for s, _ in scalars(tmp_path, "lr-Adam")] == [0, 10]  # at each epoch's start
+    assert [s for s, _ in scalars(tmp_path, "train/lr")] == [0, 10]  # at each epoch's start
 
 
 class CountBackward(pl.Callback):

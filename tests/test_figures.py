@@ -37,7 +37,7 @@ def test_two_dimensional_run_writes_every_figure(tiny_root, tmp_path):
     assert curves and max(curves) < min(images) and min(images) > "versus/scatter"
     steps = [e.step for e in events.Images("views/scatter")]
     assert len(steps) == 3 and steps == sorted(steps)  # epochs 1, 2 and the final one
-    assert "lr-Adam" in events.Tags()["scalars"]
+    assert "train/lr" in events.Tags()["scalars"]  # LearningRateMonitor, in train/
     projector = (tmp_path / "projector_config.pbtxt").read_text()
     assert "test_codes" in projector and "sprite" in projector
 

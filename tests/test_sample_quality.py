@@ -243,7 +243,7 @@ def test_a_sweep_records_sample_quality_everywhere_with_one_classifier(tmp_path)
         assert 0 <= metrics["test/active_units"] <= metrics["bottleneck"]
         events = EventAccumulator(str(job), size_guidance={"scalars": 0})  # a sweep job's logs
         events.Reload()
-        (final,) = events.Scalars("test/fd_samples")
+        (final,) = events.Scalars("zfinal/test/fd_samples")
         assert final.value == pytest.approx(metrics["test/fd_samples"], rel=1e-5)
 
     with open(sweep / "summary.csv") as f:

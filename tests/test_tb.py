@@ -9,6 +9,7 @@ from ae_lightning.tb import (
     metrics_table,
     monospace_table,
     padded_codes,
+    tensorboard_tag,
     write_experiment,
     write_session,
 )
@@ -80,7 +81,8 @@ def test_only_knobs_whose_values_differ_become_hparams_columns(tmp_path):
     experiment, start, end = read_hparams(tmp_path)
     assert [info.name for info in experiment.hparam_infos] == ["model"]
     assert list(experiment.hparam_infos[0].domain_discrete.values) != []
-    assert {m.name.tag for m in experiment.metric_infos} >= {"test/mse", "val/best_mse"}
+    tags = {m.display_name: m.name.tag for m in experiment.metric_infos}
+    assert tags["test/mse"] == "zfinal/test/mse" and tags["val/best_mse"] == "zfinal/val/best_mse"
     assert start.group_name == "model=linear"
     assert start.hparams["bottleneck"].string_value == "2"  # whole numbers read as such
     assert start.hparams["lr"].number_value == 0.003
@@ -105,3 +107,16 @@ def test_text_tab_summary_leaves_out_columns_every_row_agrees_on():
     reordered = monospace_table(markdown, first=["test/mse", "absent"]).strip("`\n")
     assert reordered.splitlines()[0].split() == ["run", "test/mse", "dataset", "error"]
     assert reordered.splitlines()[2].split() == ["a", "0.05", "mnist"]
+
+
+def test_tensorboard_tags_put_the_curves_first():
+    """Time Series expands the first two tag groups by name: they must be train/ and val/."""
+    logged = ["epoch", "lr-Adam", "lr-Adam/pg1", "time/epoch_s", "train/mse", "val/mse",
+              "test/mse", "val/best_mse", "time/train_s", "test/mse_digit3"]  # fmt: skip
+    tags = {name: tensorboard_tag(name) for name in logged}
+    assert tags["epoch"] is None  # every chart's x axis already
+    assert tags["lr-Adam"] == "train/lr" and tags["lr-Adam/pg1"] == "train/lr/pg1"
+    assert tags["time/epoch_s"] == "train/epoch_s" and tags["val/mse"] == "val/mse"
+    assert tags["test/mse"] == "zfinal/test/mse" and tags["time/train_s"] == "zfinal/time/train_s"
+    groups = sorted({t.split("/")[0] for t in tags.values() if t} | {"views", "versus"})
+    assert groups == ["train", "val", "versus", "views", "zfinal"]

@@ -1,5 +1,6 @@
-"""MLflow and Weights & Biases as loggers, and the figures sent to them.
+"""TensorBoard, MLflow and Weights & Biases as loggers, and the figures sent to them.
 
+TensorBoard gets its tags in the order its Time Series opens them (``tb.tensorboard_tag``).
 MLflow gets a local store that MLflow 3 accepts; W&B runs offline unless an account is set
 up. TensorBoard gets its images in ``callbacks.FigureCallback``; CSV stores no images; the
 PNG files in ``figures/`` are written whatever the loggers.
@@ -14,11 +15,27 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
+from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+from ae_lightning.tb import tensorboard_tag
 
 log = logging.getLogger(__name__)
 FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
 WANDB_HOST = "api.wandb.ai"
+
+
+class CurvesFirstTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger, its tags renamed so TensorBoard opens on the curves.
+
+    Time Series expands the first two tag groups by name; Lightning's ``epoch`` counter,
+    LearningRateMonitor's ``lr-Adam`` and the final ``test/*`` points would take those
+    places from ``train/`` and ``val/``. Other loggers keep the names as logged.
+    """
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        tagged = {tensorboard_tag(name): value for name, value in metrics.items()}
+        tagged.pop(None, None)
+        super().log_metrics(tagged, step)
 
 
 class LocalMLFlowLogger(MLFlowLogger):

@@ -25,17 +25,40 @@ from torch.utils.tensorboard.summary import hparams as torch_hparams
 
 from ae_lightning import markdown
 
-# metrics.json keys -> TensorBoard tags, so no final metric makes a group of its own.
+# metrics.json keys -> logged names, so no final metric makes a group of its own.
 FINAL_TAGS = {"best_val/mse": "val/best_mse", "train_time_s": "time/train_s"}
-# TensorBoard sorts tag groups by name and opens the first ones: the side-by-side figures,
-# unreadable at card width, go after `train/` and `val/`.
+# TensorBoard's Time Series sorts tag groups by name and expands only the first two: the
+# landing view must be `train/` and `val/`. The figures (`views/`, a sweep's `versus/`) sort
+# after them; the final metrics, one point per run, last: their group's name is chosen for
+# its place in that order (the card titles keep `test/mse`).
 COMPARISON_GROUP = "versus"
+FINAL_GROUP = "zfinal"
+# Names other loggers keep but TensorBoard files elsewhere: per-epoch curves into `train/`.
+CURVE_TAGS = {"time/epoch_s": "train/epoch_s"}
+LR_MONITOR_PREFIX = "lr-"  # LearningRateMonitor's `lr-Adam`, `lr-Adam/pg1`, ...
 # The HParams table's metric columns (final values; the plugin reads each run's last point).
 HPARAMS_METRICS = (
     "test/mse", "val/best_mse", "test/knn_acc", "test/probe_acc", "time/train_s", "val/mse",
     "test/nll",
     "test/fd_samples",
 )  # fmt: skip
+
+
+def tensorboard_tag(name: str) -> str | None:
+    """The TensorBoard tag of a logged name (None: not shown; Lightning's ``epoch`` counter
+    is every chart's x axis already)."""
+    if name == "epoch":
+        return None
+    if name.startswith(LR_MONITOR_PREFIX):
+        _, _, group = name.partition("/")
+        return "train/lr" + (f"/{group}" if group else "")
+    if name in CURVE_TAGS:
+        return CURVE_TAGS[name]
+    if name.startswith("test/") or name in FINAL_TAGS.values():
+        return f"{FINAL_GROUP}/{name}"
+    return name
+
+
 # The knobs every run reports, in the order the HParams table lists them.
 KNOBS = (
     "model", "architecture", "bottleneck", "hidden", "activation", "lr", "weight_decay",
@@ -150,7 +173,7 @@ def write_experiment(log_dir: Path | str, knobs: Mapping[str, Iterable[Any]]) ->
         values = list(dict.fromkeys(knob_value(v) for v in values))
         same_type = values and len({type(v) for v in values}) == 1
         hparams.append(hp.HParam(name, hp.Discrete(values) if same_type else None))
-    metrics = [hp.Metric(tag, display_name=tag) for tag in HPARAMS_METRICS]
+    metrics = [hp.Metric(tensorboard_tag(name), display_name=name) for name in HPARAMS_METRICS]
     summary = hp.hparams_config_pb(hparams=hparams, metrics=metrics)
     _write(log_dir, [(summary, 0)], suffix=EXPERIMENT_SUFFIX)
 
@@ -193,7 +216,7 @@ def write_curves_layout(log_dir: Path | str) -> None:
                     ),
                     layout_pb2.Chart(
                         title="Seconds per epoch",
-                        multiline=layout_pb2.MultilineChartContent(tag=[r"^time/epoch_s$"]),
+                        multiline=layout_pb2.MultilineChartContent(tag=[r"^train/epoch_s$"]),
                     ),
                 ],
             )
@@ -233,13 +256,19 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     return markdown.table(["metric", "value"], rows)
 
 
-def monospace_table(text: str, drop_constant: bool = False, first: Iterable[str] = ()) -> str:
+def monospace_table(
+    text: str,
+    drop_constant: bool = False,
+    first: Iterable[str] = (),
+    only: Iterable[str] | None = None,
+) -> str:
     """A Markdown table as aligned plain text in a code block, for TensorBoard's Text tab.
 
     Its HTML tables squeeze columns to their cells and break headers mid-word (``statu|s``);
     a code block keeps every header whole and the columns aligned. ``drop_constant`` leaves
     out the columns every row agrees on (``dataset``, an empty ``error``), and the columns
-    named in ``first`` follow the first column, so the main metrics fit the card.
+    named in ``first`` follow the first column, so the main metrics fit the card; ``only``
+    keeps the first column and those named (the rest stay in the file the table came from).
     """
     rows = [  # escaped cells hold no `|` of their own (markdown.escape)
         [markdown.unescape(cell.strip()) for cell in line.strip().strip("|").split("|")]
@@ -252,6 +281,11 @@ def monospace_table(text: str, drop_constant: bool = False, first: Iterable[str]
     rows = [(row + [""] * columns)[:columns] for row in rows]
     if drop_constant and len(rows) > 2:
         kept = [i for i in range(columns) if len({row[i] for row in rows[1:]}) > 1 or i == 0]
+        rows = [[row[i] for i in kept] for row in rows]
+        columns = len(kept)
+    if only is not None:
+        wanted = set(only)
+        kept = [i for i in range(columns) if i == 0 or rows[0][i] in wanted]
         rows = [[row[i] for i in kept] for row in rows]
         columns = len(kept)
     leading = [rows[0].index(name) for name in first if name in rows[0][1:]]
