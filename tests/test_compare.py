@@ -16,6 +16,7 @@ from ae_lightning.errors import UserError
 from conftest import run_train_cli, tiny_overrides
 
 FIGURES = ["scatter", "reconstructions", "interpolation", "samples"]
+COMPARISON_FIGURES = [*FIGURES, "final_metrics"]  # ae-compare's own: a bar per run
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def two_runs(tiny_root, tmp_path_factory):
 
 def test_compare_writes_every_figure_and_a_summary_matching_metrics(two_runs, tmp_path):
     out = compare(two_runs, tmp_path / "cmp")
-    for name in FIGURES:
+    for name in COMPARISON_FIGURES:
         image = matplotlib.image.imread(out / f"{name}.png")
         assert image.shape[0] > 200 and image.shape[1] > 300
     with open(out / "summary.csv") as f:
@@ -42,12 +43,12 @@ def test_compare_writes_every_figure_and_a_summary_matching_metrics(two_runs, tm
     for row in rows:
         metrics = json.loads((tmp_path.parent / row["path"] / "metrics.json").read_text())
         assert float(row["test/mse"]) == pytest.approx(metrics["test/mse"])
-        assert row["run"] in ("bottleneck=2", "bottleneck=3")
+        assert row["run"] in ("z=2", "z=3")
     assert float(rows[0]["test/mse"]) <= float(rows[1]["test/mse"])  # sorted by test MSE
-    assert "| bottleneck=" in (out / "summary.md").read_text()
+    assert "| z=2 |" in (out / "summary.md").read_text()  # named as a sweep names its folders
     events = EventAccumulator(str(out), size_guidance={"images": 0})
     events.Reload()
-    assert {f"versus/{name}" for name in FIGURES} <= set(events.Tags()["images"])
+    assert {f"versus/{name}" for name in COMPARISON_FIGURES} <= set(events.Tags()["images"])
 
 
 def test_failed_and_checkpointless_runs_are_rows_not_crashes(two_runs, tmp_path):

@@ -142,8 +142,8 @@ def test_a_sweep_compares_an_autoencoder_with_a_vae(tiny_root, tmp_path):
     (sweep,) = (tmp_path / "multiruns").iterdir()
     with open(sweep / "summary.csv") as f:
         rows = {row["run"]: row for row in csv.DictReader(f)}
-    assert set(rows) == {"model=hidden1024", "model=vae"}
-    ae, vae = rows["model=hidden1024"], rows["model=vae"]
+    assert set(rows) == {"hidden1024", "vae"}  # named as their folders
+    ae, vae = rows["hidden1024"], rows["vae"]
     assert (ae["status"], ae["family"], ae["dataset"]) == ("ok", "ae", "mnist")
     assert (vae["status"], vae["family"]) == ("ok", "vae")
     assert ae["recipe"].startswith("adam lr=0.001") and "beta 1.0 bernoulli" in vae["recipe"]

@@ -1,9 +1,9 @@
 """Side-by-side figures and a summary table across runs: ``ae-compare RUN_OR_SWEEP [...]``.
 
-Every run is evaluated on the same test images, pair and sampler, so differences in the
-figures are the models' differences. Writes into ``<out>/``: scatter.png,
-reconstructions.png, interpolation.png, samples.png, summary.csv, summary.md and a
-TensorBoard event file with the same figures.
+Every run is evaluated on the same test images and pair, so differences in the figures are
+the models' differences; each draws its samples as its own run did. Writes into ``<out>/``:
+scatter.png, reconstructions.png, interpolation.png, samples.png, final_metrics.png,
+summary.csv, summary.md and a TensorBoard event file with the same figures.
 """
 
 from __future__ import annotations
@@ -27,13 +27,16 @@ from ae_lightning.latent import (
     check_sampler,
     crossfade,
     decode_codes,
+    default_codes,
     encode_images,
     fit_projection,
     interpolate,
     pick_pair,
 )
 from ae_lightning.models.ae import Autoencoder
+from ae_lightning.naming import NOT_IN_NAMES, display_name, named_pairs
 from ae_lightning.plots import (
+    final_metrics_figure,
     interpolation_figure,
     reconstructions_figure,
     render_rgb,
@@ -68,21 +71,27 @@ SUMMARY_COLUMNS = [
 ]
 COUNT_COLUMNS = ("num_parameters", "epochs")  # shown as one whole number when seeds agree
 SEED_GROUP_STATUS = "mean"  # the status cell of a row that averages a run's seeds
-# The Text tab's summary opens on these after the run's name: what a reader compares first.
+# The final metrics drawn as bars (final_metrics.png), and those where higher is better.
+BAR_METRICS = [
+    "test/mse", "best_val/mse", "test/nelbo", "test/nll", "test/knn_acc", "test/probe_acc",
+    "test/fd_samples", "train_time_s",
+]  # fmt: skip
+HIGHER_IS_BETTER = ("test/knn_acc", "test/probe_acc")
+# The Text tab's summary opens on these after the run's name: what a reader compares first;
+# it shows the final metrics only, so it fits its card.
 TEXT_TAB_FIRST = ["test/mse", "test/nelbo", "best_val/mse", "test/knn_acc", "test/probe_acc", "n"]
 
 
-IGNORED_IN_LABELS = ("data.root", "data.download", "trainer.accelerator", "resume", "ckpt_path")
+SAMPLER_AUTO = "auto"
 
 
 def label_runs(runs: list[RunRecord]) -> None:
-    """Name each run by the overrides that differ between the runs (its folder otherwise)."""
+    """Name each run by the overrides that differ between the runs (its folder otherwise),
+    in the words its sweep folder uses (``linear,z=2``): one name in every table and figure."""
     common = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
     for run in runs:
-        distinct = [
-            o for o in run.overrides if o not in common and not o.startswith(IGNORED_IN_LABELS)
-        ]
-        run.label = " ".join(distinct) or run.path.name
+        distinct = [o for o in run.overrides if o not in common]
+        run.label = display_name(named_pairs(distinct)) or run.path.name
 
 
 def _data_for(run: RunRecord, data_root: str | None) -> MNISTDataModule:
@@ -149,31 +158,61 @@ def _figures(
     )
     figures["interpolation"] = interpolation_figure(
         rows,
-        [_wrap(_short(name)) for name in names] + ["pixel\ncross-fade"],
+        [_wrap(name) for name in names] + ["pixel\ncross-fade"],
         f"Interpolation between test {ends_named}",
     )
 
-    samples = []
+    samples, drawn_by = [], []
     for _, model in models:
-        code_sampler = CodeSampler(sampler, encode_images(model.encode, train_images), seed=seed)
-        samples.append(decode_codes(model.decode, code_sampler.sample(64)))
-    figures["samples"] = samples_figure(
-        samples, f"Decoded samples: {code_sampler.description}", names=names
+
+        def train_codes(model: Autoencoder = model) -> torch.Tensor:
+            return encode_images(model.encode, train_images)
+
+        if sampler == SAMPLER_AUTO:  # each model's own default, as its samples.png and FD
+            codes, what = default_codes(model, 64, seed, train_codes)
+        else:
+            code_sampler = CodeSampler(sampler, train_codes(), seed=seed)
+            codes, what = code_sampler.sample(64), code_sampler.description
+        samples.append(decode_codes(model.decode, codes))
+        drawn_by.append(what)
+    if len(set(drawn_by)) == 1:  # one sampler for all: said once, in the title
+        title, panel_names = f"Decoded samples: {drawn_by[0]}", names
+    else:
+        title = "Decoded samples: each model's own prior, or a sampler fitted to its codes"
+        panel_names = [
+            f"{_wrap(name, 28)}\n{_wrap(what, 34)}"
+            for name, what in zip(names, drawn_by, strict=True)
+        ]
+    figures["samples"] = samples_figure(samples, title, names=panel_names)
+    figures["final_metrics"] = final_metrics_figure(
+        names,
+        {
+            name: [run.metrics.get(name) for run, _ in models]
+            for name in BAR_METRICS
+            if any(isinstance(run.metrics.get(name), (int, float)) for run, _ in models)
+        },
+        "Final metrics of each run: the test set's, the best checkpoint's val MSE, train time",
+        higher_is_better=HIGHER_IS_BETTER,
     )
     return figures
 
 
-def _short(label: str) -> str:
-    """``model=hidden1024 bottleneck=10`` -> ``hidden1024 z=10``, for narrow row labels."""
-    return label.replace("model=", "").replace("bottleneck=", "z=")
-
-
 def _wrap(text: str, width: int = 14) -> str:
-    words, lines = text.split(), [""]
-    for word in words:
-        if lines[-1] and len(lines[-1]) + len(word) + 1 > width:
-            lines.append("")
-        lines[-1] = f"{lines[-1]} {word}".strip()
+    """Lines of at most ``width`` characters, broken at spaces and after a long name's commas
+    (``hidden1024,z=10,`` / ``seed=1``)."""
+    pieces = []  # (piece, whether it joins the previous piece without a space)
+    for word in text.split():
+        parts = word.split(",") if len(word) > width else [word]
+        pieces += [
+            (part + ("," if i < len(parts) - 1 else ""), i > 0) for i, part in enumerate(parts)
+        ]
+    lines = [""]
+    for piece, glued in pieces:
+        joined = lines[-1] + ("" if glued or not lines[-1] else " ") + piece
+        if lines[-1] and len(joined) > width:
+            lines.append(piece)
+        else:
+            lines[-1] = joined
     return "\n".join(lines)
 
 
@@ -217,14 +256,15 @@ def seedless(overrides: list[str]) -> tuple[str, ...]:
     return tuple(
         sorted(
             o for o in overrides
-            if not o.lstrip("+").startswith(("seed=", *IGNORED_IN_LABELS))
+            if not o.lstrip("+").startswith(("seed=", *NOT_IN_NAMES))
         )
     )  # fmt: skip
 
 
 def seed_label(label: str) -> str:
-    """``model=linear seed=1`` -> ``model=linear``: the name the seeds' mean row goes by."""
-    return " ".join(word for word in label.split() if not word.startswith("seed=")) or "all seeds"
+    """``linear,seed=1`` -> ``linear``: the name the seeds' mean row goes by."""
+    kept = [part for part in label.split(",") if not part.startswith("seed=")]
+    return ",".join(kept) or "all seeds"
 
 
 def seed_group_row(members: list[dict[str, Any]]) -> dict[str, Any]:
@@ -276,12 +316,18 @@ def compare(
     paths: list[Path | str],
     out: Path | str | None = None,
     data_root: str | None = None,
-    sampler: str = "gaussian",
+    sampler: str = "auto",
     seed: int = 0,
 ) -> Path:
-    """Compare runs (or sweeps); return the folder the figures and tables were written to."""
+    """Compare runs (or sweeps); return the folder the figures and tables were written to.
+
+    ``sampler`` ``auto`` draws each model's samples as its own ``samples.png`` does (its
+    prior, or the sampler its family fits to the codes); a name from ``latent.SAMPLERS``
+    draws every model's the same way.
+    """
     try:
-        check_sampler(sampler)  # before any work: a typo costs nothing
+        if sampler != SAMPLER_AUTO:
+            check_sampler(sampler)  # before any work: a typo costs nothing
     except ValueError as err:
         raise UserError(f"--sampler {sampler}: {err}") from None
     paths = [Path(p) for p in paths]
@@ -326,8 +372,12 @@ def compare(
             writer.add_image(f"{COMPARISON_GROUP}/{name}", rgb, 0, dataformats="HWC")
         # `comparison/` sorts before the jobs' `run/` cards in the Text tab.
         summary = monospace_table(
-            (out / "summary.md").read_text(), drop_constant=True, first=TEXT_TAB_FIRST
+            (out / "summary.md").read_text(),
+            drop_constant=True,
+            first=TEXT_TAB_FIRST,
+            only=[*TEXT_TAB_FIRST, *BAR_METRICS, "status"],
         )
+        summary += "\nEvery column (family, recipe, size, errors, paths): summary.md, summary.csv."
         writer.add_text("comparison/summary", summary, 0)
     return out
 

@@ -28,6 +28,24 @@ DIGIT_COLOURS = [
     "#17becf",
 ]  # fmt: skip  (matplotlib's tab10: ten distinct hues, one per digit)
 PAD_VALUE = 0.35  # grey gutters between tiles: visible against black and white alike
+# Panels per row of a side-by-side figure: a comparison of many runs wraps into rows, so
+# each panel keeps its size when TensorBoard shrinks the figure to a card's width.
+MAX_COLUMNS = 4
+
+
+def grid_shape(panels: int, max_columns: int = MAX_COLUMNS) -> tuple[int, int]:
+    """``(rows, columns)`` for ``panels`` side by side, at most ``max_columns`` a row."""
+    columns = max(1, min(panels, max_columns))
+    return -(-panels // columns), columns
+
+
+def _panel_axes(fig: Figure, panels: int, max_columns: int = MAX_COLUMNS) -> list:
+    """``panels`` axes in reading order on a grid; the grid's spare cells are hidden."""
+    rows, columns = grid_shape(panels, max_columns)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return list(axes[:panels])
 
 
 def tile(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
@@ -48,6 +66,9 @@ def _show(ax, array: np.ndarray, title: str | None = None, **kwargs) -> None:
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=10)
+
+
+SCATTER_COLUMNS = 3  # scatter panels are larger than image grids: fewer a row
 
 
 def scatter_figure(
@@ -71,8 +92,9 @@ def scatter_figure(
     panels = points.unsqueeze(0) if points.dim() == 2 else points
     if isinstance(axis_labels[0], str):
         axis_labels = [axis_labels] * len(panels)
-    fig = Figure(figsize=(5.6 * len(panels) + 1.2, 5.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    rows, columns = grid_shape(len(panels), SCATTER_COLUMNS)
+    fig = Figure(figsize=(5.6 * columns + 1.2, 5.6 * rows), layout="constrained")
+    axes = _panel_axes(fig, len(panels), SCATTER_COLUMNS)
     labelled = labels is not None
     labels = labels.cpu().numpy() if labelled else np.zeros(panels.shape[1], dtype=np.int64)
     marker_size = 2.0 if len(labels) > 2000 else 8.0
@@ -117,8 +139,9 @@ def reconstructions_figure(
     if isinstance(reconstructions, torch.Tensor):
         reconstructions = [reconstructions]
     grids = [originals, *reconstructions]
-    fig = Figure(figsize=(max(3.6 * len(grids), 6.4), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+    rows, columns = grid_shape(len(grids))
+    fig = Figure(figsize=(max(3.6 * columns, 6.4), 4.2 * rows), layout="constrained")
+    axes = _panel_axes(fig, len(grids))
     for ax, images, name in zip(axes, grids, ["test images", *names], strict=True):
         _show(ax, tile(images, nrow), name)
     fig.suptitle(title, fontsize=11)
@@ -154,8 +177,9 @@ def samples_figure(
 
     if isinstance(samples, torch.Tensor):
         samples = [samples]
-    fig = Figure(figsize=(max(3.6 * len(samples), 5.6), 4.6), layout="constrained")
-    axes = fig.subplots(1, len(samples), squeeze=False)[0]
+    rows, columns = grid_shape(len(samples))
+    fig = Figure(figsize=(max(3.6 * columns, 5.6), 4.2 * rows + 0.4), layout="constrained")
+    axes = _panel_axes(fig, len(samples))
     for ax, images, name in zip(axes, samples, names, strict=True):
         _show(ax, tile(images, 8), name or None)
     fig.suptitle(title, fontsize=11)
@@ -203,13 +227,10 @@ def curves_figure(history: Sequence[dict[str, float]], title: str) -> Figure | N
     terms = first + sorted(names - set(first))
     panels = [(term, [f"train/{term}", f"val/{term}"]) for term in terms]
     panels += [(key, [key]) for key in ("lr", "epoch_s") if any(key in row for row in history)]
-    columns = min(3, len(panels))
-    rows = -(-len(panels) // columns)
+    rows, columns = grid_shape(len(panels), 3)
     fig = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
-    for ax, (name, keys) in zip(axes, panels, strict=False):
+    axes = _panel_axes(fig, len(panels), 3)
+    for ax, (name, keys) in zip(axes, panels, strict=True):
         for key, style in zip(keys, ("-o", "--s"), strict=False):
             points = [(e, row[key]) for e, row in zip(epochs, history, strict=True) if key in row]
             if points:
@@ -238,3 +259,45 @@ def render_rgb(fig: Figure, dpi: int = 100) -> np.ndarray:
     fig.set_dpi(dpi)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def final_metrics_figure(
+    run_names: Sequence[str],
+    metrics: dict[str, Sequence[float | None]],
+    title: str,
+    higher_is_better: Sequence[str] = (),
+) -> Figure:
+    """One horizontal bar chart per final metric, a bar per run, each bar's value written.
+
+    TensorBoard draws a final metric as one point per run, which its outlier clipping can
+    hide; bars read at card size. A run without a metric (a failed job, a family without a
+    likelihood) gets no bar; ``metrics`` maps a name to one value (or None) per run.
+    """
+    from matplotlib.figure import Figure
+
+    rows, columns = grid_shape(len(metrics), 3)
+    height = 0.45 + 0.28 * len(run_names)
+    fig = Figure(figsize=(4.6 * columns + 1.6, (height + 0.6) * rows), layout="constrained")
+    axes = _panel_axes(fig, len(metrics), 3)
+    places = np.arange(len(run_names))
+    for i, (ax, (name, values)) in enumerate(zip(axes, metrics.items(), strict=True)):
+        shown = [(p, v) for p, v in zip(places, values, strict=True) if v is not None]
+        if shown:
+            ys, xs = zip(*shown, strict=True)
+            best = max(xs) if name in higher_is_better else min(xs)
+            colours = ["#2ca02c" if x == best else "#1f77b4" for x in xs]
+            ax.barh(ys, xs, color=colours, height=0.7)
+            for y, x in shown:
+                ax.text(x, y, f" {x:.4g}", va="center", fontsize=8)
+            ax.set_xlim(0, max(xs) * 1.3 if max(xs) > 0 else 1)
+        for y, value in zip(places, values, strict=True):
+            if value is None:  # said, not left blank: the run has no such number
+                ax.text(0, y, " n/a", va="center", fontsize=8, color="0.45", style="italic")
+        ax.set_yticks(places, run_names if i % columns == 0 else [""] * len(run_names))
+        ax.invert_yaxis()  # the first run on top, as in the summary table
+        better = "higher" if name in higher_is_better else "lower"
+        ax.set_title(f"{name} ({better} is better)", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    return fig

@@ -28,7 +28,7 @@ class SweepSummary(Callback):
     logged and never touches the jobs' results.
     """
 
-    def __init__(self, enabled: bool = True, sampler: str = "gaussian", seed: int = 0) -> None:
+    def __init__(self, enabled: bool = True, sampler: str = "auto", seed: int = 0) -> None:
         self.enabled, self.sampler, self.seed = enabled, sampler, seed
         self._lock: FileLock | None = None
 

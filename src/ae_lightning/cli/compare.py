@@ -18,7 +18,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders and/or sweep folders")
     parser.add_argument("--out", type=Path, default=None, help="default: <sweep>/comparison")
     parser.add_argument("--data-root", default=None, help="MNIST root (default: the runs')")
-    parser.add_argument("--sampler", default="gaussian", help="gaussian, normal, gmm or box")
+    parser.add_argument(
+        "--sampler",
+        default="auto",
+        help="auto (each model's own prior or fitted sampler), gaussian, normal, gmm or box",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the interpolation pair and samples")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
