@@ -100,8 +100,8 @@ def test_sigterm_in_a_sweep_stops_it_with_a_summary_and_the_resume_command(tiny_
     assert result.returncode == SIGTERM_EXIT, result.stderr[-2000:]
     (sweep,) = (tmp_path / "multiruns").iterdir()
     jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
-    assert jobs == ["callbacks.kill.step=100000", "callbacks.kill.step=70"]  # no third job
-    interrupted = sweep / "callbacks.kill.step=70"
+    assert jobs == ["step=100000", "step=70"]  # no third job
+    interrupted = sweep / "step=70"
     marker = json.loads((interrupted / "interrupted.json").read_text())
     assert marker["status"] == "interrupted" and f"resume={interrupted}" in marker["resume"]
     summary = (sweep / "summary.md").read_text()
