@@ -6,6 +6,8 @@ from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 
 from ae_lightning.plots import (
+    final_metrics_figure,
+    grid_shape,
     interpolation_figure,
     manifold_figure,
     reconstructions_figure,
@@ -70,3 +72,31 @@ def test_tiles_keep_pixel_values_and_render_to_rgb():
     assert grid[2:30, 2:30].min() == 1.0  # a tile is copied untouched
     rgb = render_rgb(reconstructions_figure(white, white, "t"))
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+
+
+def test_many_panels_wrap_into_rows_that_keep_their_size():
+    assert grid_shape(1) == (1, 1) and grid_shape(4) == (1, 4) and grid_shape(7) == (2, 4)
+    one, seven = samples_figure([IMAGES], "t"), samples_figure([IMAGES] * 7, "t", names="abcdefg")
+    shown = [ax for ax in seven.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == list("abcdefg")  # reading order, spares hidden
+    assert seven.get_figwidth() <= 4 * one.get_figwidth()  # four a row, not seven
+    scatter = scatter_figure(torch.randn(5, 50, 2), torch.arange(50) % 10, "t", ax_titles="abcde")
+    assert len({round(ax.get_position().y0, 2) for ax in scatter.axes if ax.get_visible()}) == 2
+
+
+def test_final_metrics_are_bars_per_run_with_the_best_marked_and_gaps_said():
+    runs = ["linear,z=2", "hidden1024,z=2", "vae,z=2"]
+    fig = final_metrics_figure(
+        runs, {"test/mse": [0.05, 0.04, 0.045], "test/nelbo": [None, None, 150.0],
+               "test/knn_acc": [0.4, 0.6, 0.65]}, "t", higher_is_better=["test/knn_acc"],
+    )  # fmt: skip
+    mse, nelbo, knn = fig.axes[:3]
+    assert [t.get_text() for t in mse.get_yticklabels()] == runs
+    widths = [bar.get_width() for bar in mse.patches]
+    assert widths == [0.05, 0.04, 0.045]
+    colours = [tuple(bar.get_facecolor()) for bar in mse.patches]
+    assert colours[1] != colours[0] == colours[2]  # the lowest MSE stands out
+    assert len(nelbo.patches) == 1 and [t.get_text() for t in nelbo.texts].count(" n/a") == 2
+    knn_colours = [tuple(bar.get_facecolor()) for bar in knn.patches]
+    assert knn_colours[2] != knn_colours[0]  # the highest accuracy stands out
+    assert nelbo.get_ylim() == mse.get_ylim()  # every panel has every run's row

@@ -294,7 +294,7 @@ def final_metrics_figure(
             if value is None:  # said, not left blank: the run has no such number
                 ax.text(0, y, " n/a", va="center", fontsize=8, color="0.45", style="italic")
         ax.set_yticks(places, run_names if i % columns == 0 else [""] * len(run_names))
-        ax.invert_yaxis()  # the first run on top, as in the summary table
+        ax.set_ylim(len(run_names) - 0.5, -0.5)  # every run's row, the first on top
         better = "higher" if name in higher_is_better else "lower"
         ax.set_title(f"{name} ({better} is better)", fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
