@@ -24,6 +24,7 @@ def test_names_keep_lists_readable_and_cap_long_command_lines():
     assert short_name([("model.beta", "4"), ("model.optimizer.lr", "1e-3")]) == "beta=4,lr=1e-3"
     # two keys with one last part keep their full keys: the name must tell them apart
     assert short_name([("model.beta", "4"), ("data.beta", "1")]) == "model.beta=4,data.beta=1"
+    assert short_name([("data", "npz"), ("data.path", "/data/x/faces.npz")]) == "npz,path=faces.npz"
     long_a = short_name([("model.optimizer.lr", "0.001"), ("+note", "x" * 300)])
     long_b = short_name([("model.optimizer.lr", "0.001"), ("+note", "y" * 300)])
     assert len(long_a) <= NAME_LIMIT and long_a != long_b and SAFE_NAME.fullmatch(long_a)

@@ -100,3 +100,16 @@ def test_final_metrics_are_bars_per_run_with_the_best_marked_and_gaps_said():
     knn_colours = [tuple(bar.get_facecolor()) for bar in knn.patches]
     assert knn_colours[2] != knn_colours[0]  # the highest accuracy stands out
     assert nelbo.get_ylim() == mse.get_ylim()  # every panel has every run's row
+
+
+def test_scatter_axis_labels_stay_inside_the_figure():
+    """Equal axes widen the y ticks at the first draw (`-10.0`): the label must still fit."""
+    torch.manual_seed(0)
+    points = torch.rand(1000, 2) * torch.tensor([24.0, 10.0]) + torch.tensor([-8.0, -6.0])
+    title = "8-D test codes, PCA\nMLP 768-256-8 · 5 epochs (best checkpoint, val/mse 0.0194)"
+    axis_labels = ("PC1 (76% var.)", "PC2 (17% var.)")
+    fig = scatter_figure(points, torch.arange(1000) % 10, title, axis_labels)
+    render_rgb(fig)
+    renderer = fig.canvas.get_renderer()
+    for label in (fig.axes[0].yaxis.label, *fig.axes[0].get_yticklabels()):
+        assert label.get_window_extent(renderer).x0 >= 0, label.get_text()

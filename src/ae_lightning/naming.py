@@ -59,6 +59,7 @@ KEY_WORDS = {
     "model.optimizer.weight_decay": "wd", "data.batch_size": "batch",
     "trainer.max_epochs": "epochs",
 }  # fmt: skip
+FILE_KEYS = ("data.path",)  # named by the file's own name: `path=faces.npz`
 
 
 def _name_items(pairs: Sequence[tuple[str, str]]) -> list[str]:
@@ -67,6 +68,8 @@ def _name_items(pairs: Sequence[tuple[str, str]]) -> list[str]:
     for (key, value), word in zip(pairs, keys, strict=True):
         if key not in KEY_WORDS and keys.count(word) > 1:
             word = key  # `model.beta` and `data.beta`: the full keys tell them apart
+        if key in FILE_KEYS:
+            value = value.rstrip("/").rsplit("/", 1)[-1]  # the file's name says which data
         items.append(f"{word}={_safe_value(value)}" if word else _safe_value(value))
     return items
 

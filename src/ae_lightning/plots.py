@@ -123,6 +123,9 @@ def scatter_figure(
         for handle in fig.legends[0].legend_handles:
             handle.set_alpha(1.0)
     fig.suptitle(title, fontsize=11)
+    # Equal axes widen the data limits at the first draw, and with them the tick labels
+    # (`-7.5` -> `-10.0`); a layout pass after that makes room for them and the axis label.
+    fig.draw_without_rendering()
     return fig
 
 
