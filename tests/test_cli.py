@@ -1,7 +1,10 @@
 """`python train.py ...` as users type it, in a subprocess."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -60,10 +63,25 @@ def test_multirun_leaves_one_folder_per_job(tiny_root, tmp_path):
         assert (sweep / "comparison" / f"{name}.png").is_file()
 
 
-def test_two_runs_started_together_get_their_own_folders(tiny_root, tmp_path):
-    import subprocess
-    import sys
+def test_a_sweep_reading_its_data_from_ae_data_root_is_compared_too(tiny_root, tmp_path):
+    """The jobs' saved configs keep `${oc.env:AE_DATA_ROOT,...}` unresolved (files are never
+    resolved): the summary must still find the images the jobs read, and so must ae-compare."""
+    overrides = [o for o in tiny_overrides(tiny_root) if not o.startswith("data.root=")]
+    env = {"AE_DATA_ROOT": str(tiny_root)}
+    result = run_train_cli(["-m", "bottleneck=2,3", *overrides], logs=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sweep summary failed" not in result.stderr + result.stdout
+    sweep = only_child(tmp_path / "multiruns")
+    assert (sweep / "comparison" / "scatter.png").is_file() and (sweep / "summary.md").is_file()
+    again = subprocess.run(
+        [sys.executable, "-m", "ae_lightning.compare", str(sweep), "--out", str(tmp_path / "c")],
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "c" / "samples.png").is_file()
 
+
+def test_two_runs_started_together_get_their_own_folders(tiny_root, tmp_path):
     from conftest import PROJECT
 
     args = [

@@ -520,11 +520,17 @@ def data_settings(run: Path, config: dict[str, Any] | None = None) -> dict[str, 
 
 
 def data_module(run: Path, data_root: str | None = None) -> MNISTDataModule:
-    """Our own data module with the run's data settings (never the file's own ``_target_``)."""
+    """Our own data module with the run's data settings (never the file's own ``_target_``).
+
+    ``data_root`` replaces the run's root; a root the file gave only as an interpolation
+    (``${oc.env:AE_DATA_ROOT,...}``, never resolved) becomes this shell's ``AE_DATA_ROOT``.
+    """
     config = read_config(run)
     settings = data_settings(run, config)
     if data_root is not None:
         settings["root"] = data_root
+    elif "root" not in settings and os.environ.get("AE_DATA_ROOT"):
+        settings["root"] = os.environ["AE_DATA_ROOT"]
     data_class, own = DATA_CLASSES[config["data"].get("_target_", DATA_TARGET)]
     for key in OWN_KEYS:  # each class takes its own of these, and no other's
         if key not in own:

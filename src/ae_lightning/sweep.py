@@ -10,7 +10,7 @@ from typing import Any
 
 from filelock import FileLock
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ae_lightning import tb
 from ae_lightning.compare import compare
@@ -57,13 +57,17 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            self.summarise(Path(config.hydra.sweep.dir))
+            self.summarise(Path(config.hydra.sweep.dir), data_root=_live_data_root(config))
         finally:
             if self._lock is not None:
                 self._lock.release()
 
-    def summarise(self, sweep_dir: Path) -> None:
-        """Compare the sweep's job folders so far (also after SIGTERM stopped the sweep)."""
+    def summarise(self, sweep_dir: Path, data_root: str | None = None) -> None:
+        """Compare the sweep's job folders so far (also after SIGTERM stopped the sweep).
+
+        ``data_root``: where this sweep's jobs read their images (the jobs' saved configs
+        hold ``${oc.env:AE_DATA_ROOT,...}`` unresolved, and a file is never resolved).
+        """
         try:
             write_experiment(sweep_dir)
         except Exception:
@@ -71,14 +75,23 @@ class SweepSummary(Callback):
         if not self.enabled:
             return
         try:
-            out = compare([sweep_dir], sweep_dir / "comparison", sampler=self.sampler,
-                          seed=self.seed)  # fmt: skip
+            out = compare([sweep_dir], sweep_dir / "comparison", data_root=data_root,
+                          sampler=self.sampler, seed=self.seed)  # fmt: skip
             for name in ("summary.csv", "summary.md"):
                 shutil.copyfile(out / name, sweep_dir / name)
             log.info("Sweep summary: %s\n%s", sweep_dir / "summary.md",
                      (sweep_dir / "summary.md").read_text())  # fmt: skip
         except Exception:
             log.exception("The sweep summary failed; the jobs' own folders are untouched.")
+
+
+def _live_data_root(config: DictConfig) -> str | None:
+    """The data root this process's own config resolves to (None: none, or not resolvable)."""
+    try:
+        root = OmegaConf.select(config, "data.root", throw_on_resolution_failure=True)
+    except Exception:  # an interpolation only a job could resolve: the jobs' folders decide
+        return None
+    return root if isinstance(root, str) and root else None
 
 
 def write_experiment(sweep_dir: Path) -> None:
