@@ -112,3 +112,16 @@ def test_eval_never_reads_the_run_config_beside_the_checkpoint(good_run, tiny_ro
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert not marker.exists()
+
+
+def test_a_saved_config_that_asks_for_python_objects_is_refused_unbuilt(tmp_path):
+    """The run-folder YAML reader is a SafeLoader: a `!!python/object` tag is an error."""
+    from ae_lightning.errors import UserError
+    from ae_lightning.runfolder import read_yaml
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "config.yaml"
+    path.write_text(f"model: !!python/object/apply:os.system\n  - touch {marker}\n")
+    with pytest.raises(UserError, match="cannot be read as train.py's YAML"):
+        read_yaml(path, within=tmp_path)
+    assert not marker.exists()
