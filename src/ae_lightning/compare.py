@@ -34,7 +34,7 @@ from ae_lightning.latent import (
     pick_pair,
 )
 from ae_lightning.models.ae import Autoencoder
-from ae_lightning.naming import NOT_IN_NAMES, display_name, named_pairs
+from ae_lightning.naming import LOCATION_KEYS, display_name, named_pairs
 from ae_lightning.plots import (
     final_metrics_figure,
     interpolation_figure,
@@ -91,7 +91,8 @@ def label_runs(runs: list[RunRecord]) -> None:
     common = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
     for run in runs:
         distinct = [o for o in run.overrides if o not in common]
-        run.label = display_name(named_pairs(distinct)) or run.path.name
+        # (an `experiment=` that differs names the run too: only locations are left out)
+        run.label = display_name(named_pairs(distinct, left_out=LOCATION_KEYS)) or run.path.name
 
 
 def _data_for(run: RunRecord, data_root: str | None) -> MNISTDataModule:
@@ -256,7 +257,7 @@ def seedless(overrides: list[str]) -> tuple[str, ...]:
     return tuple(
         sorted(
             o for o in overrides
-            if not o.lstrip("+").startswith(("seed=", *NOT_IN_NAMES))
+            if not o.lstrip("+").startswith(("seed=", *LOCATION_KEYS))
         )
     )  # fmt: skip
 

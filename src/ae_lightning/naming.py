@@ -22,11 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 NAME_LIMIT = 40
 SWEEP_RECORD = "sweep.json"
-# Overrides that say where things are, not what was trained: never part of a name.
-NOT_IN_NAMES = (
-    "ckpt_path", "resume", "hparams_search", "run_dir", "data.root", "data.download",
-    "trainer.accelerator", "trainer.devices", "experiment",
+# Overrides that say where things are, not what was trained.
+LOCATION_KEYS = (
+    "ckpt_path", "resume", "run_dir", "data.root", "data.download", "trainer.accelerator",
+    "trainer.devices",
 )  # fmt: skip
+# Never part of a folder's name: the locations, and what a sweep's folder already says.
+NOT_IN_NAMES = (*LOCATION_KEYS, "hparams_search", "experiment")
 # Hydra parses these keys' values as paths: quoted for it, so a folder pastes back as printed.
 PATH_KEYS = ("resume", "ckpt_path")
 _UNSAFE_IN_VALUE = re.compile(r"[^A-Za-z0-9._+-]+")  # `=` and `,` separate the pairs
@@ -95,14 +97,16 @@ def short_name(pairs: Sequence[tuple[str, str]], limit: int = NAME_LIMIT) -> str
 
 
 def named_pairs(
-    overrides: Iterable[str], keys: Iterable[str] | None = None
+    overrides: Iterable[str],
+    keys: Iterable[str] | None = None,
+    left_out: tuple[str, ...] = NOT_IN_NAMES,
 ) -> list[tuple[str, str]]:
-    """The pairs worth a name: those of ``keys`` (all by default), never location keys."""
+    """The pairs worth a name: those of ``keys`` (all by default), none of ``left_out``."""
     wanted = None if keys is None else set(keys)
     return [
         (key, value)
         for key, value in override_pairs(overrides)
-        if not key.startswith(NOT_IN_NAMES) and (wanted is None or key in wanted)
+        if not key.startswith(left_out) and (wanted is None or key in wanted)
     ]
 
 

@@ -216,7 +216,9 @@ def write_curves_layout(log_dir: Path | str) -> None:
                     ),
                     layout_pb2.Chart(
                         title="Seconds per epoch",
-                        multiline=layout_pb2.MultilineChartContent(tag=[r"^train/epoch_s$"]),
+                        multiline=layout_pb2.MultilineChartContent(
+                            tag=[f"^{tensorboard_tag('time/epoch_s')}$"]
+                        ),
                     ),
                 ],
             )
