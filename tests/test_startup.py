@@ -55,6 +55,45 @@ def test_help_and_config_need_no_torch(entry, args, shown):
     assert imported == []
 
 
+@pytest.mark.parametrize("app", ["train", "eval"])
+def test_help_page_is_the_one_hydra_renders(app):
+    """`--help` skips Hydra's help machinery, yet prints Hydra's page for the same template."""
+    ours = subprocess.run(
+        [sys.executable, f"{app}.py", "--help"], capture_output=True, text=True, cwd=PROJECT,
+        timeout=120, check=True,
+    ).stdout  # fmt: skip
+    hydras = subprocess.run(
+        [sys.executable, "-c", "import sys; from ae_lightning.cli.train import _train; "
+         f"sys.argv = ['{app}.py', '--help', 'hydra.job.name={app}']; _train()"],
+        capture_output=True, text=True, cwd=PROJECT, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert ours == hydras
+    assert f"Usage: ae-{app} " in ours
+    assert "model: contractive, deep, hidden1024, iwae, linear," in ours
+
+
+def test_help_lists_a_new_option_file_with_no_other_edit(monkeypatch, tmp_path):
+    from ae_lightning.cli import help as cli_help
+
+    conf = tmp_path / "conf"
+    for group, option in [("model", "linear"), ("model", "mine"), ("hydra/help", "x")]:
+        (conf / group).mkdir(parents=True, exist_ok=True)
+        (conf / group / f"{option}.yaml").write_text("{}\n")
+    (conf / "model" / "notes.txt").write_text("not an option\n")
+    (conf / "__pycache__").mkdir()
+    monkeypatch.setattr(cli_help, "files", lambda package: conf)
+    assert cli_help.config_groups() == {"model": ["linear", "mine"]}
+
+
+def test_help_flags_are_hydras():
+    from ae_lightning.cli.help import wants_help
+
+    assert wants_help(["train.py", "model=vae", "--help"])
+    assert wants_help(["train.py", "-h"])
+    assert not wants_help(["train.py", "--hydra-help"])
+    assert not wants_help(["--help"])  # the program's own name, not an argument
+
+
 def test_shell_completion_needs_no_torch():
     """What one Tab press runs, after `eval "$(python train.py -sc install=bash)"`."""
     line = "python train.py mod"

@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ae_lightning.cli import check_extras, ensure_writable_logs, quiet_console, record_config
+from ae_lightning.cli.help import print_help, wants_help
 from ae_lightning.naming import quote_path_overrides
 
 
@@ -23,6 +24,9 @@ def _eval(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    if wants_help(sys.argv):  # Hydra's page, without Hydra's repository walk
+        print_help("eval")
+        return
     quiet_console()
     check_extras()
     ensure_writable_logs()

@@ -17,6 +17,7 @@ from ae_lightning.cli import (
     record_config,
     refuse_finished_resume,
 )
+from ae_lightning.cli.help import print_help, wants_help
 from ae_lightning.naming import quote_path_overrides
 
 
@@ -30,6 +31,9 @@ def _train(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    if wants_help(sys.argv):  # Hydra's page, without Hydra's repository walk
+        print_help("train")
+        return
     quiet_console()
     check_extras()
     ensure_writable_logs()
