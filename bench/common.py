@@ -7,15 +7,21 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ae_lightning.train import train
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def train_with(args: argparse.Namespace, run_dir: Path | str, *overrides: str) -> dict[str, Any]:
-    """`train(cfg)` with the default config plus the benchmark's device, data and epochs."""
+def train_with(
+    args: argparse.Namespace, run_dir: Path | str, *overrides: str, named: list[str] | None = None
+) -> dict[str, Any]:
+    """`train(cfg)` with the default config plus the benchmark's device, data and epochs.
+
+    ``named``: also write the ``.hydra/`` files `python train.py` would, with these overrides
+    as the run's own, so ``ae-compare`` reads the folder and labels it by them.
+    """
     settings = [
         f"trainer.max_epochs={args.epochs}",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
@@ -27,7 +33,13 @@ def train_with(args: argparse.Namespace, run_dir: Path | str, *overrides: str) -
     ]
     chosen = {override.split("=", 1)[0].lstrip("+") for override in overrides}
     settings = [s for s in settings if s.split("=", 1)[0] not in chosen]  # a recipe's own wins
-    return train(compose_config(*settings, *overrides))
+    cfg = compose_config(*settings, *overrides)
+    if named is not None:
+        hydra_dir = Path(run_dir) / ".hydra"
+        hydra_dir.mkdir(parents=True, exist_ok=True)
+        (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(named)))
+    return train(cfg)
 
 
 def compose_config(*overrides: str) -> DictConfig:

@@ -27,6 +27,15 @@ out again in plain torch: the Jacobian by z autograd passes, the MMD by its kern
 matrices) on the same 784-1024-z net, optimizer, batch size, epochs and seed: test/loss
 should agree within 1%.
 
+``families``: the zoo table: every registered family (``ae_lightning.models.families()``,
+each with its own ``conf/model/<family>.yaml``, the plain AE's being hidden1024) on the same
+784-1024-z net at each ``--family-bottlenecks`` (2 and 16), ``--epochs`` epochs, with the
+default evaluation (the NLL from ``--family-nll-samples`` importance samples over the first
+``--family-nll-images`` test images): test MSE, NLL, the Fréchet distances of samples and
+reconstructions, kNN/probe accuracy, active units and seconds per epoch. The VQ-VAE gets one
+codebook per 2 code dimensions. ``ae-compare`` then draws each bottleneck's samples of every
+family side by side (``<runs-dir>/families_z<z>/comparison/samples.png``).
+
 ``deep30``: experiment=deep30 beside the same 784-1000-500-250-30 model with the default
 recipe (Adam 1e-3, clean inputs), both for ``--deep-epochs`` epochs (100 by default).
 
@@ -43,6 +52,7 @@ Fréchet distance) and the mean codes of a 784-1024-10 VAE (for active units).
     python bench/quality.py --sections sample_quality evaluators --device cuda
     python bench/quality.py --sections zoo --epochs 1 --data-root <tiny> --val-size 100  # smoke
     python bench/quality.py --sections iwae_paper --paper-passes 100 --device cuda
+    python bench/quality.py --sections families --epochs 25 --runs-dir zoo-runs
 """
 
 from __future__ import annotations
@@ -67,9 +77,12 @@ from ae_lightning.latent import active_units, encode_images
 WORKFLOW = [("linear", 2), ("hidden1024", 2), ("hidden1024", 10)]
 VAE_BOTTLENECKS = [2, 20]
 SECTIONS = [
-    "workflow", "vae", "zoo", "iwae", "vqvae", "iwae_paper", "deep30", "sample_quality",
-    "evaluators",
+    "workflow", "vae", "zoo", "iwae", "vqvae", "iwae_paper", "families", "deep30",
+    "sample_quality", "evaluators",
 ]  # fmt: skip
+# The model config of a family named otherwise (the rest: conf/model/<family>.yaml).
+FAMILY_CONFIG = {"ae": "hidden1024"}
+CODE_DIMS_PER_CODEBOOK = 2  # the VQ-VAE's groups in the families table: bottleneck / 2
 # Each family's overrides; the plain loop reads the same weights from ZOO_WEIGHTS.
 ZOO = {
     "sparse kl": ["model=sparse", "model.sparsity=kl"],
@@ -406,6 +419,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--zoo", nargs="+", choices=list(ZOO), default=list(ZOO), help="the zoo rows to train"
     )
+    parser.add_argument(
+        "--family-bottlenecks", type=int, nargs="+", default=[2, 16],
+        help="the z of the families table",
+    )  # fmt: skip
+    parser.add_argument("--family-nll-samples", type=int, default=1000)
+    parser.add_argument("--family-nll-images", type=int, default=500)
     parser.add_argument("--deep-epochs", type=int, default=100, help="epochs of the deep30 rows")
     parser.add_argument(
         "--deep-recipes", nargs="+", choices=list(DEEP_RECIPES),
@@ -470,6 +489,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["vqvae"] = vqvae_row(args, datamodule, runs_dir)
     if "iwae_paper" in args.sections:
         results["iwae_paper"] = iwae_paper_rows(args, runs_dir)
+    if "families" in args.sections:
+        results["families"] = family_rows(args, runs_dir)
     if "deep30" in args.sections:
         results["deep30"] = deep30_rows(args, runs_dir)
     if "sample_quality" in args.sections:
@@ -582,6 +603,42 @@ def zoo_rows(args: argparse.Namespace, datamodule: MNISTDataModule, runs_dir: Pa
              "plain_test_mse": round(plain["test/mse"], 5),
              "loss_vs_plain": round(run["test/loss"] / plain["test/loss"], 4)}
         )  # fmt: skip
+    return rows
+
+
+def family_rows(args: argparse.Namespace, runs_dir: Path) -> list:
+    """Every family at each ``--family-bottlenecks``, evaluated as a default run is, then
+    each bottleneck's runs compared by ``ae-compare`` (their samples side by side)."""
+    from ae_lightning.compare import compare
+    from ae_lightning.models import families
+
+    seed, rows = args.seeds[0], []
+    for bottleneck in args.family_bottlenecks:
+        folder = runs_dir / f"families_z{bottleneck}"
+        runs = []
+        for family in families():
+            config = FAMILY_CONFIG.get(family, family)
+            own = [f"model.groups={max(1, bottleneck // CODE_DIMS_PER_CODEBOOK)}"]
+            run_dir = folder / f"{family}_z{bottleneck}"
+            named = [f"model={config}", *(own if family == "vqvae" else []),
+                     f"bottleneck={bottleneck}"]  # fmt: skip
+            run = train_with(
+                args, run_dir, *named, f"seed={seed}", "callbacks=minimal", "logger=none",
+                f"eval.nll_samples={args.family_nll_samples}",
+                f"eval.nll_images={args.family_nll_images}", named=named,
+            )  # fmt: skip
+            runs.append(run_dir)
+            epoch_s = [row["epoch_s"] for row in run.get("history", []) if "epoch_s" in row]
+            rows.append(
+                {"family": family, "config": config, "bottleneck": bottleneck,
+                 "recipe_words": run["recipe"], "epochs": run["epochs"],
+                 **{key: run.get(f"test/{key}") for key in (
+                     "mse", "nll", "fd_samples", "fd_recon", "sample_class_entropy",
+                     "knn_acc", "probe_acc", "active_units")},
+                 "epoch_s": round(statistics.median(epoch_s), 2) if epoch_s else None,
+                 "train_time_s": round(run["train_time_s"], 1)}
+            )  # fmt: skip
+        compare(runs, folder / "comparison", args.data_root, "auto", seed)
     return rows
 
 
@@ -778,6 +835,8 @@ def extra_tables(results: dict) -> str:
             f"| {r['plain_test_mse']:.4f} |"
             for r in results["zoo"]
         ]
+    if results.get("families"):
+        lines += family_table(results)
     if results.get("deep30"):
         lines += ["", "deep30 (784-1000-500-250-30): test per-pixel MSE (best val checkpoint)",
                   "", "| recipe | what | epochs | test MSE | best val MSE |",
@@ -807,6 +866,34 @@ def extra_tables(results: dict) -> str:
             for name in ("features", "active_units")
         ]
     return "\n".join(lines)
+
+
+def family_table(results: dict) -> list[str]:
+    """The families rows as Markdown: a dash where a family has no such number."""
+
+    def cell(value: object, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    first = results["families"][0]
+    lines = [
+        "",
+        f"Every family (784-1024-z), {first['epochs']} epochs, batch {results['batch_size']}: "
+        "per-pixel test MSE, test NLL (nats), Fréchet distances of samples (each family's "
+        "own sampler) and reconstructions to the test images, kNN and linear-probe accuracy "
+        "of the codes, active units, median seconds per epoch",
+        "",
+        "| family | z | recipe | test MSE | NLL | FD samples | FD recon | kNN | probe | "
+        "active | s/epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['family']} | {r['bottleneck']} | {r['recipe_words']} | {cell(r['mse'], 4)} | "
+        f"{cell(r['nll'], 1)} | {cell(r['fd_samples'], 2)} | {cell(r['fd_recon'], 2)} | "
+        f"{cell(r['knn_acc'], 3)} | {cell(r['probe_acc'], 3)} | {cell(r['active_units'], 0)} "
+        f"| {cell(r['epoch_s'], 2)} |"
+        for r in results["families"]
+    ]
+    return lines
 
 
 if __name__ == "__main__":

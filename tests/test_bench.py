@@ -130,6 +130,34 @@ def test_quality_benchmark_checks_iwae_and_vqvae_against_plain_loops_and_the_iwa
     assert "| IWAE k=50 |" in table.read_text()
 
 
+def test_quality_benchmark_tables_every_family_and_draws_their_samples_side_by_side(
+    tiny_root, tmp_path
+):
+    from ae_lightning.models import families
+
+    out, table, runs = tmp_path / "quality.json", tmp_path / "quality.md", tmp_path / "runs"
+    run_bench(
+        "quality.py", "--epochs", "1", "--batch-size", "50", "--val-size", "100",
+        "--data-root", str(tiny_root), "--json", str(out), "--markdown", str(table),
+        "--runs-dir", str(runs), "--sections", "families", "--family-bottlenecks", "4",
+        "--family-nll-samples", "5", "--family-nll-images", "20",
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["families"]
+    assert [r["family"] for r in rows] == list(families())
+    by_family = {r["family"]: r for r in rows}
+    for family in ("vae", "iwae", "vamp"):  # a likelihood: an NLL, in nats
+        assert by_family[family]["nll"] > 0
+    for family in ("ae", "sparse", "contractive", "wae", "rae", "vqvae"):
+        assert by_family[family]["nll"] is None
+    assert by_family["ae"]["config"] == "hidden1024"
+    assert "vq 2x512" in by_family["vqvae"]["recipe_words"]  # one codebook per 2 dims
+    for row in rows:
+        assert 0 < row["mse"] < 0.5 and row["epoch_s"] > 0 and row["fd_samples"] > 0
+    text = table.read_text()
+    assert "| vqvae | 4 |" in text and "| ae | 4 |" in text and "| - |" in text
+    assert (runs / "families_z4" / "comparison" / "samples.png").stat().st_size > 10_000
+
+
 def test_quality_benchmark_measures_the_sample_quality_floor_and_the_evaluators(
     tiny_root, tmp_path
 ):
