@@ -181,6 +181,20 @@ def test_quality_benchmark_measures_the_sample_quality_floor_and_the_evaluators(
     assert "| features |" in result.stdout and "Sample quality floor" in result.stdout
 
 
+def test_startup_benchmark_times_each_command_beside_the_lightning_import(tiny_root, tmp_path):
+    out = tmp_path / "startup.json"
+    result = run_bench("startup.py", "--repeats", "1", "--data-root", str(tiny_root),
+                       "--json", str(out))  # fmt: skip
+    data = json.loads(out.read_text())
+    rows = data["seconds"]
+    assert "python train.py --help" in rows and "python train.py debug=fast" in rows
+    assert all(len(times) == 1 and times[0] > 0 for times in rows.values())
+    fast, lightning = rows["python train.py debug=fast"][0], rows[
+        'python -c "import pytorch_lightning"'][0]  # fmt: skip
+    assert data["debug_fast_vs_lightning_import"] == pytest.approx(fast / lightning, abs=0.01)
+    assert "| `ae-export --help` |" in result.stdout
+
+
 def test_denormal_benchmark_trains_both_float_modes_to_the_same_result(tiny_root, tmp_path):
     out = tmp_path / "denormals.json"
     result = run_bench(
