@@ -27,7 +27,9 @@ from common import PROJECT
 COMPLETION_LINE = "python train.py mod"  # what bash hands Hydra when Tab follows "mod"
 
 
-def commands(data_root: str, logs: str) -> dict[str, tuple[list[str], dict[str, str]]]:
+def commands(
+    data_root: str, logs: str, overrides: list[str]
+) -> dict[str, tuple[list[str], dict[str, str]]]:
     """Each row's name, its argv and the environment it adds."""
     python = sys.executable
     return {
@@ -41,7 +43,14 @@ def commands(data_root: str, logs: str) -> dict[str, tuple[list[str], dict[str, 
         "ae-export --help": ([python, "-m", "ae_lightning.cli.export", "--help"], {}),
         'python -c "import pytorch_lightning"': ([python, "-c", "import pytorch_lightning"], {}),
         "python train.py debug=fast": (
-            [python, "train.py", "debug=fast", f"data.root={data_root}", "data.download=false"],
+            [
+                python,
+                "train.py",
+                "debug=fast",
+                f"data.root={data_root}",
+                "data.download=false",
+                *overrides,
+            ],
             {"AE_LOGS_DIR": logs},
         ),
     }
@@ -61,11 +70,14 @@ def main(argv: list[str] | None = None) -> dict:
         "--data-root", default=os.environ.get("AE_DATA_ROOT", str(PROJECT / "data"))
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--override", action="append", default=[], help="another override of the debug=fast run"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as logs:
         rows = {
             name: [round(wall_seconds(command, env), 2) for _ in range(args.repeats)]
-            for name, (command, env) in commands(args.data_root, logs).items()
+            for name, (command, env) in commands(args.data_root, logs, args.override).items()
         }
     lightning = statistics.median(rows['python -c "import pytorch_lightning"'])
     fast = statistics.median(rows["python train.py debug=fast"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT
+from conftest import PROJECT, tiny_overrides
 
 SPEED_KEYS = {
     "reference_epoch_s", "plain_epoch_s", "framework_epoch_s", "framework_vs_plain",
@@ -183,8 +183,9 @@ def test_quality_benchmark_measures_the_sample_quality_floor_and_the_evaluators(
 
 def test_startup_benchmark_times_each_command_beside_the_lightning_import(tiny_root, tmp_path):
     out = tmp_path / "startup.json"
+    small = [f"--override={o}" for o in tiny_overrides(tiny_root)[2:]]  # root: --data-root
     result = run_bench("startup.py", "--repeats", "1", "--data-root", str(tiny_root),
-                       "--json", str(out))  # fmt: skip
+                       "--json", str(out), *small)  # fmt: skip
     data = json.loads(out.read_text())
     rows = data["seconds"]
     assert "python train.py --help" in rows and "python train.py debug=fast" in rows
