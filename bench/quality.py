@@ -623,24 +623,23 @@ def family_rows(args: argparse.Namespace, runs_dir: Path) -> list:
         runs = []
         for family in families():
             config = FAMILY_CONFIG.get(family, family)
-            own = [f"model.groups={max(1, bottleneck // CODE_DIMS_PER_CODEBOOK)}"]
             run_dir = folder / f"{family}_z{bottleneck}"
-            named = [f"model={config}", *(own if family == "vqvae" else []),
-                     f"bottleneck={bottleneck}"]  # fmt: skip
+            named = [f"model={config}", f"bottleneck={bottleneck}"]
+            if family == "vqvae":
+                named.append(f"model.groups={max(1, bottleneck // CODE_DIMS_PER_CODEBOOK)}")
             run = train_with(
                 args, run_dir, *named, f"seed={seed}", "callbacks=minimal", "logger=none",
                 f"eval.nll_samples={args.family_nll_samples}",
                 f"eval.nll_images={args.family_nll_images}", named=named,
             )  # fmt: skip
             runs.append(run_dir)
-            epoch_s = [row["epoch_s"] for row in run.get("history", []) if "epoch_s" in row]
             rows.append(
                 {"family": family, "config": config, "bottleneck": bottleneck,
                  "recipe_words": run["recipe"], "epochs": run["epochs"],
                  **{key: run.get(f"test/{key}") for key in (
                      "mse", "nll", "fd_samples", "fd_recon", "sample_class_entropy",
                      "knn_acc", "probe_acc", "active_units")},
-                 "epoch_s": round(statistics.median(epoch_s), 2) if epoch_s else None,
+                 "epoch_s": round(statistics.median(run["epoch_times_s"]), 2),
                  "train_time_s": round(run["train_time_s"], 1)}
             )  # fmt: skip
         compare(runs, folder / "comparison", args.data_root, "auto", seed)
