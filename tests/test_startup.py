@@ -121,6 +121,7 @@ def test_export_choices_are_the_exporters_formats():
 
 
 PROBE = """
+import gc
 import json
 import sys
 from pytorch_lightning.callbacks import Callback
@@ -134,7 +135,7 @@ class ImportProbe(Callback):
     def on_train_start(self, trainer, pl_module):
         loaded = [m for m in watch.WATCHED if m in sys.modules]
         with open(self.out, "w") as f:
-            json.dump({"ours": watch.OURS, "loaded": loaded}, f)
+            json.dump({"ours": watch.OURS, "loaded": loaded, "frozen": gc.get_freeze_count()}, f)
 """
 # Notes every `import` of a watched package that a module of this package executes, even of
 # one already loaded by a library.
@@ -181,3 +182,4 @@ def test_debug_fast_imports_no_figures_or_probes_of_its_own(tiny_root, tmp_path)
     seen = json.loads(out.read_text())
     assert seen["ours"] == []
     assert "sklearn" not in seen["loaded"]  # no kNN or probe fits: latent_metrics=false
+    assert seen["frozen"] > 100_000  # start-up's objects: out of every collection's walk

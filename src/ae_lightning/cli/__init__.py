@@ -7,6 +7,7 @@ entry points, never on ``import ae_lightning``.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -154,6 +155,19 @@ def refuse_finished_resume(argv: list[str] | None = None) -> None:
             flush=True,
         )
         sys.exit(0)
+
+
+def freeze_start_up_objects() -> None:
+    """Hide what start-up allocated (modules, the config) from Python's garbage collector.
+
+    Those objects live until the process exits, yet every full collection walks all of them
+    again: the one after each job (``release``) and the last one as the interpreter exits,
+    which on a short run cost more than its training. Frozen, a collection walks only what
+    the run itself allocated; objects freed by reference counting are freed as before. Once
+    per process: a sweep's later jobs allocate nothing that lives as long.
+    """
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
 
 
 LOGS_FIX = "make it writable or point AE_LOGS_DIR at a writable folder"

@@ -8,7 +8,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ae_lightning.cli import check_extras, ensure_writable_logs, quiet_console, record_config
+from ae_lightning.cli import (
+    check_extras,
+    ensure_writable_logs,
+    freeze_start_up_objects,
+    quiet_console,
+    record_config,
+)
 from ae_lightning.cli.help import print_help, wants_help
 from ae_lightning.naming import quote_path_overrides
 
@@ -19,6 +25,7 @@ def _eval(cfg: DictConfig) -> float:
     from ae_lightning.policy import run_cli  # the heavy stack, only now
     from ae_lightning.train import evaluate
 
+    freeze_start_up_objects()  # everything is imported: keep the collector off it
     record_config(cfg)
     return run_cli(cfg, task=evaluate)
 

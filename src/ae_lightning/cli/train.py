@@ -13,6 +13,7 @@ from ae_lightning.atomic import refuse_links_out_of_resume
 from ae_lightning.cli import (
     check_extras,
     ensure_writable_logs,
+    freeze_start_up_objects,
     quiet_console,
     record_config,
     refuse_finished_resume,
@@ -26,6 +27,7 @@ def _train(cfg: DictConfig) -> float:
     quiet_console()  # again here: a sweep's job may run in a fresh worker process
     from ae_lightning.policy import run_cli  # the heavy stack, only now that a run starts
 
+    freeze_start_up_objects()  # everything is imported: keep the collector off it
     record_config(cfg)
     return run_cli(cfg)
 
