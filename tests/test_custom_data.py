@@ -110,6 +110,21 @@ def test_grey_npz_trains_draws_exports_and_reloads_at_its_shape(grey_run):
         run.encode(np.zeros((2, 28, 28), np.uint8))
 
 
+def test_numbered_classes_of_ones_own_data_are_classes_not_digits(tmp_path):
+    """Labels 0-9 in an .npz say nothing about digits: the scatter's legend says "class"."""
+    from ae_lightning.data import NpzDataModule
+    from ae_lightning.plots import scatter_figure
+
+    images, _ = grey_images(n=100)
+    np.savez(tmp_path / "x.npz", images=images, labels=np.arange(100) % 10)
+    data = NpzDataModule(path=str(tmp_path / "x.npz"), test_size=20, val_size=20)
+    assert data.class_names == tuple(str(c) for c in range(10))
+    labels = torch.arange(30) % 10
+    fig = scatter_figure(torch.randn(30, 2), labels, "codes", class_names=data.class_names,
+                         label_word=data.label_word)  # fmt: skip
+    assert fig.legends[0].get_title().get_text() == "class"
+
+
 def test_label_free_npz_skips_the_label_metrics_and_says_so(tmp_path):
     images, _ = grey_images()
     np.savez(tmp_path / "bars.npz", images=images)

@@ -34,7 +34,10 @@ def test_each_dataset_loads_and_names_its_classes_in_the_legend(
     data.prepare_data()
     assert len(data.split("train")[0]) == 500 and len(data.split("test")[0]) == 200
     labels = torch.arange(10).repeat(3)
-    fig = scatter_figure(torch.randn(30, 2), labels, "codes", class_names=data.class_names)
+    fig = scatter_figure(
+        torch.randn(30, 2), labels, "codes", class_names=data.class_names,
+        label_word=data.label_word,
+    )  # fmt: skip
     legend = [text.get_text() for text in fig.legends[0].texts]
     assert legend[0] == first and legend[-1] == last and len(legend) == 10
     assert fig.legends[0].get_title().get_text() == ("digit" if dataset == "mnist" else "class")

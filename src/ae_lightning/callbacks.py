@@ -586,7 +586,7 @@ class CodesCache(Callback):
 
 
 class ScatterFigure(FigureCallback):
-    """The test set's codes coloured by digit; PCA (or the first two axes) above 2-D."""
+    """The test set's codes coloured by label; PCA (or the first two axes) above 2-D."""
 
     name = "scatter"
 
@@ -602,12 +602,14 @@ class ScatterFigure(FigureCallback):
             what = f"{codes.shape[1]}-D test codes, {how}"
         else:
             what = "2-D test codes"
-        labelled = getattr(trainer.datamodule, "has_labels", True)
+        data = trainer.datamodule
+        labelled = getattr(data, "has_labels", True)
         if not labelled:
             what += ", not coloured (the data has no labels)"
         return scatter_figure(
             projection(codes), labels if labelled else None, f"{what}\n{title}",
-            projection.axis_labels, class_names=getattr(trainer.datamodule, "class_names", None),
+            projection.axis_labels, class_names=getattr(data, "class_names", None),
+            label_word=getattr(data, "label_word", "class"),
         )  # fmt: skip
 
 

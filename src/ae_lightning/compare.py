@@ -122,12 +122,13 @@ def _figures(
         dims = f"{codes.shape[1]}-D" + (", PCA" if projection.method == "pca" else "")
         titles.append(f"{name}\n({dims}, test MSE {run.metrics.get('test/mse', float('nan')):.4f})")
     labelled = datamodule.has_labels
-    coloured = "coloured by " + ("digit" if datamodule.dataset == "mnist" else "class")
+    coloured = f"coloured by {datamodule.label_word}"
     figures["scatter"] = scatter_figure(
         torch.stack(panels), test_labels if labelled else None,
         f"{datamodule.display_name} test codes "
         + (coloured if labelled else "(not coloured: the data has no labels)"),
         axis_labels, ax_titles=titles, class_names=datamodule.class_names,
+        label_word=datamodule.label_word,
     )  # fmt: skip
 
     originals, _ = datamodule.probe_images(64)

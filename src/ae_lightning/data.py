@@ -439,6 +439,11 @@ class MNISTDataModule(pl.LightningDataModule):
         return DATASETS[self.dataset][1]
 
     @property
+    def label_word(self) -> str:
+        """What one label is, for legends and captions: a digit on MNIST, a class elsewhere."""
+        return "digit" if self.dataset == "mnist" else "class"
+
+    @property
     def metric_names(self) -> list[str]:
         """Each class's word in ``test/mse_<word>`` (``digit3``, ``t_shirt_top``)."""
         return [metric_suffix(self.dataset, c) for c in range(len(self.class_names))]
