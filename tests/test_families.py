@@ -109,7 +109,10 @@ def test_checkpoints_of_older_code_load_and_reconstruct_as_before(name):
     model = load_autoencoder(DATA / f"{name}.ckpt")
     assert model.family == {"main_linear_ae": "ae", "main_vae": "vae"}[name]
     with torch.no_grad():
-        assert torch.equal(model(expected["images"]), expected[name])
+        reconstructions = model(expected["images"])
+    # To a few float32 ulps, not bit for bit: another CPU's matmul kernels round the last bit
+    # differently from the machine that wrote the file; a wrongly mapped weight is far off.
+    torch.testing.assert_close(reconstructions, expected[name], rtol=0, atol=1e-6)
 
 
 def test_an_older_checkpoint_continues_and_one_of_another_family_is_refused(tiny_root, tmp_path):
