@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import struct
 import subprocess
@@ -19,8 +20,15 @@ PROJECT = Path(__file__).resolve().parents[1]
 # The sample-quality classifier's fallback cache (a read-only data copy cannot hold it): one
 # per test session, shared by its subprocesses, never the user's own ~/.cache.
 os.environ.setdefault("AE_CACHE_DIR", tempfile.mkdtemp(prefix="ae_test_cache_"))
+
 CONF = PROJECT / "src" / "ae_lightning" / "conf"
 TINY_TRAIN, TINY_TEST = 600, 200
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Every test module is imported: freeze that heap, as the CLI does after its imports, so
+    each in-process job's collection (``release``) walks only the objects tests made since."""
+    gc.freeze()
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
