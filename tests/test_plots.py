@@ -33,6 +33,9 @@ def test_scatter_has_ten_digit_groups_a_legend_and_equal_axes():
     assert len(groups) == 10 and sum(len(c.get_offsets()) for c in groups) == 300
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [str(d) for d in range(10)]
     assert ax.get_aspect() == 1.0 and ax.get_xlabel() == "a"
+    assert fig.legends[0].get_title().get_text() == "digit"  # the default names: digits
+    named = scatter_figure(points, labels, "title", class_names="abcdefghij")
+    assert named.legends[0].get_title().get_text() == "class"
 
 
 def test_scatter_panels_side_by_side():

@@ -78,13 +78,14 @@ def scatter_figure(
     axis_labels: Sequence[str] | Sequence[Sequence[str]] = ("z[0]", "z[1]"),
     ax_titles: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
-    label_word: str = "digit",
+    label_word: str | None = None,
 ) -> Figure:
     """2-D codes coloured by class, with a legend of the classes and equal axes.
 
     ``points`` is ``(N, 2)`` or, for several panels side by side, ``(P, N, 2)``;
     ``class_names`` name the labels 0, 1, ... in the legend (the digits 0-9 by default), and
-    ``label_word`` titles it (the data module's: ``digit`` or ``class``).
+    ``label_word`` titles it (the data module's ``digit`` or ``class``; by default ``digit``
+    for the default names, else ``class``).
     ``axis_labels`` one (x, y) pair for all panels or one pair per panel. ``labels`` None
     (label-free data): one colour, no legend.
     """
@@ -118,8 +119,8 @@ def scatter_figure(
     if labelled:
         handles, shown = axes[-1].get_legend_handles_labels()
         fig.legend(
-            handles, shown, title=label_word, loc="outside right center",
-            frameon=False, markerscale=12 / marker_size**0.5,
+            handles, shown, title=label_word or ("digit" if class_names is None else "class"),
+            loc="outside right center", frameon=False, markerscale=12 / marker_size**0.5,
         )  # fmt: skip
         for handle in fig.legends[0].legend_handles:
             handle.set_alpha(1.0)
