@@ -5,6 +5,7 @@
 # own time limit, a failure does not stop the next, and everything lands in one tarball.
 #
 #   bash bench/gpu_check.sh OUTDIR [SECONDS]   # SECONDS: the whole script's budget (540)
+#   STEPS=zoo bash bench/gpu_check.sh OUTDIR    # a second call: the zoo's families on the card
 #
 # Offline machines: wheels in .whl/ (hydra-core, omegaconf, antlr4) are installed to
 # /tmp/site, and MNIST in .carry/MNIST/raw/*.gz is unpacked to /tmp/data (AE_DATA_ROOT).
@@ -49,6 +50,13 @@ STEPS=${STEPS:-tests speed quality}  # a later session may rerun one part
 # 2. Speed, alone on the card.
 [[ $STEPS == *speed* ]] && TAIL=6 step speed 240 python3 bench/speed.py --device cuda --json "$RES/speed.json"
 
+# 2b. The zoo on the card (opt in: STEPS=zoo, a second call's budget): every family's
+# seconds per epoch with CUDA graphs where its maths allows, plus its quality row. Alone on
+# the card, as the speed step: its s/epoch column is a speed claim.
+[[ $STEPS == *zoo* ]] && TAIL=14 step zoo "$(left)" python3 bench/quality.py --device cuda \
+    --sections families --epochs "${ZOO_EPOCHS:-25}" --family-bottlenecks 16 \
+    --runs-dir /tmp/zoo --json "$RES/zoo16.json" --markdown "$RES/zoo16.md"
+
 # 3. Quality, in parallel (one CPU thread each): the documented command graphed and eager;
 # the deep30 recipes.
 export OMP_NUM_THREADS=1
@@ -59,15 +67,17 @@ for mode in $([[ $STEPS == *quality* ]] && echo true false); do
         >"$RES/h1024_graphs_$mode.log" 2>&1 &
     pids+=($!)
 done
-i=0
-while read -r recipe; do
-    i=$((i + 1))
-    timeout "$(left)" python3 bench/quality.py --device cuda --sections deep30 \
-        --deep-recipes "$recipe" --json "$RES/deep30_$i.json" --runs-dir /tmp/deep30 \
-        >"$RES/deep30_$i.log" 2>&1 &
-    pids+=($!)
-done < <(python3 -c "import sys; sys.path.insert(0, 'bench'); import quality
+if [[ $STEPS == *quality* ]]; then
+    i=0
+    while read -r recipe; do
+        i=$((i + 1))
+        timeout "$(left)" python3 bench/quality.py --device cuda --sections deep30 \
+            --deep-recipes "$recipe" --json "$RES/deep30_$i.json" --runs-dir /tmp/deep30 \
+            >"$RES/deep30_$i.log" 2>&1 &
+        pids+=($!)
+    done < <(python3 -c "import sys; sys.path.insert(0, 'bench'); import quality
 print('\n'.join(quality.DEEP_RECIPES))" | grep -x -E "${DEEP30:-.*}")
+fi
 for pid in "${pids[@]}"; do wait "$pid"; done
 echo "=== quality runs done after $(($(date +%s) - START)) s"
 for mode in $([[ $STEPS == *quality* ]] && echo true false); do
@@ -79,6 +89,6 @@ for mode in $([[ $STEPS == *quality* ]] && echo true false); do
     grep -h "training steps" "$RES/h1024_graphs_$mode.log" | head -2
 done
 cp /tmp/h1024_z10_graphs_true/figures/*.png "$RES/" 2>/dev/null
-grep -h "^| " "$RES"/deep30_*.log | sort -u
+grep -hs "^| " "$RES"/deep30_*.log | sort -u
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "=== all done after $(($(date +%s) - START)) s"
