@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_check.sh OUTDIR [SECONDS]   # SECONDS: the whole script's budget (540)
 #   STEPS=zoo bash bench/gpu_check.sh OUTDIR    # a second call: the zoo's families on the card
+#   STEPS=quality DEEP30='deep30 .*' DEEP_EPOCHS=150 bash bench/gpu_check.sh OUTDIR  # some recipes
 #
 # Offline machines: wheels in .whl/ (hydra-core, omegaconf, antlr4) are installed to
 # /tmp/site, and MNIST in .carry/MNIST/raw/*.gz is unpacked to /tmp/data (AE_DATA_ROOT).
@@ -50,6 +51,13 @@ STEPS=${STEPS:-tests speed quality}  # a later session may rerun one part
 # 2. Speed, alone on the card.
 [[ $STEPS == *speed* ]] && TAIL=6 step speed 240 python3 bench/speed.py --device cuda --json "$RES/speed.json"
 
+# 2a. Where a graphed `linear` epoch's time goes (issue 21 item 5: 1.99x the graphed plain
+# loop on an H100, target 1.3x): Lightning's simple profiler over the speed benchmark's
+# settings (checkpoints on, figures off), alone on the card.
+[[ $STEPS == *speed* ]] && TAIL=40 step profile 120 python3 train.py model=linear trainer=gpu \
+    debug=profile trainer.max_epochs=15 callbacks=none run_dir=/tmp/profile_linear \
+    && cp /tmp/profile_linear/fit-profile.txt "$RES/linear-fit-profile.txt"
+
 # 2b. The zoo on the card (opt in: STEPS=zoo, a second call's budget): every family's
 # seconds per epoch with CUDA graphs where its maths allows, plus its quality row. Alone on
 # the card, as the speed step: its s/epoch column is a speed claim.
@@ -72,7 +80,8 @@ if [[ $STEPS == *quality* ]]; then
     while read -r recipe; do
         i=$((i + 1))
         timeout "$(left)" python3 bench/quality.py --device cuda --sections deep30 \
-            --deep-recipes "$recipe" --json "$RES/deep30_$i.json" --runs-dir /tmp/deep30 \
+            --deep-recipes "$recipe" --deep-epochs "${DEEP_EPOCHS:-100}" \
+            --json "$RES/deep30_$i.json" --runs-dir /tmp/deep30 \
             >"$RES/deep30_$i.log" 2>&1 &
         pids+=($!)
     done < <(python3 -c "import sys; sys.path.insert(0, 'bench'); import quality
