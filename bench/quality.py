@@ -140,6 +140,15 @@ DEEP_RECIPES = {
     "silu + batch 64 + cosine": [
         *DEEP_DEFAULT, "model.activation=silu", "data.batch_size=64", "scheduler=cosine"
     ],
+    # Longer schedules overfit (train MSE half the validation's), so these add a regulariser.
+    "deep30 + gaussian 0.2": ["experiment=deep30", "model.corruption=gaussian",
+                              "model.corruption_level=0.2"],
+    "deep30 + adamw 0.01": ["experiment=deep30", "optimizer=adamw",
+                            "model.optimizer.weight_decay=0.01"],
+    # A sigmoid's gradient vanishes at the near-0 background pixels; a linear output has none.
+    "deep30 + linear output": ["experiment=deep30", "model.output=linear"],
+    # The classic deep autoencoders (Hinton and Salakhutdinov 2006) trained on cross-entropy.
+    "deep30 + bce": ["experiment=deep30", "model.loss=bce"],
 }  # fmt: skip
 
 

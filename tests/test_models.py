@@ -58,6 +58,25 @@ def test_vae_at_beta_zero_and_zero_variance_is_the_deterministic_autoencoder():
     assert torch.equal(vae.encode(x), vae.encoder.distribution(x)[0])  # encode is the mean
 
 
+def test_bce_loss_is_the_cross_entropy_of_the_logits_by_hand_and_mse_stays_the_metric():
+    torch.manual_seed(0)
+    model = Autoencoder(bottleneck=3, hidden=[16], loss="bce")
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():  # the decoder's last layer outputs logit 0 for every pixel: p = 1/2
+        last = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.zero_()
+        last.bias.zero_()
+    loss, terms = model.training_loss(x)
+    # -(x log 1/2 + (1 - x) log 1/2) = log 2 at every pixel, whatever x is.
+    assert loss.item() == pytest.approx(math.log(2))
+    assert terms["mse"].item() == pytest.approx(((0.5 - x) ** 2).mean().item())
+    assert set(model.evaluation_terms(x)) == {"mse"}  # evaluation is the same MSE as ever
+    loss.backward()  # the gradient is sigmoid(logit) - x per pixel, here 1/2 - x, averaged
+    expected = (0.5 - x).flatten(1).mean(0) / x[0].numel()
+    assert torch.allclose(last.bias.grad, expected, atol=1e-7)
+    assert model.recipe_words() == ["bce loss"] and Autoencoder().recipe_words() == []
+
+
 def test_kl_warm_up_ramps_beta_linearly():
     assert [kl_weight(2.0, step, 4) for step in (0, 2, 4, 100)] == [0.0, 1.0, 2.0, 2.0]
     assert kl_weight(0.5, 0, 0) == 0.5
@@ -82,6 +101,12 @@ def test_bad_model_options_are_one_sentence():
         Autoencoder(corruption="salt")
     with pytest.raises(UserError, match="corruption_level=1.5"):
         Autoencoder(corruption="mask", corruption_level=1.5)
+    with pytest.raises(UserError, match="model.loss='l1' is not a choice"):
+        Autoencoder(loss="l1")
+    with pytest.raises(UserError, match="model.loss=bce needs pixels in"):
+        Autoencoder(loss="bce", output="linear")
+    with pytest.raises(UserError, match="the vae family minimises its own objective"):
+        VariationalAutoencoder(loss="bce")
 
 
 def test_vae_run_logs_its_terms_and_its_checkpoint_loads_as_data(tiny_root, tmp_path):
@@ -108,6 +133,21 @@ def test_vae_run_logs_its_terms_and_its_checkpoint_loads_as_data(tiny_root, tmp_
     assert checkpoint["model_family"] == "vae" and checkpoint["hyper_parameters"]["beta"] == 1.0
     model = load_autoencoder(path)
     assert isinstance(model, VariationalAutoencoder) and model.hparams["hidden"] == [64]
+
+
+def test_a_bce_run_logs_both_terms_tests_mse_and_reloads_with_its_loss(tiny_root, tmp_path):
+    run_dir = tmp_path / "bce"
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), "model=hidden1024", "model.hidden=[64]", "model.loss=bce",
+         "trainer.max_epochs=2", "callbacks=minimal", "logger=csv", "latent_metrics=false"],
+        run_dir=run_dir,
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert "bce loss" in metrics["recipe"] and 0 < metrics["test/mse"] < 0.2
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/bce", "train/mse", "val/mse"} <= set(header)
+    model = load_autoencoder(metrics["test_checkpoint"])
+    assert model.loss == "bce" and model.hparams["loss"] == "bce"
 
 
 def test_denoising_run_is_tested_on_clean_images(tiny_root, tmp_path):

@@ -13,6 +13,8 @@ from ae_lightning.nets import IMAGE_SHAPE, OUTPUTS, Encoder, build_encoder_decod
 from ae_lightning.objectives import CORRUPTIONS, corrupt
 from ae_lightning.system import TrainingSystem, check_choice
 
+LOSSES = ("mse", "bce")  # the plain autoencoder's training losses (model.loss)
+
 
 class Autoencoder(TrainingSystem):
     """The encoder f and decoder g MLPs; the family contract with the plain AE's answers.
@@ -44,11 +46,14 @@ class Autoencoder(TrainingSystem):
       MLPs (pseudo-inputs, codebooks) for the model's config ``knobs``.
 
     ``dropout`` drops hidden units in training; ``output`` is the decoder's last layer:
-    ``sigmoid`` (pixels in (0, 1), like the targets) or ``linear`` (unbounded; the loss is MSE
-    either way). ``corruption`` (``gaussian`` noise of std ``corruption_level``, or ``mask``:
-    pixels zeroed with probability ``corruption_level``) makes a denoising autoencoder: the
-    input is corrupted in training only, the target and every evaluation stay clean. The
-    training knobs (optimizer, scheduler, engine) go on to ``TrainingSystem``.
+    ``sigmoid`` (pixels in (0, 1), like the targets) or ``linear`` (unbounded). ``loss`` is
+    what the plain AE minimises: ``mse`` (per pixel) or ``bce``, the binary cross-entropy of
+    the sigmoid's logits, whose gradient does not vanish where the sigmoid saturates (the
+    classic deep autoencoders' loss); every evaluation reports MSE either way.
+    ``corruption`` (``gaussian`` noise of std ``corruption_level``, or ``mask``: pixels zeroed
+    with probability ``corruption_level``) makes a denoising autoencoder: the input is
+    corrupted in training only, the target and every evaluation stay clean. The training knobs
+    (optimizer, scheduler, engine) go on to ``TrainingSystem``.
     """
 
     family = "ae"
@@ -66,6 +71,7 @@ class Autoencoder(TrainingSystem):
         decoder_hidden: Sequence[int] | None = None,
         dropout: float = 0.0,
         output: str = "sigmoid",
+        loss: str = "mse",
         corruption: str = "none",
         corruption_level: float = 0.0,
         image_shape: Sequence[int] = IMAGE_SHAPE,
@@ -74,6 +80,17 @@ class Autoencoder(TrainingSystem):
         super().__init__(**kwargs)
         check_choice("model.output", output, OUTPUTS)
         check_choice("model.corruption", corruption, CORRUPTIONS)
+        check_choice("model.loss", loss, LOSSES)
+        if loss != "mse" and self.family != "ae":
+            raise UserError(
+                f"model.loss={loss} is the plain autoencoder's; the {self.family} family "
+                "minimises its own objective: leave model.loss=mse (see its config's knobs)."
+            )
+        if loss == "bce" and output != "sigmoid":
+            raise UserError(
+                f"model.loss=bce needs pixels in (0, 1) but model.output={output}: use "
+                "model.output=sigmoid, or model.loss=mse."
+            )
         if not 0 <= dropout < 1:
             raise UserError(f"model.dropout={dropout!r} is not in [0, 1): use e.g. 0.1.")
         if corruption_level < 0 or (corruption == "mask" and corruption_level >= 1):
@@ -88,6 +105,7 @@ class Autoencoder(TrainingSystem):
         )  # fmt: skip
         self.image_shape = tuple(int(d) for d in image_shape)
         self.corruption, self.corruption_level = corruption, corruption_level
+        self.loss = loss
         # Lightning's model summary runs it once, so the table shows each part's input and
         # output sizes and real FLOPs (without one: a FLOPs column of 0).
         self.example_input_array = torch.zeros(1, *self.image_shape)
@@ -113,8 +131,12 @@ class Autoencoder(TrainingSystem):
         return self.encoder.bottleneck
 
     def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-pixel MSE of the reconstruction of corrupted inputs (denoising) against ``x``."""
+        """Per-pixel MSE (or BCE) of the reconstruction of corrupted inputs against ``x``."""
         inputs = corrupt(x, self.corruption, self.corruption_level)
+        if self.loss == "bce":
+            logits = self.decoder.logits(self.encode(inputs))
+            bce = F.binary_cross_entropy_with_logits(logits, x)  # mean per pixel
+            return bce, {"bce": bce, "mse": F.mse_loss(torch.sigmoid(logits).detach(), x)}
         loss = F.mse_loss(self(inputs), x)  # mean squared error per pixel
         return loss, {"mse": loss}
 
@@ -130,8 +152,8 @@ class Autoencoder(TrainingSystem):
         return None
 
     def recipe_words(self) -> list[str]:
-        """The shared knobs are described by ``train.describe_run``: nothing of its own."""
-        return []
+        """The shared knobs are described by ``train.describe_run``; the loss if not MSE."""
+        return ["bce loss"] if self.loss == "bce" else []
 
 
 class PenalisedAutoencoder(Autoencoder):
