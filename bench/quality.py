@@ -37,7 +37,8 @@ codebook per 2 code dimensions. ``ae-compare`` then draws each bottleneck's samp
 family side by side (``<runs-dir>/families_z<z>/comparison/samples.png``).
 
 ``deep30``: experiment=deep30 beside the same 784-1000-500-250-30 model with the default
-recipe (Adam 1e-3, clean inputs), both for ``--deep-epochs`` epochs (100 by default).
+recipe (Adam 1e-3, clean inputs), both for ``--deep-epochs`` epochs (100 by default; the
+experiment's own schedule is 150).
 
 ``sample_quality``: the floor of ``test/fd_*``, the Fréchet distance of the test images to
 as many official training images in the sample-quality CNN's features (trained, or read
@@ -109,6 +110,8 @@ PAPER_MODELS = {
 }
 DEEP_DEFAULT = ["model=deep", "model.hidden=[1000,500,250]", "bottleneck=30"]
 MASK = ["model.corruption=mask"]
+DEEP30_ELU = [*DEEP_DEFAULT, "model.activation=elu", "model.optimizer.lr=2e-3", "scheduler=cosine"]
+ADAMW, BCE = ["optimizer=adamw"], "model.loss=bce"
 # The recipes tried for experiment=deep30 (BENCHMARKS.md, "deep30"), each a set of overrides.
 DEEP_RECIPES = {
     "default recipe": DEEP_DEFAULT,
@@ -134,21 +137,24 @@ DEEP_RECIPES = {
     "lr 3e-4": [*DEEP_DEFAULT, "model.optimizer.lr=3e-4"],
     "lr 3e-3 + cosine": [*DEEP_DEFAULT, "model.optimizer.lr=3e-3", "scheduler=cosine"],
     "batch 64": [*DEEP_DEFAULT, "data.batch_size=64"],
-    "elu + lr 2e-3 + cosine": [
-        *DEEP_DEFAULT, "model.activation=elu", "model.optimizer.lr=2e-3", "scheduler=cosine"
-    ],
+    "elu + lr 2e-3 + cosine": DEEP30_ELU,
     "silu + batch 64 + cosine": [
         *DEEP_DEFAULT, "model.activation=silu", "data.batch_size=64", "scheduler=cosine"
     ],
+    # From here on built on "elu + lr 2e-3 + cosine", experiment=deep30 until 2026-12-03.
     # Longer schedules overfit (train MSE half the validation's), so these add a regulariser.
-    "deep30 + gaussian 0.2": ["experiment=deep30", "model.corruption=gaussian",
+    "deep30 + gaussian 0.2": [*DEEP30_ELU, "model.corruption=gaussian",
                               "model.corruption_level=0.2"],
-    "deep30 + adamw 0.01": ["experiment=deep30", "optimizer=adamw",
-                            "model.optimizer.weight_decay=0.01"],
-    # A sigmoid's gradient vanishes at the near-0 background pixels; a linear output has none.
-    "deep30 + linear output": ["experiment=deep30", "model.output=linear"],
+    "deep30 + adamw 0.01": [*DEEP30_ELU, *ADAMW, "model.optimizer.weight_decay=0.01"],
     # The classic deep autoencoders (Hinton and Salakhutdinov 2006) trained on cross-entropy.
-    "deep30 + bce": ["experiment=deep30", "model.loss=bce"],
+    "deep30 + bce": [*DEEP30_ELU, BCE],
+    "deep30 + bce + adamw 0.01": [*DEEP30_ELU, BCE, *ADAMW, "model.optimizer.weight_decay=0.01"],
+    # "deep30 + bce + adamw 0.05" at 150 epochs is experiment=deep30 since 2026-12-03.
+    "deep30 + bce + adamw 0.05": [*DEEP30_ELU, BCE, *ADAMW, "model.optimizer.weight_decay=0.05"],
+    "deep30 + bce + adamw 0.1": [*DEEP30_ELU, BCE, *ADAMW, "model.optimizer.weight_decay=0.1"],
+    "deep30 + bce + adamw 0.2": [*DEEP30_ELU, BCE, *ADAMW, "model.optimizer.weight_decay=0.2"],
+    "deep30 + bce + gaussian 0.1": [*DEEP30_ELU, BCE, "model.corruption=gaussian",
+                                    "model.corruption_level=0.1"],
 }  # fmt: skip
 
 
