@@ -149,9 +149,9 @@ DEEP_RECIPES = {
     # The classic deep autoencoders (Hinton and Salakhutdinov 2006) trained on cross-entropy.
     "deep30 + bce": [*DEEP30_ELU, BCE],
     "deep30 + bce + adamw 0.01": [*DEEP30_ELU, BCE, *ADAMW, "model.optimizer.weight_decay=0.01"],
-    # "deep30 + bce + adamw 0.05" at 150 epochs is experiment=deep30 since 2026-12-03.
     "deep30 + bce + adamw 0.05": [*DEEP30_ELU, BCE, *ADAMW, "model.optimizer.weight_decay=0.05"],
     "deep30 + bce + adamw 0.1": [*DEEP30_ELU, BCE, *ADAMW, "model.optimizer.weight_decay=0.1"],
+    # "deep30 + bce + adamw 0.2" at 150 epochs is experiment=deep30 since 2026-12-03.
     "deep30 + bce + adamw 0.2": [*DEEP30_ELU, BCE, *ADAMW, "model.optimizer.weight_decay=0.2"],
     "deep30 + bce + gaussian 0.1": [*DEEP30_ELU, BCE, "model.corruption=gaussian",
                                     "model.corruption_level=0.1"],

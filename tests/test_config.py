@@ -49,7 +49,7 @@ def test_an_experiment_wins_over_the_top_level_defaults(tmp_path):
     assert list(cfg.model.hidden) == [1000, 500, 250] and cfg.trainer.max_epochs == 150
     assert cfg.model.activation == "elu" and cfg.model.loss == "bce"
     assert cfg.model.optimizer._target_ == "torch.optim.AdamW"
-    assert cfg.model.optimizer.lr == 2e-3 and cfg.model.optimizer.weight_decay == 0.05
+    assert cfg.model.optimizer.lr == 2e-3 and cfg.model.optimizer.weight_decay == 0.2
     assert cfg.model.scheduler.T_max == 150  # the cosine decays over the whole run
     overridden = compose_cfg(["experiment=deep30", "bottleneck=10"], run_dir=tmp_path)
     assert overridden.bottleneck == 10  # the command line still wins
@@ -58,7 +58,7 @@ def test_an_experiment_wins_over_the_top_level_defaults(tmp_path):
 def test_the_recipe_in_words_names_what_differs_from_the_defaults(tmp_path):
     cfg = compose_cfg(["experiment=deep30", "data.batch_size=64"], run_dir=tmp_path)
     words = describe_run(cfg, instantiate(cfg.model, _convert_="all"))
-    assert words["recipe"] == "adamw lr=0.002 wd=0.05, cosine, elu, batch 64, bce loss"
+    assert words["recipe"] == "adamw lr=0.002 wd=0.2, cosine, elu, batch 64, bce loss"
     plain = compose_cfg(["model=hidden1024"], run_dir=tmp_path)
     assert describe_run(plain, instantiate(plain.model, _convert_="all"))["recipe"] == (
         "adam lr=0.001"
