@@ -9,7 +9,8 @@
 #   STEPS=quality DEEP30='.*' DEEP_EPOCHS=100 bash bench/gpu_check.sh OUTDIR  # every recipe
 #
 # Offline machines: wheels in .whl/ (hydra-core, omegaconf, antlr4) are installed to
-# /tmp/site, and MNIST in .carry/MNIST/raw/*.gz is unpacked to /tmp/data (AE_DATA_ROOT).
+# /tmp/site, and MNIST in .carry/MNIST/raw/*.gz is unpacked to /tmp/data (AE_DATA_ROOT);
+# bench/gpu_prepare.sh builds both folders here.
 set -u
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [SECONDS]}
 BUDGET=${2:-540}
