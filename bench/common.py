@@ -9,9 +9,14 @@ from typing import Any
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
+from ae_lightning.cli import quiet_console
 from ae_lightning.train import train
 
 PROJECT = Path(__file__).resolve().parents[1]
+
+# The benchmarks' logs read as a run's console does: without the third-party deprecation
+# warnings and adverts that `train.py` hides (torch 2.14's pytree warning once per fit).
+quiet_console()
 
 
 def train_with(
