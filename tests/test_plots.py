@@ -79,6 +79,10 @@ def test_tiles_keep_pixel_values_and_render_to_rgb():
 
 def test_many_panels_wrap_into_rows_that_keep_their_size():
     assert grid_shape(1) == (1, 1) and grid_shape(4) == (1, 4) and grid_shape(7) == (2, 4)
+    # Even rows: the reference sweep's four runs and their test images, at four a row, are
+    # 3 + 2 (not 4 + 1); four scatter panels at three a row are 2 x 2.
+    assert grid_shape(5) == (2, 3) and grid_shape(4, 3) == (2, 2) and grid_shape(10) == (3, 4)
+    assert grid_shape(0) == (1, 1)
     one, seven = samples_figure([IMAGES], "t"), samples_figure([IMAGES] * 7, "t", names="abcdefg")
     shown = [ax for ax in seven.axes if ax.get_visible()]
     assert [ax.get_title() for ax in shown] == list("abcdefg")  # reading order, spares hidden

@@ -34,9 +34,13 @@ MAX_COLUMNS = 4
 
 
 def grid_shape(panels: int, max_columns: int = MAX_COLUMNS) -> tuple[int, int]:
-    """``(rows, columns)`` for ``panels`` side by side, at most ``max_columns`` a row."""
-    columns = max(1, min(panels, max_columns))
-    return -(-panels // columns), columns
+    """``(rows, columns)`` for ``panels`` side by side, at most ``max_columns`` a row.
+
+    The rows are as even as the count allows (five panels are 3 + 2, four at three a row
+    are 2 + 2), so no row ends in one panel beside an empty stretch.
+    """
+    rows = max(1, -(-panels // max(1, max_columns)))
+    return rows, max(1, -(-panels // rows))
 
 
 def _panel_axes(fig: Figure, panels: int, max_columns: int = MAX_COLUMNS) -> list:
