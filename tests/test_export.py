@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ae_lightning.api import load_run
+from ae_lightning.cli.export import main as export_main
 from ae_lightning.errors import UserError
-from ae_lightning.export import main as export_main
 from ae_lightning.extras import check_command_line, require
 from ae_lightning.train import train
 from conftest import compose_cfg, tiny_overrides

@@ -71,7 +71,7 @@ def run_main(module, args, capsys):
 
     An exception escaping ``main`` fails the test, as a traceback would.
     """
-    main = importlib.import_module(f"ae_lightning.{module}").main
+    main = importlib.import_module(f"ae_lightning.cli.{module}").main
     try:
         main([str(a) for a in args])
         code = 0

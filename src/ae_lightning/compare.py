@@ -19,7 +19,6 @@ import torch
 
 from ae_lightning import markdown, runfolder
 from ae_lightning.callbacks import save_png
-from ae_lightning.cli.compare import main  # noqa: F401  (`python -m ae_lightning.compare`)
 from ae_lightning.data import MNISTDataModule, to_unit_float
 from ae_lightning.errors import UserError
 from ae_lightning.latent import (
@@ -397,5 +396,7 @@ def _check_writable(out: Path) -> None:
         ) from None
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m ae_lightning.compare`; the CLI lives in cli/compare.py
+    from ae_lightning.cli.compare import main
+
     main()

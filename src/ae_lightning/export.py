@@ -20,7 +20,6 @@ import torch
 
 from ae_lightning.api import load_run
 from ae_lightning.atomic import check_no_links_out, write_atomic
-from ae_lightning.cli.export import main  # noqa: F401  (`python -m ae_lightning.export`)
 from ae_lightning.errors import UserError
 from ae_lightning.extras import require
 
@@ -108,5 +107,7 @@ def export_run(
     return out
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m ae_lightning.export`; the CLI lives in cli/export.py
+    from ae_lightning.cli.export import main
+
     main()
