@@ -155,6 +155,7 @@ DEEP_RECIPES = {
     "deep30 + bce + adamw 0.2": [*DEEP30_ELU, BCE, *ADAMW, "model.optimizer.weight_decay=0.2"],
     "deep30 + bce + gaussian 0.1": [*DEEP30_ELU, BCE, "model.corruption=gaussian",
                                     "model.corruption_level=0.1"],
+    "deep30 + bce + adamw 0.4": [*DEEP30_ELU, BCE, *ADAMW, "model.optimizer.weight_decay=0.4"],
 }  # fmt: skip
 
 
