@@ -109,12 +109,15 @@ def test_two_runs_started_together_get_their_own_folders(tiny_root, tmp_path):
     assert len(runs) == 2 and all((r / "metrics.json").is_file() for r in runs)
 
 
-def test_two_process_ddp_on_cpu_trains_into_one_run_folder(tiny_root, tmp_path):
-    """`trainer=ddp` with the in-memory loader: each rank takes its own shard (gloo, CPU)."""
+@pytest.mark.parametrize("loader", ["memory", "dataloader"])
+def test_two_process_ddp_on_cpu_trains_into_one_run_folder(tiny_root, tmp_path, loader):
+    """`trainer=ddp`: each rank takes its own shard (gloo, CPU), with either loader (a torch
+    DataLoader's sampler is kept, not sharded a second time by Lightning)."""
     result = run_train_cli(
-        ["trainer=ddp", *tiny_overrides(tiny_root), "callbacks=none", "trainer.max_epochs=2"],
+        ["trainer=ddp", *tiny_overrides(tiny_root), "callbacks=none", "trainer.max_epochs=2",
+         f"data.loader={loader}"],
         logs=tmp_path,
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_child(tmp_path / "runs")
     metrics = json.loads((run_dir / "metrics.json").read_text())

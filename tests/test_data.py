@@ -58,6 +58,32 @@ def test_ranks_get_disjoint_equal_shards_of_each_epoch():
     assert len(a) == len(b) == 51 and not a & b
 
 
+def test_both_loaders_serve_the_same_minibatches_and_resume_at_the_same_one(tiny_root):
+    """A torch DataLoader (``data.loader=dataloader``) serves the in-memory loader's epoch,
+    and a checkpointed loader state resumes both at the next unseen minibatch, once."""
+    epochs = {}
+    for loader in ("memory", "dataloader"):
+        dm = MNISTDataModule(root=str(tiny_root), val_size=100, batch_size=64, download=False,
+                             loader=loader)  # fmt: skip
+        dm.setup()
+        train = dm.train_dataloader()
+        train.sampler.set_epoch(2)
+        served = iter(train)
+        first_three = [next(served) for _ in range(3)]
+        state = train.state_dict()
+        assert state == {"epoch": 2, "minibatches": 3}
+        resumed = dm.train_dataloader()
+        resumed.load_state_dict(state)
+        resumed.sampler.set_epoch(2)
+        rest = list(resumed)
+        assert resumed.state_dict() == {"epoch": 2, "minibatches": 8}
+        assert len(list(resumed)) == 8  # the skip held for the resumed epoch only
+        epochs[loader] = first_three + rest
+    assert len(epochs["memory"]) == 8 and sum(len(y) for _, y in epochs["memory"]) == 500
+    for (x, y), (x_memory, y_memory) in zip(epochs["dataloader"], epochs["memory"], strict=True):
+        assert torch.equal(x, x_memory) and torch.equal(y, y_memory)
+
+
 def test_missing_data_offline_names_the_folder_and_the_fixes(tmp_path):
     with pytest.raises(MNISTNotFoundError) as err:
         load_mnist(tmp_path / "nowhere", train=True, download=False)

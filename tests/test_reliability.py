@@ -34,10 +34,12 @@ def scalar_steps(run_dir, tag):
     return [e.step for e in events.Scalars(tag)]
 
 
-def test_sigterm_mid_epoch_then_resume_is_bit_identical(tiny_root, tmp_path):
-    """Default steps_per_call=20: 50 minibatches an epoch are Lightning steps of 20, 20, 10."""
+@pytest.mark.parametrize("loader", ["memory", "dataloader"])
+def test_sigterm_mid_epoch_then_resume_is_bit_identical(tiny_root, tmp_path, loader):
+    """50 minibatches an epoch: with the default steps_per_call=20 Lightning steps of 20, 20,
+    10; with a torch DataLoader one minibatch a step."""
     args = [*tiny_overrides(tiny_root), "data.batch_size=10", "callbacks=none", "seed=7",
-            "trainer.max_epochs=3"]  # fmt: skip
+            "trainer.max_epochs=3", f"data.loader={loader}"]  # fmt: skip
     reference = run_train_cli(args, logs=tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-2000:]
     (reference_dir,) = (tmp_path / "reference" / "runs").iterdir()

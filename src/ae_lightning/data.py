@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
 from ae_lightning.errors import UserError
@@ -226,15 +226,34 @@ class EpochPermutation:
         return order[self.rank : end : self.world_size]
 
 
-class InMemoryBatches:
+class _ResumesMidEpoch:
+    """Lightning's ``state_dict``/``load_state_dict`` protocol for loaders: a checkpoint
+    records the epoch and how many of its minibatches were handed out, and a resumed run
+    skips exactly those (the order depends only on seed and epoch)."""
+
+    _served = 0  # minibatches handed out in the current epoch
+    _resume_at: tuple[int, int] | None = None  # (epoch, minibatches) to skip
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "minibatches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["minibatches"]))
+
+    def _resume_skip(self) -> int:
+        """Minibatches of this epoch a resumed run has already trained on (0 otherwise);
+        read once, so the next epoch starts from its first minibatch."""
+        resume_at, self._resume_at = self._resume_at, None
+        if resume_at is None or resume_at[0] != self.sampler.epoch:
+            return 0
+        return min(resume_at[1], self.num_minibatches)
+
+
+class InMemoryBatches(_ResumesMidEpoch):
     """Iterable of ``(uint8 images, labels)`` batches sliced from tensors on one device.
 
     With ``steps_per_call=K > 1`` it yields lists of K such minibatches (the last list of an
     epoch may be shorter); the minibatches themselves are the same either way.
-
-    Resumable mid-epoch through Lightning's ``state_dict``/``load_state_dict`` protocol for
-    loaders: a checkpoint records the epoch and how many minibatches were handed out, and a
-    resumed run skips exactly those (the order depends only on seed and epoch).
     """
 
     def __init__(
@@ -252,14 +271,6 @@ class InMemoryBatches:
         # DataLoader's attribute names: Lightning calls `sampler.set_epoch` before each epoch.
         self.sampler = sampler
         self.batch_sampler = None
-        self._served = 0  # minibatches handed out in the current epoch
-        self._resume_at: tuple[int, int] | None = None  # (epoch, minibatches) to skip
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "minibatches": self._served}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume_at = (int(state["epoch"]), int(state["minibatches"]))
 
     @property
     def num_minibatches(self) -> int:
@@ -273,7 +284,7 @@ class InMemoryBatches:
         index = self.sampler.indices(self.images.device)
         images, labels = self.images[index], self.labels[index]  # one gather per epoch
         size, per_call = self.batch_size, self.steps_per_call
-        skip, self._resume_at = self._resume_skip(), None
+        skip = self._resume_skip()
         starts = range(skip * size, self.num_minibatches * size, size)
         self._served = skip
         for first in range(0, len(starts), per_call):
@@ -284,11 +295,53 @@ class InMemoryBatches:
             self._served += len(group)
             yield group[0] if per_call == 1 else group
 
-    def _resume_skip(self) -> int:
-        """Minibatches of this epoch a resumed run has already trained on (0 otherwise)."""
-        if self._resume_at is None or self._resume_at[0] != self.sampler.epoch:
-            return 0
-        return min(self._resume_at[1], self.num_minibatches)
+
+class EpochSampler(DistributedSampler):
+    """``EpochPermutation``'s order (this rank's shard) as a torch sampler, for a DataLoader.
+
+    A ``DistributedSampler`` so that Lightning, under DDP, keeps it rather than wrapping it in
+    one that would shard the shard again; ``skip`` drops the first indices of the next epoch
+    only, where a resumed run starts.
+    """
+
+    def __init__(self, permutation: EpochPermutation) -> None:
+        super().__init__(
+            range(permutation.n), num_replicas=permutation.world_size, rank=permutation.rank,
+            shuffle=permutation.shuffle, seed=permutation.seed,
+        )  # fmt: skip
+        self.permutation = permutation
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.permutation.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.permutation)
+
+    def __iter__(self) -> Iterator[int]:
+        index = self.permutation.indices(torch.device("cpu"))
+        order = range(self.permutation.n)[index] if isinstance(index, slice) else index.tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+
+class ResumableDataLoader(_ResumesMidEpoch, DataLoader):
+    """A standard DataLoader (worker processes, any dataset) in the in-memory loader's order,
+    resumable mid-epoch the same way: one minibatch per Lightning step."""
+
+    sampler: EpochSampler
+
+    @property
+    def num_minibatches(self) -> int:
+        return DataLoader.__len__(self)
+
+    def __iter__(self) -> Iterator[Batch]:
+        skip = self._resume_skip()
+        self.sampler.skip, self._served = skip * self.batch_size, skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
 
 
 def _binarized_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -483,21 +536,20 @@ class MNISTDataModule(pl.LightningDataModule):
         self, split: str, batch_size: int, shuffle: bool, drop_last: bool, steps_per_call: int = 1
     ) -> InMemoryBatches | DataLoader:
         images, labels = self.split(split)
+        rank, world_size = self._rank_and_world()
+        sampler = EpochPermutation(len(images), self.seed, shuffle, rank, world_size)
         if self.loader == "dataloader":  # the standard path, for data that does not fit
             # (one minibatch per Lightning step; the module takes a lone batch as a list of one)
-            return DataLoader(
+            return ResumableDataLoader(
                 TensorDataset(images, labels),
                 batch_size=batch_size,
-                shuffle=shuffle,
+                sampler=EpochSampler(sampler),
                 drop_last=drop_last,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
-                generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
                 collate_fn=_stack_pair,
             )
         device = self._device()
-        rank, world_size = self._rank_and_world()
-        sampler = EpochPermutation(len(images), self.seed, shuffle, rank, world_size)
         return InMemoryBatches(
             images.to(device),
             labels.to(device),
