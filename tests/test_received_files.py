@@ -58,9 +58,9 @@ def capped():
 
 
 def run_module(module, *args, env=None):
-    """``python -m ae_lightning.<module> ARGS`` under the memory cap, as a user runs it."""
+    """``python -m ae_lightning.cli.<module> ARGS`` under the memory cap, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", f"ae_lightning.{module}", *map(str, args)],
+        [sys.executable, "-m", f"ae_lightning.cli.{module}", *map(str, args)],
         capture_output=True, text=True, cwd=PROJECT, timeout=300, preexec_fn=capped,
         env={**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})},
     )  # fmt: skip

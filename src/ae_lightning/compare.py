@@ -394,9 +394,3 @@ def _check_writable(out: Path) -> None:
             f"The comparison cannot be written to {out} ({err.strerror or type(err).__name__}): "
             "pass --out /a/writable/folder."
         ) from None
-
-
-if __name__ == "__main__":  # `python -m ae_lightning.compare`; the CLI lives in cli/compare.py
-    from ae_lightning.cli.compare import main
-
-    main()

@@ -105,9 +105,3 @@ def export_run(
     }  # fmt: skip
     write_atomic(out / "model.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return out
-
-
-if __name__ == "__main__":  # `python -m ae_lightning.export`; the CLI lives in cli/export.py
-    from ae_lightning.cli.export import main
-
-    main()

@@ -37,3 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     print(f"comparison written to {out}")
     print((out / "summary.md").read_text())
+
+
+if __name__ == "__main__":  # `python -m ae_lightning.cli.compare`
+    main()

@@ -33,3 +33,7 @@ def main(argv: list[str] | None = None) -> None:
               "writable folder.", file=sys.stderr)  # fmt: skip
         sys.exit(1)
     print(f"encoder, decoder and model.json -> {out}")
+
+
+if __name__ == "__main__":  # `python -m ae_lightning.cli.export`
+    main()
