@@ -74,7 +74,8 @@ def test_a_sweep_reading_its_data_from_ae_data_root_is_compared_too(tiny_root, t
     sweep = only_child(tmp_path / "multiruns")
     assert (sweep / "comparison" / "scatter.png").is_file() and (sweep / "summary.md").is_file()
     again = subprocess.run(
-        [sys.executable, "-m", "ae_lightning.compare", str(sweep), "--out", str(tmp_path / "c")],
+        [sys.executable, "-m", "ae_lightning.cli.compare", str(sweep),
+         "--out", str(tmp_path / "c")],
         capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]

@@ -69,7 +69,7 @@ def test_a_folder_without_runs_is_one_sentence(tmp_path):
     with pytest.raises(UserError, match="No run folders"):
         compare([tmp_path])
     result = subprocess.run(
-        [sys.executable, "-m", "ae_lightning.compare", str(tmp_path)], capture_output=True,
+        [sys.executable, "-m", "ae_lightning.cli.compare", str(tmp_path)], capture_output=True,
         text=True,
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("error: No run folders")
@@ -138,7 +138,8 @@ def test_seeds_of_one_run_get_a_mean_and_std_row(tiny_root, tmp_path):
 
     # ae-compare prints the same row; the sweep's Text tab shows it too.
     cli = subprocess.run(
-        [sys.executable, "-m", "ae_lightning.compare", str(sweep), "--out", str(tmp_path / "c")],
+        [sys.executable, "-m", "ae_lightning.cli.compare", str(sweep),
+         "--out", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr[-2000:]
@@ -152,3 +153,18 @@ def test_seeds_of_one_run_get_a_mean_and_std_row(tiny_root, tmp_path):
     experiment = hparams_experiment(sweep / "comparison")
     assert [info.name for info in experiment.hparam_infos] == ["seed"]
     assert list(experiment.hparam_infos[0].domain_discrete.values) != []
+
+
+@pytest.mark.parametrize("module", ["compare", "export"])
+def test_the_former_module_commands_name_their_new_home(module, tmp_path):
+    """``python -m ae_lightning.compare`` used to run the CLI: it now fails with the command
+    to use, instead of doing nothing silently."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"ae_lightning.{module}", str(tmp_path)], capture_output=True,
+        text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1 and not result.stdout
+    assert result.stderr.strip() == (
+        f"error: `python -m ae_lightning.{module}` is now `python -m ae_lightning.cli.{module}` "
+        f"(or `ae-{module}`): run that with the same arguments."
+    )

@@ -61,7 +61,7 @@ def train_cli(args: list[str], logs: Path) -> Path:
 
 def export(run: Path) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "ae_lightning.export", str(run), "--format", "torchscript"],
+        [sys.executable, "-m", "ae_lightning.cli.export", str(run), "--format", "torchscript"],
         cwd=PROJECT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -94,7 +94,7 @@ def test_each_former_traceback_is_one_sentence(case, finished_run, tiny_root, tm
     logs = tmp_path / "logs"
     if args[0] == "COMPARE":
         result = subprocess.run(
-            [sys.executable, "-m", "ae_lightning.compare", *args[1:]],
+            [sys.executable, "-m", "ae_lightning.cli.compare", *args[1:]],
             capture_output=True, text=True, cwd=PROJECT,
         )  # fmt: skip
     else:

@@ -71,7 +71,7 @@ def test_a_checkpoint_that_runs_code_is_refused(how, good_run, tiny_root, tmp_pa
 
 def ae_compare(*args):
     return subprocess.run(
-        [sys.executable, "-m", "ae_lightning.compare", *map(str, args)],
+        [sys.executable, "-m", "ae_lightning.cli.compare", *map(str, args)],
         capture_output=True, text=True, cwd=PROJECT,
     )  # fmt: skip
 

@@ -394,3 +394,10 @@ def _check_writable(out: Path) -> None:
             f"The comparison cannot be written to {out} ({err.strerror or type(err).__name__}): "
             "pass --out /a/writable/folder."
         ) from None
+
+
+if __name__ == "__main__":  # the CLI lives above this module, in cli/: say where, run nothing
+    raise SystemExit(
+        "error: `python -m ae_lightning.compare` is now `python -m ae_lightning.cli.compare` "
+        "(or `ae-compare`): run that with the same arguments."
+    )

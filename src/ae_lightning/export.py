@@ -105,3 +105,10 @@ def export_run(
     }  # fmt: skip
     write_atomic(out / "model.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return out
+
+
+if __name__ == "__main__":  # the CLI lives above this module, in cli/: say where, run nothing
+    raise SystemExit(
+        "error: `python -m ae_lightning.export` is now `python -m ae_lightning.cli.export` "
+        "(or `ae-export`): run that with the same arguments."
+    )
