@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ae_lightning.data import EpochPermutation, MNISTDataModule, MNISTNotFoundError, load_mnist
+from ae_lightning.errors import UserError
 from conftest import TINY_TEST, TINY_TRAIN
 
 
@@ -82,6 +83,26 @@ def test_both_loaders_serve_the_same_minibatches_and_resume_at_the_same_one(tiny
     assert len(epochs["memory"]) == 8 and sum(len(y) for _, y in epochs["memory"]) == 500
     for (x, y), (x_memory, y_memory) in zip(epochs["dataloader"], epochs["memory"], strict=True):
         assert torch.equal(x, x_memory) and torch.equal(y, y_memory)
+
+
+@pytest.mark.parametrize("loader", ["memory", "dataloader"])
+def test_a_crafted_loader_state_cannot_move_an_epoch_start(tiny_root, loader):
+    """A checkpoint's loader state is data: a negative count resumes at the epoch's start,
+    and anything but two whole numbers is one sentence, not a traceback."""
+    dm = MNISTDataModule(root=str(tiny_root), val_size=100, batch_size=64, download=False,
+                         loader=loader)  # fmt: skip
+    dm.setup()
+    train = dm.train_dataloader()
+    train.load_state_dict({"epoch": 0, "minibatches": -3})
+    assert sum(len(y) for _, y in train) == 500
+    for bad in (
+        {"epoch": "0", "minibatches": 1},
+        {"epoch": 0},
+        [0, 1],
+        {"epoch": 0.5, "minibatches": 1},
+    ):
+        with pytest.raises(UserError, match="loader state .* resume from a checkpoint"):
+            train.load_state_dict(bad)
 
 
 def test_missing_data_offline_names_the_folder_and_the_fixes(tmp_path):

@@ -238,7 +238,16 @@ class _ResumesMidEpoch:
         return {"epoch": self.sampler.epoch, "minibatches": self._served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume_at = (int(state["epoch"]), int(state["minibatches"]))
+        """``state`` comes from a checkpoint, perhaps a received one: two whole numbers, the
+        count clamped at 0 so a crafted one cannot start an epoch anywhere but its start."""
+        epoch, served = (state.get(key) if isinstance(state, dict) else None
+                         for key in ("epoch", "minibatches"))  # fmt: skip
+        if not all(type(value) is int for value in (epoch, served)):
+            raise UserError(
+                f"The checkpoint's loader state {state!r} is not an epoch and a count of "
+                "minibatches: resume from a checkpoint that train.py wrote."
+            )
+        self._resume_at = (epoch, max(0, served))
 
     def _resume_skip(self) -> int:
         """Minibatches of this epoch a resumed run has already trained on (0 otherwise);
