@@ -1,6 +1,7 @@
 """Each plot function returns a Figure with the expected axes and artists."""
 
 import numpy as np
+import pytest
 import torch
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
@@ -66,7 +67,14 @@ def test_samples_grid_and_manifold_axes():
     fig = manifold_figure(torch.rand(16, 1, 28, 28), xs, ys, "t")
     ax = fig.axes[0]
     assert ax.get_xlabel() == "z[0]" and ax.get_ylabel() == "z[1]"
-    assert [t.get_text() for t in ax.get_yticklabels()][0] == "3"
+    # the image spans the codes, each tile centred on its code (x: -2, -2/3, 2/3, 2)
+    xs_step, ys_step = 4 / 3, 2.0
+    assert ax.get_xlim() == pytest.approx((-2 - xs_step / 2, 2 + xs_step / 2))
+    assert ax.get_ylim() == pytest.approx((-3 - ys_step / 2, 3 + ys_step / 2))
+    assert ax.get_aspect() == pytest.approx(xs_step / ys_step)  # tiles stay square
+    fig.canvas.draw()  # ticks are round code values inside the range, not tile indices
+    shown = [t for t in ax.get_xticks() if -2.7 <= t <= 2.7]
+    assert shown and all(float(t).is_integer() for t in shown)
 
 
 def test_tiles_keep_pixel_values_and_render_to_rgb():

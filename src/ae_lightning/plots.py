@@ -199,7 +199,8 @@ def manifold_figure(images: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, ti
     """Decoded ``n x n`` grid of 2-D codes as one image, axes in code coordinates.
 
     ``images`` is in the row order of :func:`ae_lightning.latent.manifold_grid` (top row =
-    highest y). Tick labels give the code values at tile centres.
+    highest y). The image spans the codes (each tile centred on its code), so the ticks
+    are round code values where matplotlib puts them, and every tile stays square.
     """
     from matplotlib.figure import Figure
 
@@ -207,11 +208,12 @@ def manifold_figure(images: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, ti
     canvas = tile(images, nrow=n, padding=0)
     fig = Figure(figsize=(7.4, 7.4), layout="constrained")
     ax = fig.subplots()
-    _show(ax, canvas)
-    size = canvas.shape[0] / n
-    ticks = list(range(0, n, max(1, n // 5))) + ([n - 1] if (n - 1) % max(1, n // 5) else [])
-    ax.set_xticks([(i + 0.5) * size for i in ticks], [f"{float(xs[i]):.2g}" for i in ticks])
-    ax.set_yticks([(i + 0.5) * size for i in ticks], [f"{float(ys[i]):.2g}" for i in ticks])
+    x_lo, x_hi, y_lo, y_hi = (float(v) for v in (xs[0], xs[-1], ys[-1], ys[0]))
+    dx = (x_hi - x_lo) / (n - 1) if n > 1 and x_hi > x_lo else 1.0
+    dy = (y_hi - y_lo) / (n - 1) if n > 1 and y_hi > y_lo else 1.0
+    extent = (x_lo - dx / 2, x_hi + dx / 2, y_lo - dy / 2, y_hi + dy / 2)
+    ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", extent=extent)
+    ax.set_aspect(dx / dy)  # one tile as tall as it is wide, whatever the two ranges
     ax.set_xlabel("z[0]")
     ax.set_ylabel("z[1]")
     fig.suptitle(title, fontsize=11)
