@@ -198,7 +198,7 @@ def _figures(
     return figures
 
 
-def _wrap(text: str, width: int = 14) -> str:
+def _wrap(text: str, width: int = 16) -> str:
     """Lines of at most ``width`` characters, broken at spaces and after a long name's commas
     (``hidden1024,z=10,`` / ``seed=1``)."""
     pieces = []  # (piece, whether it joins the previous piece without a space)
