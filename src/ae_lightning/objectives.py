@@ -19,20 +19,28 @@ CORRUPTIONS = ("none", "gaussian", "mask")
 
 
 def reconstruction_nats(outputs: torch.Tensor, x: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """-log p(x | z) per image, averaged over the batch.
+    """-log p(x | z) per image, averaged over the batch: the normalised density, so a
+    negative ELBO built on it bounds the importance-sampled ``test/nll`` from above.
 
     ``bernoulli``: binary cross-entropy of the pixels in [0, 1]; ``outputs`` are the decoder's
     logits (before the sigmoid), which is exact and stable where probabilities saturate.
-    ``gaussian``: the summed squared error, i.e. -log N(x; outputs, 1/2) up to the constant
-    ``PIXELS/2 * log(pi)``, which moves no gradient and is left out; ``outputs`` are pixels.
+    ``gaussian``: -log N(x; outputs, 1/2) per pixel, the squared error plus ``log(pi)/2``
+    (the constant moves no gradient, but without it the ELBO and the NLL disagree);
+    ``outputs`` are pixels. :func:`log_likelihood` is the same density, per sample.
     """
     if likelihood == "bernoulli":
         per_pixel = F.binary_cross_entropy_with_logits(outputs, x, reduction="none")
     elif likelihood == "gaussian":
-        per_pixel = (outputs - x).square()
+        per_pixel = (outputs - x).square() + 0.5 * math.log(math.pi)
     else:
         raise ValueError(f"Unknown likelihood {likelihood!r}: choose one of {list(LIKELIHOODS)}.")
     return per_pixel.flatten(1).sum(dim=1).mean()
+
+
+def summed_squared_error(outputs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """||outputs - x||^2 summed over each image's pixels, batch-averaged: the reconstruction
+    term of the regularised deterministic families (sparse, contractive, WAE, RAE, VQ-VAE)."""
+    return (outputs - x).square().flatten(1).sum(dim=1).mean()
 
 
 def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -162,9 +170,9 @@ def squared_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
 def log_likelihood(outputs: torch.Tensor, x: torch.Tensor, likelihood: str) -> torch.Tensor:
     """log p(x | z) per image, ``(...,)`` for outputs and pixels ``(..., 1, 28, 28)``.
 
-    The normalised density (unlike ``reconstruction_nats``): ``bernoulli`` reads logits,
-    ``gaussian`` is N(x; outputs, 1/2) per pixel with its constant ``-log(pi)/2``, so an
-    importance-sampled estimate of log p(x) is in true nats.
+    The normalised density, as ``reconstruction_nats`` (which is its batch-averaged negative):
+    ``bernoulli`` reads logits, ``gaussian`` is N(x; outputs, 1/2) per pixel with its
+    constant ``-log(pi)/2``, so an importance-sampled estimate of log p(x) is in nats.
     """
     if likelihood == "bernoulli":
         per_pixel = -F.binary_cross_entropy_with_logits(

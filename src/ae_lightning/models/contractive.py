@@ -8,7 +8,7 @@ import torch
 
 from ae_lightning.errors import UserError
 from ae_lightning.models.ae import PenalisedAutoencoder
-from ae_lightning.objectives import encoder_jacobian, reconstruction_nats
+from ae_lightning.objectives import encoder_jacobian, summed_squared_error
 
 
 class ContractiveAutoencoder(PenalisedAutoencoder):
@@ -38,7 +38,7 @@ class ContractiveAutoencoder(PenalisedAutoencoder):
         """The reconstruction of ``inputs`` and the loss terms against the clean ``x``."""
         codes, jacobian = encoder_jacobian(self.encoder, inputs)
         decoded = self.decoder(codes)
-        recon = reconstruction_nats(decoded, x, "gaussian")  # the summed squared error
+        recon = summed_squared_error(decoded, x)
         loss = recon + self.contractive_weight * jacobian
         return decoded, {"loss": loss, "recon": recon, "jacobian": jacobian}
 

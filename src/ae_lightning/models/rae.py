@@ -8,7 +8,7 @@ import torch
 
 from ae_lightning.errors import UserError
 from ae_lightning.models.ae import PenalisedAutoencoder
-from ae_lightning.objectives import reconstruction_nats, squared_norm
+from ae_lightning.objectives import squared_norm, summed_squared_error
 
 
 class RegularisedAutoencoder(PenalisedAutoencoder):
@@ -39,7 +39,7 @@ class RegularisedAutoencoder(PenalisedAutoencoder):
         """The reconstruction of ``inputs`` and the loss terms against the clean ``x``."""
         codes = self.encoder(inputs)
         decoded = self.decoder(codes)
-        recon = reconstruction_nats(decoded, x, "gaussian")  # the summed squared error
+        recon = summed_squared_error(decoded, x)
         code = 0.5 * codes.square().sum(dim=1).mean()
         decoder = squared_norm(self.decoder.parameters())
         loss = recon + self.code_weight * code + self.decoder_weight * decoder

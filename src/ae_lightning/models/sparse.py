@@ -10,7 +10,7 @@ from torch import nn
 from ae_lightning.errors import UserError
 from ae_lightning.models.ae import PenalisedAutoencoder
 from ae_lightning.nets import Encoder
-from ae_lightning.objectives import kl_sparsity, l1_sparsity, reconstruction_nats
+from ae_lightning.objectives import kl_sparsity, l1_sparsity, summed_squared_error
 from ae_lightning.system import check_choice
 
 SPARSITIES = ("l1", "kl")
@@ -81,7 +81,7 @@ class SparseAutoencoder(PenalisedAutoencoder):
             penalty = l1_sparsity(codes)
         else:
             penalty = kl_sparsity(torch.sigmoid(units), self.sparsity_target)
-        recon = reconstruction_nats(decoded, x, "gaussian")  # the summed squared error
+        recon = summed_squared_error(decoded, x)
         loss = recon + self.sparsity_weight * penalty
         return decoded, {"loss": loss, "recon": recon, "sparsity": penalty}
 

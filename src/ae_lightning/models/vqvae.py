@@ -13,8 +13,8 @@ from ae_lightning.errors import UserError
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.objectives import (
     corrupt,
-    reconstruction_nats,
     straight_through,
+    summed_squared_error,
     vector_quantise,
     vq_losses,
 )
@@ -111,7 +111,7 @@ class VectorQuantisedAutoencoder(Autoencoder):
         self, z: torch.Tensor, quantised: torch.Tensor, x: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = self.decoder(straight_through(z, quantised))
-        reconstruction = reconstruction_nats(outputs, x, "gaussian")  # summed squared error
+        reconstruction = summed_squared_error(outputs, x)
         codebook, commitment = vq_losses(z, quantised)
         loss = reconstruction + codebook + self.commitment * commitment
         return loss, {

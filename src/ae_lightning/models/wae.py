@@ -9,7 +9,7 @@ import torch
 from ae_lightning.errors import UserError
 from ae_lightning.latent import CodeSampler
 from ae_lightning.models.ae import PenalisedAutoencoder
-from ae_lightning.objectives import imq_mmd, reconstruction_nats
+from ae_lightning.objectives import imq_mmd, summed_squared_error
 
 
 class WassersteinAutoencoder(PenalisedAutoencoder):
@@ -35,7 +35,7 @@ class WassersteinAutoencoder(PenalisedAutoencoder):
         """The reconstruction of ``inputs`` and the loss terms against the clean ``x``."""
         codes = self.encoder(inputs)
         decoded = self.decoder(codes)
-        recon = reconstruction_nats(decoded, x, "gaussian")  # the summed squared error
+        recon = summed_squared_error(decoded, x)
         # Fresh prior draws every minibatch; a last minibatch of one image has no pairs.
         mmd = imq_mmd(codes, torch.randn_like(codes)) if len(codes) > 1 else codes.new_zeros(())
         loss = recon + self.mmd_weight * mmd
