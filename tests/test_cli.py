@@ -1,6 +1,7 @@
 """`python train.py ...` as users type it, in a subprocess."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -9,7 +10,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import run_train_cli, tiny_overrides
+from ae_lightning.policy import run_cli
+from conftest import compose_cfg, run_train_cli, tiny_overrides
 
 
 def only_child(folder):
@@ -153,6 +155,15 @@ def test_submitit_local_multirun_completes(tiny_root, tmp_path):
     jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert [json.loads((j / "metrics.json").read_text())["bottleneck"] for j in jobs] == [2, 3]
     assert (sweep / "summary.md").is_file()
+
+
+def test_a_sweeper_never_gets_the_test_mse(tmp_path):
+    """Without a validation score (e.g. +trainer.limit_val_batches=0) the sweep's objective
+    is NaN (a failed Optuna trial), not the test MSE it used to fall back to."""
+    cfg = compose_cfg([], run_dir=str(tmp_path / "run"))
+    finished = {"test/mse": 0.01, "epochs": 1, "train_time_s": 1.0}
+    assert math.isnan(run_cli(cfg, task=lambda cfg: finished))
+    assert run_cli(cfg, task=lambda cfg: {**finished, "best_val/mse": 0.02}) == 0.02
 
 
 def test_optuna_search_minimises_val_mse(tiny_root, tmp_path):

@@ -91,7 +91,21 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
             ),
             flush=True,
         )
-    return metrics.get("best_val/mse", metrics["test/mse"])
+    return sweep_objective(metrics)
+
+
+def sweep_objective(metrics: dict[str, Any]) -> float:
+    """What a sweeper (Optuna) minimises: the best validation MSE, never a test number, so
+    a search never selects on the test set. A run without validation gives NaN, which
+    Optuna records as a failed trial, and says so."""
+    if "best_val/mse" in metrics:
+        return float(metrics["best_val/mse"])
+    if in_multirun():
+        log.warning(
+            "This run has no validation score (best_val/mse), so the sweep gets NaN for it: "
+            "the test MSE is never handed to a sweeper."
+        )
+    return float("nan")
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EFBIG}
