@@ -78,6 +78,9 @@ def test_the_sparse_kl_penalty_is_ngs_formula_on_a_fixed_activation():
     assert math.isclose(float(kl_sparsity(firing, rho)), expected, rel_tol=1e-5)
     at_target = torch.full((5, 4), rho)
     assert abs(float(kl_sparsity(at_target, rho))) < 1e-6
+    # a unit saturated on every image (sigmoid(17) is exactly 1.0 in float32) stays finite
+    saturated = torch.sigmoid(torch.tensor([[17.0, 0.0], [18.0, 1.0]]))
+    assert saturated[:, 0].eq(1.0).all() and torch.isfinite(kl_sparsity(saturated, rho))
 
     torch.manual_seed(0)
     model = SparseAutoencoder(bottleneck=3, hidden=[8], sparsity="kl", sparsity_target=rho)

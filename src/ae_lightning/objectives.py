@@ -84,6 +84,9 @@ def l1_sparsity(codes: torch.Tensor) -> torch.Tensor:
     return codes.abs().sum(dim=1).mean()
 
 
+FIRING_EPS = 1e-6  # representable beside 1 in float32 (its spacing there is 6e-8)
+
+
 def kl_sparsity(firing: torch.Tensor, target: float) -> torch.Tensor:
     """sum_j KL(Bernoulli(target) || Bernoulli(rho_j)), rho_j the batch mean of ``firing[:, j]``.
 
@@ -91,8 +94,11 @@ def kl_sparsity(firing: torch.Tensor, target: float) -> torch.Tensor:
     section 3): ``firing`` ``(B, units)`` holds each hidden unit's activation in (0, 1) per
     image, and the penalty pulls every unit's mean activation towards ``target``.
     (``validate_args=False``: the check would read a value back to the host each step.)
+    A unit that fires exactly 0 or 1 on every image (a sigmoid saturates to 1.0 in float32
+    from a pre-activation of about 17) would make the penalty infinite: its rate is kept
+    ``FIRING_EPS`` inside (0, 1), so the loss stays finite.
     """
-    rho = firing.mean(dim=0)
+    rho = firing.mean(dim=0).clamp(FIRING_EPS, 1 - FIRING_EPS)
     wanted = torch.distributions.Bernoulli(probs=torch.full_like(rho, target), validate_args=False)
     actual = torch.distributions.Bernoulli(probs=rho, validate_args=False)
     return torch.distributions.kl_divergence(wanted, actual).sum()
