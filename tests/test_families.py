@@ -64,11 +64,31 @@ def test_family_builds_with_defaults_and_keeps_the_contract(family):
         assert model.prior_description
     assert all(isinstance(word, str) for word in model.recipe_words())
     assert model.graph_blocker is None or isinstance(model.graph_blocker, str)
-    extra = cls.extra_parameters(3, {})  # the family's defaults
+    extra = cls.extra_parameters(3, {}, PIXELS)  # the family's defaults
     counted = check_model_size(
         3, [8], None, PIXELS, "model", code_outputs=cls.code_outputs, extra_parameters=extra
     )
     assert counted == model.num_parameters  # the size limit's arithmetic matches the nets
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_family_trains_on_colour_images_of_another_size(family):
+    """Custom data (``data=npz``, ``image_folder``) hands the model its own image shape:
+    every family's nets and extra weights (a VampPrior's pseudo-inputs) follow it."""
+    cls, shape = families()[family], (3, 8, 8)
+    torch.manual_seed(0)
+    model = cls(bottleneck=3, hidden=[8], image_shape=shape)
+    x = torch.rand(4, *shape)
+    loss, _ = model.training_loss(x)
+    assert math.isfinite(loss.item())
+    loss.backward()
+    assert model.decode(model.encode(x)).shape == x.shape
+    extra = cls.extra_parameters(3, {}, math.prod(shape))
+    counted = check_model_size(
+        3, [8], None, math.prod(shape), "model", code_outputs=cls.code_outputs,
+        extra_parameters=extra,
+    )  # fmt: skip
+    assert counted == model.num_parameters
 
 
 @pytest.mark.parametrize(

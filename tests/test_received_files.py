@@ -249,6 +249,23 @@ def metrics_dev_zero(run):
     (run / "metrics.json").symlink_to("/dev/zero")
 
 
+def vamp_pseudo_input_bomb(run):
+    """A VampPrior checkpoint whose pseudo-inputs alone would be 10^9 images (3 TB)."""
+    def change(checkpoint):
+        checkpoint["model_family"] = "vamp"
+        checkpoint["hyper_parameters"] = {"bottleneck": 2, "pseudo_inputs": 10**9}
+
+    edit_checkpoints(run, change)
+
+
+def vamp_pseudo_inputs_word(run):
+    def change(checkpoint):
+        checkpoint["model_family"] = "vamp"
+        checkpoint["hyper_parameters"] = {"bottleneck": 2, "pseudo_inputs": "many"}
+
+    edit_checkpoints(run, change)
+
+
 def metrics_word(run):
     metrics = json.loads((run / "metrics.json").read_text())
     (run / "metrics.json").write_text(json.dumps({**metrics, "test/mse": "abc"}))
@@ -308,6 +325,8 @@ BAD_FILES = {
     "wrong_shape": (wrong_shape, "not an ae-lightning checkpoint (RuntimeError)"),
     "yaml_tag": (yaml_tag, "config_resolved.yaml cannot be read"),
     "split_seed": (split_seed, "data.split_seed=100000000000000000000"),
+    "vamp_pseudo_input_bomb": (vamp_pseudo_input_bomb, "parameters, more than the limit"),
+    "vamp_pseudo_inputs_word": (vamp_pseudo_inputs_word, "of the wrong type for a vamp"),
 }
 
 

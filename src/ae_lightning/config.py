@@ -164,7 +164,7 @@ def check_model_size_for(cfg: DictConfig, pixels: int) -> None:
         None if decoder is None else [int(s) for s in decoder], pixels,
         where=f"bottleneck={cfg.bottleneck} with model.hidden={list(model.get('hidden') or [])}",
         code_outputs=int(getattr(family, "code_outputs", 1)),
-        extra_parameters=_extra_parameters(family, model),
+        extra_parameters=_extra_parameters(family, model, pixels),
     )  # fmt: skip
 
 
@@ -177,11 +177,11 @@ def _family_class(model: DictConfig) -> type | None:
         return None
 
 
-def _extra_parameters(family: type | None, model: DictConfig) -> int:
+def _extra_parameters(family: type | None, model: DictConfig, pixels: int) -> int:
     """The family's parameters beyond its MLPs (pseudo-inputs, codebooks) for these knobs."""
     count = getattr(family, "extra_parameters", None)
     try:
-        return int(count(int(model.get("bottleneck", 2)), dict(model))) if count else 0
+        return int(count(int(model.get("bottleneck", 2)), dict(model), pixels)) if count else 0
     except (TypeError, ValueError):  # a knob of the wrong type: the family's own check says so
         return 0
 

@@ -335,11 +335,18 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
                 raise refuse("hyper_parameters.bottleneck", value, "a positive whole number")
         elif not isinstance(value, PLAIN):
             raise refuse(f"hyper_parameters.{key}", value, "a plain value")
+    pixels = math.prod(hparams.get("image_shape", IMAGE_SHAPE))
+    try:  # a family's own weights (pseudo-inputs, codebooks), counted before any is built
+        extra = int(model_class.extra_parameters(hparams.get("bottleneck", 2), hparams, pixels))
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(
+            f"{path} holds a model setting of the wrong type for a {model_class.family} model: "
+            "point at a checkpoint written by train.py."
+        ) from None
     check_model_size(
         hparams.get("bottleneck", 2), list(hparams.get("hidden") or []),
-        hparams.get("decoder_hidden"), math.prod(hparams.get("image_shape", IMAGE_SHAPE)),
-        str(path),
-        code_outputs=model_class.code_outputs,
+        hparams.get("decoder_hidden"), pixels, str(path),
+        code_outputs=model_class.code_outputs, extra_parameters=extra,
     )  # fmt: skip
     weights = checkpoint["state_dict"]
     if not isinstance(weights, dict) or not all(

@@ -42,8 +42,9 @@ class Autoencoder(TrainingSystem):
     - ``family`` (its name in checkpoints), ``encoder_class`` (the encoder net it needs) and
       ``code_outputs``, the values that encoder emits per code dimension, for the size
       arithmetic of ``limits.check_model_size`` (nothing is built to count), with
-      ``extra_parameters(bottleneck, knobs)``: the parameters beyond the encoder/decoder
-      MLPs (pseudo-inputs, codebooks) for the model's config ``knobs``.
+      ``extra_parameters(bottleneck, knobs, pixels)``: the parameters beyond the
+      encoder/decoder MLPs (pseudo-inputs, codebooks) for the model's config or a
+      checkpoint's ``knobs``, on images of ``pixels`` values.
 
     ``dropout`` drops hidden units in training; ``output`` is the decoder's last layer:
     ``sigmoid`` (pixels in (0, 1), like the targets) or ``linear`` (unbounded). ``loss`` is
@@ -122,7 +123,7 @@ class Autoencoder(TrainingSystem):
         return self.decoder(z)
 
     @classmethod
-    def extra_parameters(cls, bottleneck: int, knobs: Mapping[str, Any]) -> int:
+    def extra_parameters(cls, bottleneck: int, knobs: Mapping[str, Any], pixels: int) -> int:
         """Parameters beyond the encoder and decoder MLPs: none for the plain AE."""
         return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,6 @@ from torch import nn
 
 from ae_lightning.errors import UserError
 from ae_lightning.models.vae import VariationalAutoencoder
-from ae_lightning.nets import PIXELS
 from ae_lightning.objectives import diagonal_gaussian, mixture_log_density
 
 DEFAULT_PSEUDO_INPUTS = 500  # the paper's K for MNIST
@@ -36,19 +36,20 @@ class VampPriorAutoencoder(VariationalAutoencoder):
                 f"model.pseudo_inputs={pseudo_inputs!r} is not a positive whole number: use "
                 f"e.g. model.pseudo_inputs={DEFAULT_PSEUDO_INPUTS}."
             )
-        self.pseudo_pixels = nn.Parameter(0.05 + 0.01 * torch.randn(pseudo_inputs, PIXELS))
+        pixels = math.prod(self.image_shape)  # the data's, as the encoder's input
+        self.pseudo_pixels = nn.Parameter(0.05 + 0.01 * torch.randn(pseudo_inputs, pixels))
 
     @classmethod
-    def extra_parameters(cls, bottleneck: int, knobs: Mapping[str, Any]) -> int:
+    def extra_parameters(cls, bottleneck: int, knobs: Mapping[str, Any], pixels: int) -> int:
         """The K pseudo-input images."""
-        return int(knobs.get("pseudo_inputs", DEFAULT_PSEUDO_INPUTS)) * PIXELS
+        return int(knobs.get("pseudo_inputs", DEFAULT_PSEUDO_INPUTS)) * pixels
 
     @property
     def prior_description(self) -> str:  # type: ignore[override]
         return f"mixture at {len(self.pseudo_pixels)} pseudo-inputs"
 
     def pseudo_inputs_images(self) -> torch.Tensor:
-        """The pseudo-inputs u_k as ``(K, 784)`` pixels in [0, 1]."""
+        """The pseudo-inputs u_k as ``(K, C*H*W)`` pixels in [0, 1]."""
         return nn.functional.hardtanh(self.pseudo_pixels, 0.0, 1.0)
 
     def _components(self) -> tuple[torch.Tensor, torch.Tensor]:

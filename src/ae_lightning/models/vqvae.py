@@ -74,7 +74,7 @@ class VectorQuantisedAutoencoder(Autoencoder):
         self.register_buffer("codebooks_seeded", torch.tensor(False))
 
     @classmethod
-    def extra_parameters(cls, bottleneck: int, knobs: Mapping[str, Any]) -> int:
+    def extra_parameters(cls, bottleneck: int, knobs: Mapping[str, Any], pixels: int) -> int:
         """The codebooks: ``codebook_size`` entries of ``bottleneck / groups`` per group."""
         return int(knobs.get("codebook_size", DEFAULT_CODEBOOK_SIZE)) * bottleneck
 
