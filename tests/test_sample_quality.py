@@ -53,6 +53,27 @@ def test_the_frechet_distance_of_a_set_to_itself_is_zero_and_grows_with_a_shift(
     assert scaled > 1.0
 
 
+def test_the_frechet_distance_equals_its_formula_with_a_matrix_square_root():
+    """Against scipy's sqrtm on correlated features and a rotated copy: the covariances'
+    off-diagonal terms count (a diagonal-only distance would give a quarter of it here)."""
+    from scipy.linalg import sqrtm
+
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    a = torch.randn(4000, 6, generator=generator, dtype=torch.float64) @ mixing
+    rotation, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    b = a @ rotation + 0.3
+    mean_a, mean_b = a.mean(0).numpy(), b.mean(0).numpy()
+    cov_a, cov_b = torch.cov(a.T).numpy(), torch.cov(b.T).numpy()
+    root = sqrtm(cov_a @ cov_b).real
+    exact = float(((mean_a - mean_b) ** 2).sum() + (cov_a + cov_b - 2 * root).trace())
+    assert frechet_distance(a.float(), b.float()) == pytest.approx(exact, rel=1e-3)
+    var_a, var_b = cov_a.diagonal(), cov_b.diagonal()
+    shift = ((mean_a - mean_b) ** 2).sum()
+    diagonal_only = float(shift + (var_a + var_b - 2 * (var_a * var_b) ** 0.5).sum())
+    assert abs(diagonal_only - exact) > 0.1 * exact  # the case tells the two apart
+
+
 def test_class_coverage_is_one_for_equal_shares_and_zero_for_one_class():
     even = class_coverage(torch.arange(1000) % 10, classes=10)
     assert even["entropy"] == pytest.approx(1.0) and even["top_share"] == pytest.approx(0.1)
