@@ -30,11 +30,12 @@ should agree within 1%.
 ``families``: the zoo table: every registered family (``ae_lightning.models.families()``,
 each with its own ``conf/model/<family>.yaml``, the plain AE's being hidden1024) on the same
 784-1024-z net at each ``--family-bottlenecks`` (2 and 16), ``--epochs`` epochs, with the
-default evaluation (the NLL from ``--family-nll-samples`` importance samples over the first
-``--family-nll-images`` test images): test MSE, NLL, the Fréchet distances of samples and
-reconstructions, kNN/probe accuracy, active units and seconds per epoch. The VQ-VAE gets one
-codebook per 2 code dimensions. ``ae-compare`` then draws each bottleneck's samples of every
-family side by side (``<runs-dir>/families_z<z>/comparison/samples.png``).
+default evaluation (the NLL from ``--family-nll-samples`` importance samples over a fixed
+random subset of ``--family-nll-images`` test images): test MSE, NLL, the Fréchet
+distances of samples and reconstructions, kNN/probe accuracy, active units and seconds per
+epoch. The VQ-VAE gets one codebook per 2 code dimensions. ``ae-compare`` then draws each
+bottleneck's samples of every family side by side
+(``<runs-dir>/families_z<z>/comparison/samples.png``).
 
 ``deep30``: experiment=deep30 beside the same 784-1000-500-250-30 model with the default
 recipe (Adam 1e-3, clean inputs), both for ``--deep-epochs`` epochs (100 by default; the
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--paper-nll-images", type=int, default=None,
-        help="the first N test images of iwae_paper's NLL (default: all 10k, as the paper)",
+        help="N test images of iwae_paper's NLL, a fixed random subset (default: all 10k)",
     )  # fmt: skip
     parser.add_argument("--figures", action="store_true", help="keep the figure callbacks on")
     parser.add_argument(
@@ -826,7 +827,7 @@ def extra_tables(results: dict) -> str:
     if results.get("iwae_paper"):
         first = results["iwae_paper"][0]
         images = first["nll_images"]
-        on = "all the test images" if images is None else f"the first {images} test images"
+        on = "all the test images" if images is None else f"{images} random test images"
         lines += [
             "",
             f"experiment=iwae_paper (784-200-200-50 tanh, dynamic binarisation, batch 20), "

@@ -16,7 +16,7 @@ from ae_lightning.api import load_run
 from ae_lightning.compare import summary_rows, write_summary
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.export import export_run
-from ae_lightning.latent import importance_sampled_nll
+from ae_lightning.latent import evaluation_subset, importance_sampled_nll
 from ae_lightning.models.iwae import ImportanceWeightedAutoencoder
 from ae_lightning.models.vae import VariationalAutoencoder
 from ae_lightning.models.vamp import VampPriorAutoencoder
@@ -178,6 +178,15 @@ def test_the_negative_elbo_and_the_nll_are_one_density(likelihood):
     nll = importance_sampled_nll(model.log_weights, x, samples=4000)
     assert nelbo == pytest.approx(one_weight, rel=0.005)  # two estimates of one mean
     assert nll < nelbo < nll + 25
+
+
+def test_the_nll_subset_is_random_fixed_and_whole_when_asked():
+    subset = evaluation_subset(10_000, 500)
+    assert len(subset) == len(set(subset.tolist())) == 500 and torch.all(subset.diff() > 0)
+    assert torch.equal(subset, evaluation_subset(10_000, 500))  # every run, the same images
+    assert subset.max() > 9_000 and subset.min() < 1_000  # spread over the file, not its head
+    assert torch.equal(evaluation_subset(20, None), torch.arange(20))
+    assert torch.equal(evaluation_subset(20, 50), torch.arange(20))
 
 
 def compose_model(name: str):

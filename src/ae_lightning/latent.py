@@ -290,6 +290,22 @@ def latent_quality(
 LogWeights = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 
 
+NLL_SUBSET_SEED = 0  # one subset for every run, whatever its own seed, so their NLLs compare
+
+
+def evaluation_subset(total: int, size: int | None) -> torch.Tensor:
+    """The indices (ascending) of ``size`` of ``total`` images drawn at random with a fixed
+    seed, or all of them for ``size`` None: the images ``test/nll`` is measured on.
+
+    Random, not the first ``size``: MNIST's test file is ordered by writer, and its first
+    images are easier to model than the rest.
+    """
+    if size is None or size >= total:
+        return torch.arange(total)
+    generator = torch.Generator().manual_seed(NLL_SUBSET_SEED)
+    return torch.randperm(total, generator=generator)[:size].sort().values
+
+
 @torch.no_grad()
 def importance_sampled_nll(
     log_weights: LogWeights,

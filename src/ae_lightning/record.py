@@ -22,7 +22,12 @@ from pytorch_lightning.utilities import rank_zero_only
 from ae_lightning import markdown, provenance, tb
 from ae_lightning.atomic import write_atomic
 from ae_lightning.data import DATASETS, DEFAULT_BATCH_SIZE, to_unit_float
-from ae_lightning.latent import encode_images, importance_sampled_nll, latent_quality
+from ae_lightning.latent import (
+    encode_images,
+    evaluation_subset,
+    importance_sampled_nll,
+    latent_quality,
+)
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.naming import read_varying
 from ae_lightning.runfolder import read_json
@@ -225,13 +230,15 @@ def in_multirun() -> bool:
 def test_nll(
     cfg: DictConfig, model: Autoencoder, datamodule: pl.LightningDataModule
 ) -> float | None:
-    """``test/nll`` (nats per image) on the first ``eval.nll_images`` test images, seeded;
-    None when switched off or for a family without a likelihood."""
+    """``test/nll`` (nats per image) on ``eval.nll_images`` test images (the same random
+    subset for every run, ``latent.evaluation_subset``), seeded; None when switched off or
+    for a family without a likelihood."""
     settings = cfg.get("eval") or {}
     samples = settings.get("nll_samples", 0)
     if not samples:
         return None
-    images = datamodule.split("test")[0][: settings.get("nll_images")]
+    test_images = datamodule.split("test")[0]
+    images = test_images[evaluation_subset(len(test_images), settings.get("nll_images"))]
     model.eval()
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
