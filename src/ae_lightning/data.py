@@ -374,7 +374,9 @@ class MNISTDataModule(pl.LightningDataModule):
     ``binarize``: ``none`` (grey pixels), ``static`` (every split binarised once with
     ``binarize_seed``) or ``dynamic`` (validation and test binarised once like ``static``;
     each training minibatch re-binarised on the device as it arrives, so each epoch sees
-    new draws).
+    new draws). Under ``dynamic``, :meth:`split` gives evaluation a training split
+    binarised once as well, so codes fitted on it (kNN, probe, samplers) come from images
+    like those the model trains on and is tested on, not from grey ones.
     """
 
     def __init__(
@@ -400,6 +402,7 @@ class MNISTDataModule(pl.LightningDataModule):
                 f"data.binarize={binarize!r} is not a choice: use one of {', '.join(BINARIZE)}."
             )
         self.binarize, self.binarize_seed = binarize, binarize_seed
+        self._evaluation_train: Batch | None = None
         self.root = root
         self.dataset = dataset
         self.batch_size = batch_size
@@ -451,6 +454,10 @@ class MNISTDataModule(pl.LightningDataModule):
                 generator = torch.Generator().manual_seed(self.binarize_seed * 1_000 + offset)
                 split_images, split_labels = self._splits[name]
                 self._splits[name] = binarized(split_images, generator), split_labels
+        if self.binarize == "dynamic":  # one fixed draw of the training images, to evaluate on
+            generator = torch.Generator().manual_seed(self.binarize_seed * 1_000 + 2)
+            train_images, train_labels = self._splits["train"]
+            self._evaluation_train = binarized(train_images, generator), train_labels
 
     def train_dataloader(self) -> InMemoryBatches | DataLoader:
         steps = steps_per_call_for(self.steps_per_call, self.trainer)
@@ -515,6 +522,8 @@ class MNISTDataModule(pl.LightningDataModule):
         or ``"test"`` (zeros as labels for label-free data)."""
         if not self._splits:
             self.setup()
+        if name == "train" and self._evaluation_train is not None:
+            return self._evaluation_train
         return self._splits[name]
 
     def official_train_split(self) -> Batch:
@@ -544,7 +553,9 @@ class MNISTDataModule(pl.LightningDataModule):
     def _batches(
         self, split: str, batch_size: int, shuffle: bool, drop_last: bool, steps_per_call: int = 1
     ) -> InMemoryBatches | DataLoader:
-        images, labels = self.split(split)
+        if not self._splits:
+            self.setup()
+        images, labels = self._splits[split]  # under dynamic binarisation, the grey pixels
         rank, world_size = self._rank_and_world()
         sampler = EpochPermutation(len(images), self.seed, shuffle, rank, world_size)
         if self.loader == "dataloader":  # the standard path, for data that does not fit
