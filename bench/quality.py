@@ -440,6 +440,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--family-bottlenecks", type=int, nargs="+", default=[2, 16],
         help="the z of the families table",
     )  # fmt: skip
+    parser.add_argument(
+        "--families", nargs="+", default=None,
+        help="the families of the families table (default: every registered one)",
+    )  # fmt: skip
     parser.add_argument("--family-nll-samples", type=int, default=1000)
     parser.add_argument("--family-nll-images", type=int, default=500)
     parser.add_argument("--deep-epochs", type=int, default=100, help="epochs of the deep30 rows")
@@ -638,7 +642,9 @@ def family_rows(args: argparse.Namespace, runs_dir: Path) -> list:
     for bottleneck in args.family_bottlenecks:
         folder = runs_dir / f"families_z{bottleneck}"
         runs = []
-        for family in families():
+        for family in args.families or families():
+            if family not in families():
+                raise SystemExit(f"--families {family}: choose among {sorted(families())}")
             config = FAMILY_CONFIG.get(family, family)
             run_dir = folder / f"{family}_z{bottleneck}"
             named = [f"model={config}", f"bottleneck={bottleneck}"]

@@ -44,8 +44,9 @@ class SparseAutoencoder(PenalisedAutoencoder):
     sigmoid(pre-activation): for sigmoid units that is their activation (Ng's setting); for
     ReLU (and any other) units it is a smooth firing rate (above 1/2 exactly when the unit
     is on), so a small target drives most pre-activations below zero and the layer sparse.
-    The terms are per image (batch-averaged), as in the papers, so their weights carry over;
-    ``mse`` stays per pixel, the number every model reports.
+    The terms are per image (batch-averaged), as in Ng's notes, but his squared error
+    carries a factor 1/2: his beta is ``sparsity_weight / 2`` here (his exercise's beta=3 is
+    ``sparsity_weight=6``). ``mse`` stays per pixel, the number every model reports.
     """
 
     family = "sparse"
