@@ -1,8 +1,9 @@
 """Training objectives as pure tensor functions: reconstruction, KL, bounds, quantisation.
 
 Per-image quantities are summed over pixels and latent dimensions and averaged over the
-batch, so the VAE's numbers are nats per image, comparable with papers and PyTorch's
-``examples/vae``. (The plain autoencoder's ``mse`` is per pixel, as before.)
+batch, so the VAE's numbers are nats per image, as in PyTorch's ``examples/vae``, and
+comparable with papers' on binarised pixels (on grey ones a Bernoulli "likelihood" is not a
+normalised density). (The plain autoencoder's ``mse`` is per pixel, as before.)
 """
 
 from __future__ import annotations
