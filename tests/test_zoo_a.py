@@ -189,10 +189,14 @@ def checksums(root):
         ("model.sparsity=l2", "model.sparsity='l2' is not a choice: use one of l1, kl."),
         ("model.sparsity_target=1.5", "model.sparsity_target=1.5 is not a firing rate in"),
         ("model.mmd_weight=-1", "model.mmd_weight=-1 is negative: use e.g. 10."),
+        ("model.beta=abc", "model.beta='abc' is not a number >= 0: use e.g. model.beta=1."),
+        ("model.kl_warmup_steps=abc", "model.kl_warmup_steps='abc' is not a whole number >= 0"),
+        ("model.kl_warmup_steps=-5", "model.kl_warmup_steps=-5 is not a whole number >= 0"),
     ],
 )
 def test_a_bad_family_knob_is_one_sentence_before_training(override, message, tiny_root, tmp_path):
-    model = "wae" if "mmd" in override else "sparse"
+    owners = {"mmd": "wae", "beta": "vae", "kl_warmup": "vae"}
+    model = next((name for key, name in owners.items() if key in override), "sparse")
     before = checksums(tiny_root)
     result = run_train_cli(
         [*tiny_overrides(tiny_root), f"model={model}", override], logs=tmp_path / "logs"

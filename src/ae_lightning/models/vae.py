@@ -57,8 +57,15 @@ class VariationalAutoencoder(Autoencoder):
                 f"model.likelihood=bernoulli needs pixels in (0, 1) but model.output={output}: "
                 "use model.output=sigmoid, or model.likelihood=gaussian."
             )
-        if beta < 0:
-            raise UserError(f"model.beta={beta!r} is negative: use e.g. model.beta=1.")
+        if not isinstance(beta, int | float) or isinstance(beta, bool) or not beta >= 0:
+            raise UserError(f"model.beta={beta!r} is not a number >= 0: use e.g. model.beta=1.")
+        if not isinstance(kl_warmup_steps, int) or isinstance(kl_warmup_steps, bool) or (
+            kl_warmup_steps < 0
+        ):
+            raise UserError(
+                f"model.kl_warmup_steps={kl_warmup_steps!r} is not a whole number >= 0: use "
+                "e.g. model.kl_warmup_steps=5000 (or 0, no warm-up)."
+            )
         self.beta, self.likelihood, self.kl_warmup_steps = beta, likelihood, kl_warmup_steps
 
     @property
