@@ -36,6 +36,7 @@ from ae_lightning.nets import IMAGE_SHAPE
 DATA_ENV_VAR = "AE_DATA_ROOT"
 DEFAULT_BATCH_SIZE = 128  # the reference workflow's
 IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # uint8, 3-D / 1-D
+IDX_IMAGE_DIMS = IMAGE_SHAPE[1:]  # what the nets of MNIST-style datasets are built for
 Batch = tuple[torch.Tensor, torch.Tensor]
 # data.dataset -> (torchvision class, name in messages, class names). All three ship the same
 # IDX files (60k train, 10k test, 28x28 uint8) in <root>/<class name>/raw/.
@@ -107,10 +108,18 @@ def load_mnist(
     root = Path(root).expanduser()
     raw = root / torchvision_class.__name__ / "raw"
     prefix = "train" if train else "t10k"
+    counts = {}
     for kind, magic in (("images-idx3", IDX_IMAGES), ("labels-idx1", IDX_LABELS)):
         path = raw / f"{prefix}-{kind}-ubyte"
         if path.exists() or path.is_symlink():
-            check_idx_file(path, magic, name)
+            counts[path] = check_idx_file(path, magic, name)[0]
+    if len(counts) == 2 and len(set(counts.values())) == 2:
+        (images_file, images), (labels_file, labels) = counts.items()
+        raise MNISTFileError(
+            f"{name} file {images_file} holds {images} images but {labels_file} holds {labels} "
+            f"labels: both files must come from the same split; re-download them, or point "
+            f"data.root (or {DATA_ENV_VAR}) at a good copy."
+        )
     try:
         split = torchvision_class(str(root), train=train, download=False)
     except RuntimeError:
@@ -150,8 +159,9 @@ def check_pair(
         )
 
 
-def check_idx_file(path: Path, magic: int, name: str = "MNIST") -> None:
-    """Raise one clear sentence if ``path`` is unreadable, not IDX, or cut short."""
+def check_idx_file(path: Path, magic: int, name: str = "MNIST") -> tuple[int, ...]:
+    """The header's dims, or one clear sentence if ``path`` is unreadable, not IDX, not of
+    28x28 images (the nets' shape: other dims would crash mid-run), or cut short."""
     fix = (
         f"delete it and run again to re-download, or point data.root (or {DATA_ENV_VAR}) "
         "at a good copy"
@@ -175,6 +185,12 @@ def check_idx_file(path: Path, magic: int, name: str = "MNIST") -> None:
         ) from None
     except struct.error:
         raise MNISTFileError(f"{name} file {path} ends inside its header: {fix}.") from None
+    if magic == IDX_IMAGES and dims[1:] != IDX_IMAGE_DIMS:
+        height, width = IDX_IMAGE_DIMS
+        raise MNISTFileError(
+            f"{name} file {path} holds images of {dims[1]}x{dims[2]} pixels (header "
+            f"{list(dims)}), not the {height}x{width} of {name}: {fix}."
+        )
     expected = 4 + 4 * len(dims) + math.prod(dims)
     actual = path.stat().st_size
     if actual != expected:
@@ -182,6 +198,7 @@ def check_idx_file(path: Path, magic: int, name: str = "MNIST") -> None:
             f"{name} file {path} has {actual} bytes but its header {list(dims)} promises "
             f"{expected} (truncated or corrupted): {fix}."
         )
+    return dims
 
 
 def _not_found_message(raw: Path, reason: str, name: str = "MNIST") -> str:
