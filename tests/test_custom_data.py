@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,27 @@ def promising_npz(path: Path) -> None:
         archive.writestr("images.npy", header.getvalue() + bytes(100))
 
 
+def labelled_npz(labels: np.ndarray, key: str = "labels") -> Callable[[Path], None]:
+    """Good bar images with ``labels`` saved as ``key`` (``labels`` or ``test_labels``)."""
+
+    def write(path: Path) -> None:
+        images, good = grey_images(len(labels) if key == "labels" else 144)
+        arrays = {"images": images, "labels": good}
+        if key == "test_labels":
+            arrays |= {"test_images": images[: len(labels)], "test_labels": labels}
+        else:
+            arrays[key] = labels
+        np.savez(path, **arrays)
+
+    return write
+
+
+HUGE = np.zeros(144, np.int64)
+HUGE[7] = 10**12  # one stray label: trained on, then range(10**12 + 1) class names
+WRAPS = np.zeros(48, np.uint64)
+WRAPS[0] = 2**64 - 1  # -1 once cast to int64
+
+
 @pytest.mark.parametrize(
     ("write", "said"),
     [
@@ -214,8 +236,11 @@ def promising_npz(path: Path) -> None:
         (lambda p: np.savez(p, images=np.zeros((50, 64), np.uint8)), "not (N, H, W)"),
         (object_npz, "array of Python objects"),
         (promising_npz, "more than the"),
+        (labelled_npz(HUGE), "the label 1000000000000 in 'labels', not a class number"),
+        (labelled_npz(WRAPS, "test_labels"), f"the label {2**64 - 1} in 'test_labels'"),
+        (labelled_npz(-HUGE), "the label -1000000000000 in 'labels'"),
     ],
-    ids=["dtype", "ndim", "pickled", "too_large"],
+    ids=["dtype", "ndim", "pickled", "too_large", "huge_label", "uint64_label", "negative"],
 )
 def test_bad_npz_is_refused_in_one_sentence(tmp_path, write, said):
     path = tmp_path / "bad.npz"

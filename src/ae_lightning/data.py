@@ -599,6 +599,9 @@ class MNISTDataModule(pl.LightningDataModule):
 
 MAX_NPZ_BYTES = 8 << 30  # the arrays' uncompressed size: beyond it, data is not for memory
 NPZ_KEYS = ("images", "labels", "test_images", "test_labels")
+# Labels are class numbers 0, 1, 2...: one name and one metric per class up to the largest, so
+# a stray 10**12 would build a trillion names after training. Far above any dataset here.
+MAX_CLASSES = 10_000
 
 
 class NpzFileError(UserError):
@@ -700,6 +703,9 @@ def load_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"data.path={path} cannot be read ({type(err).__name__}: truncated or damaged): "
             "save it again with np.savez."
         ) from None
+    for key, array in loaded.items():
+        if not key.endswith("images") and len(array):
+            check_labels(path, key, array)
     arrays = {}
     for key, array in loaded.items():
         value = torch.from_numpy(array)
@@ -720,11 +726,19 @@ def load_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"data.path={path} holds {len(arrays[images])} {images} but "
                 f"{len(arrays[labels])} {labels}: save one label per image."
             )
-        if labels in arrays and len(arrays[labels]) and int(arrays[labels].min()) < 0:
-            raise NpzFileError(
-                f"data.path={path} has negative {labels}: number the classes 0, 1, 2..."
-            )
     return arrays
+
+
+def check_labels(path: Path, key: str, labels: np.ndarray) -> None:
+    """One sentence unless ``labels`` are class numbers 0 to ``MAX_CLASSES - 1``: checked on
+    the integer array itself (before ``long()``, which would wrap a huge uint64)."""
+    low, high = labels.min(), labels.max()
+    if low < 0 or high >= MAX_CLASSES:
+        shown = low if low < 0 else high
+        raise NpzFileError(
+            f"data.path={path} holds the label {shown} in '{key}', not a class number from 0 "
+            f"to {MAX_CLASSES - 1}: number the classes 0, 1, 2..."
+        )
 
 
 class ArrayDataModule(MNISTDataModule):
