@@ -308,7 +308,8 @@ def small_folder(root: Path, files: list[str]) -> Path:
     """8x8 PNGs at ``root/<file>`` (one folder per class), each of its own grey level."""
     for index, file in enumerate(files):
         (root / file).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((8, 8, 3), index * 4 % 256, np.uint8)).save(root / file, format="PNG")
+        pixels = np.full((8, 8, 3), index * 4 % 256, np.uint8)
+        Image.fromarray(pixels).save(root / file, format="PNG")
     return root
 
 
