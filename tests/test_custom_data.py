@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ae_lightning import data
 from ae_lightning.api import load_run
+from ae_lightning.data import ImageFolderDataModule, image_folder_files
 from ae_lightning.errors import UserError
 from conftest import PROJECT, run_train_cli
 
@@ -207,6 +211,27 @@ def promising_npz(path: Path) -> None:
         archive.writestr("images.npy", header.getvalue() + bytes(100))
 
 
+def labelled_npz(labels: np.ndarray, key: str = "labels") -> Callable[[Path], None]:
+    """Good bar images with ``labels`` saved as ``key`` (``labels`` or ``test_labels``)."""
+
+    def write(path: Path) -> None:
+        images, good = grey_images(len(labels) if key == "labels" else 144)
+        arrays = {"images": images, "labels": good}
+        if key == "test_labels":
+            arrays |= {"test_images": images[: len(labels)], "test_labels": labels}
+        else:
+            arrays[key] = labels
+        np.savez(path, **arrays)
+
+    return write
+
+
+HUGE = np.zeros(144, np.int64)
+HUGE[7] = 10**12  # one stray label: trained on, then range(10**12 + 1) class names
+WRAPS = np.zeros(48, np.uint64)
+WRAPS[0] = 2**64 - 1  # -1 once cast to int64
+
+
 @pytest.mark.parametrize(
     ("write", "said"),
     [
@@ -214,8 +239,11 @@ def promising_npz(path: Path) -> None:
         (lambda p: np.savez(p, images=np.zeros((50, 64), np.uint8)), "not (N, H, W)"),
         (object_npz, "array of Python objects"),
         (promising_npz, "more than the"),
+        (labelled_npz(HUGE), "the label 1000000000000 in 'labels', not a class number"),
+        (labelled_npz(WRAPS, "test_labels"), f"the label {2**64 - 1} in 'test_labels'"),
+        (labelled_npz(-HUGE), "the label -1000000000000 in 'labels'"),
     ],
-    ids=["dtype", "ndim", "pickled", "too_large"],
+    ids=["dtype", "ndim", "pickled", "too_large", "huge_label", "uint64_label", "negative"],
 )
 def test_bad_npz_is_refused_in_one_sentence(tmp_path, write, said):
     path = tmp_path / "bad.npz"
@@ -274,3 +302,70 @@ def test_interpolation_pair_beyond_this_test_set_is_refused_before_training(tmp_
     line = refusal(run_train_cli(args, tmp_path / "logs"))
     assert "callbacks.interpolation.pair=[0, 30]" in line and "from 0 to 23" in line
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def small_folder(root: Path, files: list[str]) -> Path:
+    """8x8 PNGs at ``root/<file>`` (one folder per class), each of its own grey level."""
+    for index, file in enumerate(files):
+        (root / file).parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.full((8, 8, 3), index * 4 % 256, np.uint8)
+        Image.fromarray(pixels).save(root / file, format="PNG")
+    return root
+
+
+def folder_refusal(path: Path) -> str:
+    """The sentence reading ``path`` as data=image_folder raises (``UserError``)."""
+    with pytest.raises(UserError) as err:
+        ImageFolderDataModule(path=str(path), image_size=[8, 8]).arrays()
+    assert "\n" not in str(err.value) and str(err.value).endswith(".")
+    return str(err.value)
+
+
+def test_image_folder_lists_its_images_in_torchvisions_order(tmp_path):
+    """The same samples in the same order as torchvision's ImageFolder: splits stay as they
+    were before our own walk replaced its."""
+    from torchvision.datasets import ImageFolder
+
+    files = ["b/x/1.png", "b/2.PNG", "b/a.jpg", "a/z/y/3.png", "a/0.png", "b/x-y/5.png"]
+    root = small_folder(tmp_path / "pictures", [*files, "b/x.y/6.png", "c/7.bmp"])
+    (root / "b" / "notes.txt").write_text("not an image")
+    classes, samples = image_folder_files(str(root))
+    reference = ImageFolder(str(root))
+    assert list(classes) == reference.classes and samples == reference.samples
+
+
+def test_a_link_loop_in_an_image_folder_is_one_sentence_not_a_hang(tmp_path):
+    """The reviewer's folder: two links from a class folder to itself, which torchvision's
+    walk (followlinks=True) descends forever, doubling at each level."""
+    root = small_folder(tmp_path / "pictures", [f"{c}/{i}.png" for c in "ab" for i in range(30)])
+    (root / "a" / "loop").symlink_to(".")
+    (root / "a" / "again").symlink_to(".")
+    args = ["data=image_folder", f"data.path={root}", "data.image_size=[8,8]", *SMALL]
+    line = refusal(run_train_cli(args, tmp_path / "logs", timeout=120))
+    assert f"{root / 'a'}/" in line and "a link to the folder" in line and "not followed" in line
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def test_links_out_of_an_image_folder_and_non_files_are_refused(tmp_path):
+    secret = tmp_path / "elsewhere" / "private.png"
+    small_folder(secret.parent, [secret.name])
+    root = small_folder(tmp_path / "pictures", ["a/0.png", "b/0.png"])
+    (root / "a" / "1.png").symlink_to(secret)
+    assert f"{root / 'a' / '1.png'}, a link to {secret} outside it" in folder_refusal(root)
+    (root / "a" / "1.png").unlink()
+    (root / "a" / "1.png").symlink_to(root / "b" / "0.png")  # a link inside is read
+    assert len(ImageFolderDataModule(path=str(root), image_size=[8, 8]).arrays()["images"]) == 3
+    os.mkfifo(root / "b" / "1.png")  # opening it would block until a writer comes
+    assert f"{root / 'b' / '1.png'}, which is not a regular file" in folder_refusal(root)
+
+
+def test_an_image_folder_walk_is_bounded_in_files_and_depth(tmp_path, monkeypatch):
+    """``data.path=/`` or a machine-made tree: the walk stops with one sentence."""
+    root = small_folder(tmp_path / "pictures", ["a/0.png", "a/1/2/3/4/5.png", "b/0.png"])
+    monkeypatch.setattr(data, "MAX_FOLDER_DEPTH", 4)
+    assert "more than 4 levels deep" in folder_refusal(root)
+    monkeypatch.setattr(data, "MAX_FOLDER_DEPTH", 32)
+    for index in range(20):
+        (root / "b" / f"{index}.txt").write_text("")
+    monkeypatch.setattr(data, "MAX_FOLDER_ENTRIES", 20)
+    assert "more than 20 files and folders" in folder_refusal(root)

@@ -1,9 +1,19 @@
+import shutil
+import struct
+from pathlib import Path
+
 import pytest
 import torch
 
-from ae_lightning.data import EpochPermutation, MNISTDataModule, MNISTNotFoundError, load_mnist
+from ae_lightning.data import (
+    EpochPermutation,
+    MNISTDataModule,
+    MNISTFileError,
+    MNISTNotFoundError,
+    load_mnist,
+)
 from ae_lightning.errors import UserError
-from conftest import TINY_TEST, TINY_TRAIN
+from conftest import TINY_TEST, TINY_TRAIN, run_train_cli, tiny_overrides
 
 
 def test_tiny_idx_files_load_through_torchvision(tiny_root):
@@ -120,3 +130,37 @@ def test_real_mnist_loads_in_memory(mnist_root):
     test_images, test_labels = dm.split("test")
     assert test_images.shape == (10_000, 28, 28) and test_images.dtype == torch.uint8
     assert test_labels[:5].tolist() == [7, 2, 1, 0, 4]  # the official test set, in order
+
+
+def reshaped_copy(tiny_root, tmp_path, height: int, width: int) -> Path:
+    """A copy of the tiny MNIST whose image headers say ``height x width``: the same bytes per
+    image, so the file size still matches its header."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    for prefix in ("train", "t10k"):
+        path = root / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte"
+        data = bytearray(path.read_bytes())
+        data[8:16] = struct.pack(">II", height, width)
+        path.write_bytes(bytes(data))
+    return root
+
+
+def test_idx_images_of_another_shape_are_one_sentence_before_training(tiny_root, tmp_path):
+    root = reshaped_copy(tiny_root, tmp_path, 14, 56)
+    result = run_train_cli([*tiny_overrides(root), "callbacks=minimal"], logs=tmp_path / "logs")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    assert f"{path} holds images of 14x56 pixels" in line and "not the 28x28" in line
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def test_idx_files_of_different_counts_are_refused_from_their_headers(tiny_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    labels = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    data = labels.read_bytes()
+    count = struct.unpack(">I", data[4:8])[0]
+    labels.write_bytes(data[:4] + struct.pack(">I", count - 1) + data[8:-1])
+    with pytest.raises(MNISTFileError, match=rf"holds {count} images but {labels} holds"):
+        load_mnist(root, train=False, download=False)

@@ -2,12 +2,14 @@
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -205,6 +207,63 @@ def test_a_cache_file_that_asks_to_run_code_is_refused_before_training(tmp_path)
     assert "eval.sample_quality=false" in errors[0]
     assert not marker.exists()  # never unpickled
     assert hashlib.sha256(path.read_bytes()).hexdigest() == checksum  # left for the user
+    assert not (tmp_path / "logs" / "runs").exists() or not any(
+        (tmp_path / "logs" / "runs").iterdir()
+    )  # refused before training: no run folder
+
+
+def deflated_bomb(path, inflated_mib: int = 32):
+    """A torch.save archive of a classifier-shaped state dict padded with ``inflated_mib`` MiB
+    of zeros, re-zipped with deflate: a few tens of kB on disk (the old size check passes),
+    ``inflated_mib`` MiB inside torch.load."""
+    buffer = io.BytesIO()
+    state = DigitClassifier().state_dict() | {"pad": torch.zeros(inflated_mib << 18)}
+    torch.save({"state_dict": state}, buffer)
+    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w") as bomb:
+        for info in source.infolist():
+            bomb.writestr(info.filename, source.read(info), zipfile.ZIP_DEFLATED, 9)
+
+
+def test_a_cache_file_that_would_inflate_is_refused_before_torch_load(tmp_path, monkeypatch):
+    path = tmp_path / "classifier-0123456789ab.pt"
+    deflated_bomb(path)
+    assert path.stat().st_size < 1 << 20
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was reached"))
+    with pytest.raises(
+        UserError, match=r"cannot be read \(it would inflate to 33,\d{3},\d{3} bytes"
+    ):
+        load_classifier(path)
+
+
+def test_a_link_at_the_cache_name_is_refused_not_followed(tiny_root, tmp_path, monkeypatch):
+    """The name is predictable: a link planted there, even to a good classifier, is refused."""
+    elsewhere = tmp_path / "elsewhere.pt"
+    torch.save({"state_dict": DigitClassifier().state_dict()}, elsewhere)
+    images, labels = MNISTDataModule(root=str(tiny_root), download=False).official_train_split()
+    path = classifier_path(tmp_path / "cache", images, labels, epochs=1, seed=0)
+    path.parent.mkdir()
+    path.symlink_to(elsewhere)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was reached"))
+    with pytest.raises(UserError, match=r"cannot be read \(a link, which is not followed\)"):
+        prepare_classifier(tmp_path / "cache", (images, labels), epochs=1)
+    path.unlink()
+    os.mkfifo(path)  # reading it would block: refused without a read
+    with pytest.raises(UserError, match=r"cannot be read \(not a regular file\)"):
+        load_classifier(path)
+
+
+def test_a_planted_cache_bomb_stops_the_run_before_training(tmp_path):
+    root = write_tiny_mnist(tmp_path / "data")
+    path = cache_file(root)
+    path.parent.mkdir(parents=True)
+    deflated_bomb(path, inflated_mib=512)  # the reviewer's: 0.5 MB on disk, 512 MiB inflated
+    result = run_train_cli(
+        [*tiny_overrides(root), "callbacks=minimal", "eval.classifier_epochs=1"],
+        logs=tmp_path / "logs",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"The cached classifier {path} cannot be read (it would inflate to" in line
     assert not (tmp_path / "logs" / "runs").exists() or not any(
         (tmp_path / "logs" / "runs").iterdir()
     )  # refused before training: no run folder

@@ -15,6 +15,7 @@ the same order, with Lightning's per-batch cost paid once per K optimizer steps.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -36,6 +37,7 @@ from ae_lightning.nets import IMAGE_SHAPE
 DATA_ENV_VAR = "AE_DATA_ROOT"
 DEFAULT_BATCH_SIZE = 128  # the reference workflow's
 IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # uint8, 3-D / 1-D
+IDX_IMAGE_DIMS = IMAGE_SHAPE[1:]  # what the nets of MNIST-style datasets are built for
 Batch = tuple[torch.Tensor, torch.Tensor]
 # data.dataset -> (torchvision class, name in messages, class names). All three ship the same
 # IDX files (60k train, 10k test, 28x28 uint8) in <root>/<class name>/raw/.
@@ -107,10 +109,18 @@ def load_mnist(
     root = Path(root).expanduser()
     raw = root / torchvision_class.__name__ / "raw"
     prefix = "train" if train else "t10k"
+    counts = {}
     for kind, magic in (("images-idx3", IDX_IMAGES), ("labels-idx1", IDX_LABELS)):
         path = raw / f"{prefix}-{kind}-ubyte"
         if path.exists() or path.is_symlink():
-            check_idx_file(path, magic, name)
+            counts[path] = check_idx_file(path, magic, name)[0]
+    if len(counts) == 2 and len(set(counts.values())) == 2:
+        (images_file, images), (labels_file, labels) = counts.items()
+        raise MNISTFileError(
+            f"{name} file {images_file} holds {images} images but {labels_file} holds {labels} "
+            f"labels: both files must come from the same split; re-download them, or point "
+            f"data.root (or {DATA_ENV_VAR}) at a good copy."
+        )
     try:
         split = torchvision_class(str(root), train=train, download=False)
     except RuntimeError:
@@ -150,8 +160,9 @@ def check_pair(
         )
 
 
-def check_idx_file(path: Path, magic: int, name: str = "MNIST") -> None:
-    """Raise one clear sentence if ``path`` is unreadable, not IDX, or cut short."""
+def check_idx_file(path: Path, magic: int, name: str = "MNIST") -> tuple[int, ...]:
+    """The header's dims, or one clear sentence if ``path`` is unreadable, not IDX, not of
+    28x28 images (the nets' shape: other dims would crash mid-run), or cut short."""
     fix = (
         f"delete it and run again to re-download, or point data.root (or {DATA_ENV_VAR}) "
         "at a good copy"
@@ -175,6 +186,12 @@ def check_idx_file(path: Path, magic: int, name: str = "MNIST") -> None:
         ) from None
     except struct.error:
         raise MNISTFileError(f"{name} file {path} ends inside its header: {fix}.") from None
+    if magic == IDX_IMAGES and dims[1:] != IDX_IMAGE_DIMS:
+        height, width = IDX_IMAGE_DIMS
+        raise MNISTFileError(
+            f"{name} file {path} holds images of {dims[1]}x{dims[2]} pixels (header "
+            f"{list(dims)}), not the {height}x{width} of {name}: {fix}."
+        )
     expected = 4 + 4 * len(dims) + math.prod(dims)
     actual = path.stat().st_size
     if actual != expected:
@@ -182,6 +199,7 @@ def check_idx_file(path: Path, magic: int, name: str = "MNIST") -> None:
             f"{name} file {path} has {actual} bytes but its header {list(dims)} promises "
             f"{expected} (truncated or corrupted): {fix}."
         )
+    return dims
 
 
 def _not_found_message(raw: Path, reason: str, name: str = "MNIST") -> str:
@@ -582,6 +600,9 @@ class MNISTDataModule(pl.LightningDataModule):
 
 MAX_NPZ_BYTES = 8 << 30  # the arrays' uncompressed size: beyond it, data is not for memory
 NPZ_KEYS = ("images", "labels", "test_images", "test_labels")
+# Labels are class numbers 0, 1, 2...: one name and one metric per class up to the largest, so
+# a stray 10**12 would build a trillion names after training. Far above any dataset here.
+MAX_CLASSES = 10_000
 
 
 class NpzFileError(UserError):
@@ -683,6 +704,9 @@ def load_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"data.path={path} cannot be read ({type(err).__name__}: truncated or damaged): "
             "save it again with np.savez."
         ) from None
+    for key, array in loaded.items():
+        if not key.endswith("images") and len(array):
+            check_labels(path, key, array)
     arrays = {}
     for key, array in loaded.items():
         value = torch.from_numpy(array)
@@ -703,11 +727,19 @@ def load_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"data.path={path} holds {len(arrays[images])} {images} but "
                 f"{len(arrays[labels])} {labels}: save one label per image."
             )
-        if labels in arrays and len(arrays[labels]) and int(arrays[labels].min()) < 0:
-            raise NpzFileError(
-                f"data.path={path} has negative {labels}: number the classes 0, 1, 2..."
-            )
     return arrays
+
+
+def check_labels(path: Path, key: str, labels: np.ndarray) -> None:
+    """One sentence unless ``labels`` are class numbers 0 to ``MAX_CLASSES - 1``: checked on
+    the integer array itself (before ``long()``, which would wrap a huge uint64)."""
+    low, high = labels.min(), labels.max()
+    if low < 0 or high >= MAX_CLASSES:
+        shown = low if low < 0 else high
+        raise NpzFileError(
+            f"data.path={path} holds the label {shown} in '{key}', not a class number from 0 "
+            f"to {MAX_CLASSES - 1}: number the classes 0, 1, 2..."
+        )
 
 
 class ArrayDataModule(MNISTDataModule):
@@ -812,10 +844,100 @@ class NpzDataModule(ArrayDataModule):
         return Path(self.path).stem or "npz"
 
 
+MAX_FOLDER_ENTRIES = 1_000_000  # files and folders the walk of data.path looks at
+MAX_FOLDER_DEPTH = 32  # folder levels below data.path
+FOLDER_FIX = "use the layout <path>/<class name>/<image>.png"
+
+
+def image_folder_files(top: str) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    """``(class names, [(image file, class index)])`` of ``<top>/<class name>/**/<image>``,
+    in the order of torchvision's ``ImageFolder`` (so splits stay as they were).
+
+    Our own walk, since torchvision's follows links (a link loop never ends) and counts
+    nothing (``data.path=/`` would walk the disk): it refuses links to folders (never
+    followed) and links to files outside ``top``, and stops with one sentence past
+    ``MAX_FOLDER_ENTRIES`` entries or ``MAX_FOLDER_DEPTH`` levels.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root, seen = os.path.realpath(top), 0
+
+    def scan(folder: str, depth: int) -> list[os.DirEntry]:
+        nonlocal seen
+        if depth > MAX_FOLDER_DEPTH:
+            raise UserError(
+                f"data.path={top} nests folders more than {MAX_FOLDER_DEPTH} levels deep (at "
+                f"{folder}): point data.path at the folder of class folders ({FOLDER_FIX})."
+            )
+        try:
+            with os.scandir(folder) as entries:  # islice: a huge folder is never listed whole
+                found = list(itertools.islice(entries, MAX_FOLDER_ENTRIES - seen + 1))
+        except OSError as err:
+            if depth == 0:
+                raise UserError(
+                    f"data.path={top} is not a folder of class subfolders holding images "
+                    f"({type(err).__name__}): {FOLDER_FIX}."
+                ) from None
+            raise UserError(
+                f"data.path={top} has a folder {folder} that cannot be read "
+                f"({err.strerror or type(err).__name__}): make it readable or remove it."
+            ) from None
+        seen += len(found)
+        if seen > MAX_FOLDER_ENTRIES:
+            raise UserError(
+                f"data.path={top} holds more than {MAX_FOLDER_ENTRIES:,} files and folders: "
+                f"point it at a folder of class folders ({FOLDER_FIX}), not a whole disk."
+            )
+        for entry in found:
+            if not entry.is_symlink():
+                continue
+            target = os.path.realpath(entry.path)
+            if os.path.isdir(target):
+                raise UserError(
+                    f"data.path={top} holds {entry.path}, a link to the folder {target}, "
+                    "which is not followed: replace the link with the folder itself."
+                )
+            if depth > 0 and os.path.commonpath([root, target]) != root:
+                raise UserError(
+                    f"data.path={top} holds {entry.path}, a link to {target} outside it: "
+                    "copy the image into the folder instead."
+                )
+        return found
+
+    classes = tuple(sorted(e.name for e in scan(top, 0) if e.is_dir(follow_symlinks=False)))
+    if not classes:
+        raise UserError(f"data.path={top} holds no class folders: {FOLDER_FIX}.")
+    samples = []
+    for index, name in enumerate(classes):
+        found, pending = [], [(os.path.join(top, name), 1)]
+        while pending:
+            folder, depth = pending.pop()
+            names = []
+            for entry in scan(folder, depth):
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((entry.path, depth + 1))
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    if not entry.is_file():  # a FIFO named x.png would block the first read
+                        raise UserError(
+                            f"data.path={top} holds {entry.path}, which is not a regular file: "
+                            "replace it with the image or remove it."
+                        )
+                    names.append(entry.name)
+            found.append((folder, sorted(names)))
+        if not any(names for _, names in found):
+            raise UserError(
+                f"data.path={top} has no images ({', '.join(IMG_EXTENSIONS)}) in its class "
+                f"folder {name}: add some or remove that folder."
+            )
+        samples += [(os.path.join(f, n), index) for f, names in sorted(found) for n in names]
+    return classes, samples
+
+
 class ImageFolderDataModule(ArrayDataModule):
-    """torchvision's ``ImageFolder`` (``<path>/<class name>/<image>``), each image converted
-    once to ``channels`` (1 grey, 3 RGB) and resized to ``image_size`` ``[H, W]``, then held
-    in memory as uint8 like the rest; the class names are the folder names."""
+    """torchvision's ``ImageFolder`` layout (``<path>/<class name>/<image>``, listed by the
+    bounded walk of ``image_folder_files``), each image converted once to ``channels`` (1 grey,
+    3 RGB) and resized to ``image_size`` ``[H, W]``, then held in memory as uint8 like the
+    rest; the class names are the folder names."""
 
     display = "image folder"
 
@@ -847,7 +969,6 @@ class ImageFolderDataModule(ArrayDataModule):
 
     def _read(self) -> dict[str, torch.Tensor]:
         from PIL import Image
-        from torchvision.datasets import ImageFolder
 
         self._check_settings()
         if not self.path:
@@ -863,33 +984,27 @@ class ImageFolderDataModule(ArrayDataModule):
                 resized = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
                 return np.asarray(resized, dtype=np.uint8)
 
-        try:
-            folder = ImageFolder(self.path, loader=convert)
-        except (FileNotFoundError, NotADirectoryError, OSError) as err:
-            raise UserError(
-                f"data.path={self.path} is not a folder of class subfolders holding images "
-                f"({type(err).__name__}): use the layout <path>/<class name>/<image>.png."
-            ) from None
-        total = len(folder) * self.channels * height * width
+        classes, samples = image_folder_files(os.path.expanduser(self.path))
+        total = len(samples) * self.channels * height * width
         if total > MAX_NPZ_BYTES:
             raise UserError(
-                f"data.path={self.path} holds {len(folder)} images, {total} bytes at "
+                f"data.path={self.path} holds {len(samples)} images, {total} bytes at "
                 f"data.image_size={list(self.image_size)}, more than the {MAX_NPZ_BYTES} held "
                 "in memory: use a smaller data.image_size or fewer images."
             )
-        images = np.empty((len(folder), height, width, self.channels), dtype=np.uint8)
-        for index, (file, _) in enumerate(folder.samples):
+        images = np.empty((len(samples), height, width, self.channels), dtype=np.uint8)
+        for index, (file, _) in enumerate(samples):
             try:
-                images[index] = folder.loader(file).reshape(height, width, self.channels)
+                images[index] = convert(file).reshape(height, width, self.channels)
             except Exception as err:  # PIL's errors for a damaged or foreign file vary
                 raise UserError(
                     f"data.path={self.path} has an image {file} that cannot be read "
                     f"({type(err).__name__}): remove or replace that file."
                 ) from None
-        self._classes = tuple(folder.classes)
+        self._classes = classes
         return {
             "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-            "labels": torch.tensor(folder.targets, dtype=torch.long),
+            "labels": torch.tensor([label for _, label in samples], dtype=torch.long),
         }
 
     @property

@@ -10,16 +10,20 @@ spreads the samples over the classes (a sampler stuck on a few digits scores low
 The CNN is trained on first use (seeded, a few epochs on the CPU) and cached beside the data,
 ``<data root>/<Dataset>/ae_lightning/classifier-<hash>.pt``: the hash covers its recipe and
 the training images, so every run on that data shares it. The file is loaded as weights only
-and refused in one sentence if damaged. Imported only by runs that ask for these metrics.
+and refused in one sentence if damaged or planted (a link, a zip that would inflate past
+``MAX_CLASSIFIER_BYTES``). Imported only by runs that ask for these metrics.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import stat
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -166,21 +170,59 @@ def train_classifier(
 
 
 def load_classifier(path: Path) -> DigitClassifier:
-    """The cached classifier at ``path``, read as tensors only; one sentence if damaged."""
+    """The cached classifier at ``path``, read as tensors only; one sentence if damaged.
+
+    A bad file is refused, not retrained over: it sits in a folder others may write (the
+    shared data's), so it is left in place for the user to look at, and the sentence says
+    to delete it (or to switch the metrics off). Bounded before anything inflates
+    (``read_cache_file``).
+    """
     refusal = (
         f"The cached classifier {path} cannot be read ({{}}): delete it and run again to "
         "retrain it, or switch the sample-quality metrics off with eval.sample_quality=false."
     )
-    size = path.stat().st_size
-    if size > MAX_CLASSIFIER_BYTES:
-        raise UserError(refusal.format(f"{size} bytes, larger than any classifier of ours"))
+    data = read_cache_file(path, refusal)
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)  # never runs code
+        saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # no code
         net = DigitClassifier()
         net.load_state_dict(saved["state_dict"])  # strict: a foreign net's keys are refused
     except Exception as err:  # an unpickling refusal, a cut file, foreign keys: all damage
         raise UserError(refusal.format(type(err).__name__)) from None
     return net.eval()
+
+
+def read_cache_file(path: Path, refusal: str) -> bytes:
+    """The bytes of the cache file at ``path``, or ``refusal`` filled with the reason.
+
+    The name is predictable and the folder shared, so the file may be planted: a link is
+    never followed (``O_NOFOLLOW``, and the bytes read once, so nothing is swapped in after
+    the checks), a FIFO never blocks, and the zip directory must inflate to at most
+    ``MAX_CLASSIFIER_BYTES`` in all (torch.load inflates deflated members: a 0.5 MB file
+    could ask for gigabytes).
+    """
+    if path.is_symlink():
+        raise UserError(refusal.format("a link, which is not followed"))
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        with os.fdopen(os.open(path, flags), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UserError(refusal.format("not a regular file"))
+            data = f.read(MAX_CLASSIFIER_BYTES + 1)
+    except OSError as err:
+        raise UserError(refusal.format(err.strerror or type(err).__name__)) from None
+    if len(data) > MAX_CLASSIFIER_BYTES:
+        limit = f"over {MAX_CLASSIFIER_BYTES:,} bytes, larger than any classifier of ours"
+        raise UserError(refusal.format(limit))
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            inflated = sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, ValueError) as err:  # not torch.save's zip, or cut short
+        raise UserError(refusal.format(type(err).__name__)) from None
+    if inflated > MAX_CLASSIFIER_BYTES:
+        raise UserError(
+            refusal.format(f"it would inflate to {inflated:,} bytes, more than any classifier")
+        )
+    return data
 
 
 def user_cache_dir() -> Path:
@@ -211,7 +253,7 @@ def prepare_classifier(
     folders = [folder] if isinstance(folder, str | os.PathLike) else list(folder)
     paths = [classifier_path(f, images, labels, epochs, seed) for f in folders]
     for path in paths:
-        if path.is_file():
+        if path.is_file() or path.is_symlink():  # a link there is refused, never followed
             log.info("Sample-quality classifier: %s (cached)", path)
             return load_classifier(path)
     log.info(
