@@ -17,6 +17,7 @@ from ae_lightning.compare import summary_rows, write_summary
 from ae_lightning.data import MNISTDataModule
 from ae_lightning.export import export_run
 from ae_lightning.latent import evaluation_subset, importance_sampled_nll
+from ae_lightning.models.ae import Autoencoder
 from ae_lightning.models.iwae import ImportanceWeightedAutoencoder
 from ae_lightning.models.vae import VariationalAutoencoder
 from ae_lightning.models.vamp import VampPriorAutoencoder
@@ -248,6 +249,34 @@ class FirstBatchPerEpoch(Callback):
             loader = trainer.train_dataloader
             order = loader.sampler.indices(x.device)[: len(x)]
             self.batches.append((x.clone(), order.clone()))
+
+
+@pytest.mark.parametrize("loader", ["memory", "dataloader"])
+def test_overfit_batches_serve_the_same_batches_every_epoch(tiny_root, loader):
+    """debug=overfit (Trainer(overfit_batches=N)): can the model learn N batches? Only if
+    every epoch serves those same N, unshuffled."""
+    module = MNISTDataModule(
+        root=str(tiny_root), download=False, val_size=100, batch_size=50, loader=loader
+    )
+    seen = []
+
+    class Batches(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            x = batch[0][0] if isinstance(batch, list) else batch[0]
+            seen.append((trainer.current_epoch, x))
+
+    trainer = pl.Trainer(
+        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[Batches()],
+        overfit_batches=2,
+    )  # fmt: skip
+    trainer.fit(Autoencoder(bottleneck=2, hidden=[8]), datamodule=module)
+    epochs = [[x for epoch, x in seen if epoch == e] for e in range(3)]
+    assert [len(batches) for batches in epochs] == [2, 2, 2]
+    for later in epochs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(epochs[0], later, strict=True))
+    first_images = module.probe_images(50, "train")[0]  # the split's first images, in order
+    assert torch.equal(epochs[0][0], first_images)
 
 
 def test_dynamic_binarisation_redraws_training_minibatches_but_not_the_test_split(tiny_root):

@@ -479,9 +479,13 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> InMemoryBatches | DataLoader:
         steps = steps_per_call_for(self.steps_per_call, self.trainer)
+        # Trainer(overfit_batches=N) (debug=overfit) means the same N batches every epoch:
+        # Lightning only unshuffles loaders whose sampler it knows, so ours stops itself.
+        overfitting = self.trainer is not None and self.trainer.overfit_batches > 0
         return self._batches(
-            "train", self.batch_size, shuffle=True, drop_last=self.drop_last, steps_per_call=steps
-        )
+            "train", self.batch_size, shuffle=not overfitting, drop_last=self.drop_last,
+            steps_per_call=steps,
+        )  # fmt: skip
 
     def val_dataloader(self) -> InMemoryBatches | DataLoader:
         return self._batches("val", self.eval_batch_size, shuffle=False, drop_last=False)
