@@ -196,14 +196,31 @@ def test_export_refuses_an_export_link(received, tmp_path, capsys):
     assert checksums(victim) == before
 
 
-def test_a_planted_temp_file_is_replaced_not_written_through(tmp_path):
+@pytest.mark.parametrize("planted", ["metrics.json", "metrics.json.tmp", ".metrics.json.tmp"])
+def test_a_planted_link_is_replaced_not_written_through(planted, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
-    (tmp_path / "metrics.json.tmp").symlink_to(victim)
+    (tmp_path / planted).symlink_to(victim)
     write_json(tmp_path / "metrics.json", {"test/mse": 0.1})
     assert victim.read_text() == "keep me\n"
+    assert not (tmp_path / "metrics.json").is_symlink()
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"test/mse": 0.1}
-    assert not (tmp_path / "metrics.json.tmp").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".metrics.json.") and p != planted]
+
+
+def test_a_folder_named_like_the_temp_file_cannot_block_the_results(received, tiny_root, tmp_path):
+    """A received unfinished run holding a folder ``metrics.json.tmp``: the results still land."""
+    run, victim = received
+    (run / "metrics.json").unlink()
+    (run / "metrics.json.tmp").mkdir()
+    (run / "checkpoints" / "last.ckpt.tmp").mkdir()
+    before = checksums(victim)
+    args = [*tiny_overrides(tiny_root), "model=linear", "callbacks=minimal", "logger=none",
+            "trainer.max_epochs=2", f"resume={run}"]  # fmt: skip
+    result = run_train_cli(args, logs=tmp_path / "logs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    assert checksums(victim) == before
 
 
 # --- 3. and 6. every reader bounded; each bad file one sentence -----------------------------
