@@ -196,6 +196,47 @@ def test_export_refuses_an_export_link(received, tmp_path, capsys):
     assert checksums(victim) == before
 
 
+def received_sweep(good_run, tmp_path, links):
+    """A sweep folder as someone would send it: one finished job, and ``links`` (name ->
+    target) planted in it."""
+    sweep = tmp_path / "shared" / "sweep"
+    shutil.copytree(good_run, sweep / "job0")
+    for name, target in links.items():
+        (sweep / name).parent.mkdir(parents=True, exist_ok=True)
+        (sweep / name).symlink_to(target, target_is_directory=target.is_dir())
+    return sweep
+
+
+@pytest.mark.parametrize("link", ["comparison/summary.csv", "comparison/summary.md",
+                                  "comparison"])  # fmt: skip
+def test_compare_refuses_a_received_sweep_with_a_link_out(
+    link, received, good_run, tiny_root, tmp_path, capsys
+):
+    _, victim = received
+    target = victim if link == "comparison" else victim / "precious.txt"
+    sweep = received_sweep(good_run, tmp_path, {link: target})
+    before = checksums(victim)
+    line = one_sentence(run_main("compare", [sweep, "--data-root", tiny_root], capsys))
+    assert f"{sweep}/comparison" in line and str(victim) in line
+    assert checksums(victim) == before
+
+
+def test_a_sweep_into_a_received_sweep_folder_with_a_link_out_is_refused(
+    received, good_run, tiny_root, tmp_path
+):
+    _, victim = received
+    (victim / "notes.md").write_text("mine\n")
+    links = {"sweep.json": victim / "precious.txt", "summary.md": victim / "notes.md"}
+    sweep = received_sweep(good_run, tmp_path, links)
+    before = checksums(victim)
+    args = ["-m", *tiny_overrides(tiny_root), "model=linear", "callbacks=minimal",
+            "logger=none", "seed=0", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    line = one_sentence(run_train_cli(args, logs=tmp_path / "logs"))
+    assert f"hydra.sweep.dir={sweep}" in line and "outside the run folder" in line
+    assert checksums(victim) == before
+    assert sorted(os.listdir(sweep)) == ["job0", "summary.md", "sweep.json"]  # nothing written
+
+
 @pytest.mark.parametrize("planted", ["metrics.json", "metrics.json.tmp", ".metrics.json.tmp"])
 def test_a_planted_link_is_replaced_not_written_through(planted, tmp_path):
     victim = tmp_path / "victim.txt"
