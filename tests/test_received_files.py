@@ -177,6 +177,51 @@ def test_resume_refuses_a_run_folder_with_a_link_out(entry, received, tiny_root,
     assert checksums(tmp_path) == before  # not even Hydra's log or config was written
 
 
+def as_ordinary_user(args, logs):
+    """``python train.py ARGS`` without root's power to list any folder (DAC override)."""
+    drop = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root without setpriv: a folder of mode 0300 stays listable")
+        caps = "-dac_override,-dac_read_search"
+        drop = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    return subprocess.run(
+        [*drop, sys.executable, str(PROJECT / "train.py"), *args], cwd=PROJECT,
+        env={**os.environ, "AE_LOGS_DIR": str(logs)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("where", [".", ".hydra-resumed"])
+def test_resume_refuses_a_folder_it_cannot_list(where, received, tiny_root, tmp_path):
+    """Mode 0300 (write and search, no read): Hydra writes into it by name, through a link."""
+    run, victim = received
+    (run / "metrics.json").unlink()
+    entry = "train.log" if where == "." else ".hydra-resumed/config.yaml"
+    plant_link(run, victim, entry)
+    (tmp_path / "logs").mkdir()
+    before = checksums(victim)
+    (run / where).chmod(0o300)
+    try:
+        args = [*tiny_overrides(tiny_root), "model=linear", f"resume={run}"]
+        line = one_sentence(as_ordinary_user(args, tmp_path / "logs"))
+    finally:
+        (run / where).chmod(0o755)
+    assert f"{run / where} cannot be listed (Permission denied)" in line and "chmod" in line
+    assert checksums(victim) == before
+
+
+def test_resume_refuses_an_interpolation_it_cannot_check(received, tiny_root, tmp_path):
+    run, victim = received
+    plant_link(run, victim, "train.log")
+    (tmp_path / "logs").mkdir()
+    before = checksums(tmp_path)
+    args = [*tiny_overrides(tiny_root), "model=linear", "resume=${oc.env:AE_TEST_RUN}"]
+    result = run_train_cli(args, logs=tmp_path / "logs", env={"AE_TEST_RUN": str(run)})
+    line = one_sentence(result)
+    assert "resume=${oc.env:AE_TEST_RUN} is an interpolation" in line
+    assert checksums(tmp_path) == before  # neither the victim nor the run was written
+
+
 @pytest.mark.parametrize("entry", LINKED_ENTRIES)
 def test_every_written_entry_is_checked_for_links(entry, received):
     run, victim = received

@@ -63,8 +63,9 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
 def check_no_links_out(folder: str | os.PathLike, what: str) -> None:
     """One sentence if anything in ``folder`` is a symlink pointing outside it (``UserError``).
 
-    The walk never follows a link and stops after ``MAX_WALK_ENTRIES`` entries. ``what``
-    names the command-line value in the sentence (``resume=<folder>``).
+    The walk never follows a link and stops after ``MAX_WALK_ENTRIES`` entries; a folder it
+    cannot list is refused too. ``what`` names the command-line value in the sentence
+    (``resume=<folder>``).
     """
     top = Path(folder)
     root = Path(os.path.realpath(top))
@@ -73,8 +74,11 @@ def check_no_links_out(folder: str | os.PathLike, what: str) -> None:
         current = pending.pop()
         try:
             entries = list(os.scandir(current))
-        except OSError:
-            continue  # unreadable: nothing will be written there either
+        except OSError as err:  # a folder of mode 0300 can still be written into by name
+            raise UserError(
+                f"{what}: {current} cannot be listed ({err.strerror}), so a link in it could "
+                "not be ruled out: make it readable (chmod -R u+rwX) or delete it."
+            ) from None
         for entry in entries:
             seen += 1
             if seen > MAX_WALK_ENTRIES:
@@ -103,11 +107,17 @@ def refuse_links_out_of_resume(argv: list[str] | None = None) -> None:
     for arg in sys.argv[1:] if argv is None else argv:
         key, _, value = arg.partition("=")
         value = value.strip().strip("'\"")
-        if key.lstrip("+") != "resume" or not value or "${" in value:
+        if key.lstrip("+") != "resume" or not value:
             continue
-        if not Path(value).is_dir():
-            continue  # train.py says in one sentence that the folder does not exist
         try:
+            if "${" in value:  # Hydra would resolve it to a folder this walk never saw
+                raise UserError(
+                    f"resume={value} is an interpolation, and the folder it names cannot be "
+                    "checked before Hydra writes into it: write the folder itself "
+                    "(resume=/path/to/run)."
+                )
+            if not Path(value).is_dir():
+                continue  # train.py says in one sentence that the folder does not exist
             check_no_links_out(value, f"resume={value}")
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
