@@ -504,6 +504,23 @@ def test_compare_shows_a_diverged_run_as_a_failed_row(
     assert "non-finite weights" in (tmp_path / "cmp" / "summary.md").read_text()
 
 
+def test_compare_checks_the_first_runs_model_against_its_data(received, tmp_path, capsys):
+    """A lone run whose config names 8x8 images while its checkpoint is a 28x28 model."""
+    run, _ = received
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 255, (200, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "small.npz", images=images, labels=np.arange(200) % 10)
+    path = run / ".hydra" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    npz = {"path": str(tmp_path / "small.npz"), "test_size": 50, "val_size": 20}
+    config["data"] = {"_target_": "ae_lightning.data.NpzDataModule", **npz}
+    path.write_text(yaml.safe_dump(config))
+    line = one_sentence(run_main("compare", [run, "--out", tmp_path / "cmp"], capsys))
+    assert f"{run} was trained on images of shape (1, 28, 28)" in line
+    assert "has images of shape (1, 8, 8)" in line
+
+
 # --- 4. received configs are never resolved -------------------------------------------------
 
 

@@ -368,11 +368,13 @@ def compare(
         log.warning("No run has a loadable checkpoint: only the summary was written.")
         return out
     datamodule = _data_for(models[0][0], data_root)
-    for run, model in models[1:]:  # every model is shown the first run's images
+    for run, model in models:  # every model, the first one's too, is shown these images
         if tuple(model.image_shape) != datamodule.image_shape:
             raise UserError(
-                f"{run.path} was trained on images of shape {tuple(model.image_shape)} but "
-                f"{models[0][0].path} on {datamodule.image_shape}: compare runs of one dataset."
+                f"{run.path} was trained on images of shape {tuple(model.image_shape)} but the "
+                f"data of {models[0][0].path} has images of shape {datamodule.image_shape}: "
+                "compare runs of one dataset (a run's .hydra/config.yaml must name the data "
+                "it was trained on)."
             )
     figures = _figures(models, datamodule, sampler, seed)
 
