@@ -90,9 +90,9 @@ def check_no_links_out(folder: str | os.PathLike, what: str) -> None:
                 target = Path(os.path.realpath(entry.path))
                 if target != root and root not in target.parents:
                     raise UserError(
-                        f"{what}: {entry.path} is a link to {target}, outside the run folder, "
-                        "so writing the run would overwrite it: replace the link with a plain "
-                        "file or folder (or delete it)."
+                        f"{what}: {entry.path} is a link to {target}, outside the folder "
+                        f"{top}, so a write there would overwrite its target: replace the link "
+                        "with a plain file or folder (or delete it)."
                     )
             elif entry.is_dir(follow_symlinks=False):
                 pending.append(Path(entry.path))
