@@ -173,15 +173,60 @@ def test_resume_refuses_a_run_folder_with_a_link_out(entry, received, tiny_root,
     result = run_train_cli([*tiny_overrides(tiny_root), "model=linear", f"resume={run}"],
                            logs=tmp_path / "logs")  # fmt: skip
     line = one_sentence(result)
-    assert entry in line and "outside the run folder" in line
+    assert entry in line and f"outside the folder {run}," in line
     assert checksums(tmp_path) == before  # not even Hydra's log or config was written
+
+
+def as_ordinary_user(args, logs):
+    """``python train.py ARGS`` without root's power to list any folder (DAC override)."""
+    drop = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root without setpriv: a folder of mode 0300 stays listable")
+        caps = "-dac_override,-dac_read_search"
+        drop = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    return subprocess.run(
+        [*drop, sys.executable, str(PROJECT / "train.py"), *args], cwd=PROJECT,
+        env={**os.environ, "AE_LOGS_DIR": str(logs)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("where", [".", ".hydra-resumed"])
+def test_resume_refuses_a_folder_it_cannot_list(where, received, tiny_root, tmp_path):
+    """Mode 0300 (write and search, no read): Hydra writes into it by name, through a link."""
+    run, victim = received
+    (run / "metrics.json").unlink()
+    entry = "train.log" if where == "." else ".hydra-resumed/config.yaml"
+    plant_link(run, victim, entry)
+    (tmp_path / "logs").mkdir()
+    before = checksums(victim)
+    (run / where).chmod(0o300)
+    try:
+        args = [*tiny_overrides(tiny_root), "model=linear", f"resume={run}"]
+        line = one_sentence(as_ordinary_user(args, tmp_path / "logs"))
+    finally:
+        (run / where).chmod(0o755)
+    assert f"{run / where} cannot be listed (Permission denied)" in line and "chmod" in line
+    assert checksums(victim) == before
+
+
+def test_resume_refuses_an_interpolation_it_cannot_check(received, tiny_root, tmp_path):
+    run, victim = received
+    plant_link(run, victim, "train.log")
+    (tmp_path / "logs").mkdir()
+    before = checksums(tmp_path)
+    args = [*tiny_overrides(tiny_root), "model=linear", "resume=${oc.env:AE_TEST_RUN}"]
+    result = run_train_cli(args, logs=tmp_path / "logs", env={"AE_TEST_RUN": str(run)})
+    line = one_sentence(result)
+    assert "resume=${oc.env:AE_TEST_RUN} is an interpolation" in line
+    assert checksums(tmp_path) == before  # neither the victim nor the run was written
 
 
 @pytest.mark.parametrize("entry", LINKED_ENTRIES)
 def test_every_written_entry_is_checked_for_links(entry, received):
     run, victim = received
     plant_link(run, victim, entry)
-    with pytest.raises(UserError, match="outside the run folder"):
+    with pytest.raises(UserError, match="outside the folder"):
         from ae_lightning.atomic import check_no_links_out
 
         check_no_links_out(run, f"resume={run}")
@@ -192,18 +237,76 @@ def test_export_refuses_an_export_link(received, tmp_path, capsys):
     (run / "export").symlink_to(victim, target_is_directory=True)
     before = checksums(victim)
     line = one_sentence(run_main("export", [run, "--format", "torchscript"], capsys))
-    assert "export" in line and "outside the run folder" in line
+    assert "export" in line and f"outside the folder {run}," in line
     assert checksums(victim) == before
 
 
-def test_a_planted_temp_file_is_replaced_not_written_through(tmp_path):
+def received_sweep(good_run, tmp_path, links):
+    """A sweep folder as someone would send it: one finished job, and ``links`` (name ->
+    target) planted in it."""
+    sweep = tmp_path / "shared" / "sweep"
+    shutil.copytree(good_run, sweep / "job0")
+    for name, target in links.items():
+        (sweep / name).parent.mkdir(parents=True, exist_ok=True)
+        (sweep / name).symlink_to(target, target_is_directory=target.is_dir())
+    return sweep
+
+
+@pytest.mark.parametrize("link", ["comparison/summary.csv", "comparison/summary.md",
+                                  "comparison"])  # fmt: skip
+def test_compare_refuses_a_received_sweep_with_a_link_out(
+    link, received, good_run, tiny_root, tmp_path, capsys
+):
+    _, victim = received
+    target = victim if link == "comparison" else victim / "precious.txt"
+    sweep = received_sweep(good_run, tmp_path, {link: target})
+    before = checksums(victim)
+    line = one_sentence(run_main("compare", [sweep, "--data-root", tiny_root], capsys))
+    assert f"{sweep}/comparison" in line and str(victim) in line
+    assert checksums(victim) == before
+
+
+def test_a_sweep_into_a_received_sweep_folder_with_a_link_out_is_refused(
+    received, good_run, tiny_root, tmp_path
+):
+    _, victim = received
+    (victim / "notes.md").write_text("mine\n")
+    links = {"sweep.json": victim / "precious.txt", "summary.md": victim / "notes.md"}
+    sweep = received_sweep(good_run, tmp_path, links)
+    before = checksums(victim)
+    args = ["-m", *tiny_overrides(tiny_root), "model=linear", "callbacks=minimal",
+            "logger=none", "seed=0", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    line = one_sentence(run_train_cli(args, logs=tmp_path / "logs"))
+    assert f"hydra.sweep.dir={sweep}" in line and f"outside the folder {sweep}," in line
+    assert checksums(victim) == before
+    assert sorted(os.listdir(sweep)) == ["job0", "summary.md", "sweep.json"]  # nothing written
+
+
+@pytest.mark.parametrize("planted", ["metrics.json", "metrics.json.tmp", ".metrics.json.tmp"])
+def test_a_planted_link_is_replaced_not_written_through(planted, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
-    (tmp_path / "metrics.json.tmp").symlink_to(victim)
+    (tmp_path / planted).symlink_to(victim)
     write_json(tmp_path / "metrics.json", {"test/mse": 0.1})
     assert victim.read_text() == "keep me\n"
+    assert not (tmp_path / "metrics.json").is_symlink()
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"test/mse": 0.1}
-    assert not (tmp_path / "metrics.json.tmp").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".metrics.json.") and p != planted]
+
+
+def test_a_folder_named_like_the_temp_file_cannot_block_the_results(received, tiny_root, tmp_path):
+    """A received unfinished run holding a folder ``metrics.json.tmp``: the results still land."""
+    run, victim = received
+    (run / "metrics.json").unlink()
+    (run / "metrics.json.tmp").mkdir()
+    (run / "checkpoints" / "last.ckpt.tmp").mkdir()
+    before = checksums(victim)
+    args = [*tiny_overrides(tiny_root), "model=linear", "callbacks=minimal", "logger=none",
+            "trainer.max_epochs=2", f"resume={run}"]  # fmt: skip
+    result = run_train_cli(args, logs=tmp_path / "logs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    assert checksums(victim) == before
 
 
 # --- 3. and 6. every reader bounded; each bad file one sentence -----------------------------
@@ -399,6 +502,23 @@ def test_compare_shows_a_diverged_run_as_a_failed_row(
     result = run_main("compare", args, capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "non-finite weights" in (tmp_path / "cmp" / "summary.md").read_text()
+
+
+def test_compare_checks_the_first_runs_model_against_its_data(received, tmp_path, capsys):
+    """A lone run whose config names 8x8 images while its checkpoint is a 28x28 model."""
+    run, _ = received
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 255, (200, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "small.npz", images=images, labels=np.arange(200) % 10)
+    path = run / ".hydra" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    npz = {"path": str(tmp_path / "small.npz"), "test_size": 50, "val_size": 20}
+    config["data"] = {"_target_": "ae_lightning.data.NpzDataModule", **npz}
+    path.write_text(yaml.safe_dump(config))
+    line = one_sentence(run_main("compare", [run, "--out", tmp_path / "cmp"], capsys))
+    assert f"{run} was trained on images of shape (1, 28, 28)" in line
+    assert "has images of shape (1, 8, 8)" in line
 
 
 # --- 4. received configs are never resolved -------------------------------------------------

@@ -1,19 +1,22 @@
 """Writes into run folders that people send each other: atomic, and never through a link.
 
-``write_atomic`` is the one way this package writes a file: a temporary file created
-exclusively beside the target (``O_CREAT | O_EXCL | O_NOFOLLOW``: an existing name, a planted
-symlink included, is never opened), fsync, then ``os.replace``, which swaps the name itself
-and never follows a link at the target. ``check_no_links_out`` walks a received run folder
-before anything writes into it: a link there pointing outside would carry every later write
-(logs, Hydra's ``.hydra*``, figures, checkpoints, exports) to its target.
+``write_atomic`` is the one way this package writes a file: a temporary file of a fresh,
+unpredictable name created exclusively beside the target (``tempfile.mkstemp``: ``O_EXCL |
+O_NOFOLLOW``, so nothing planted in the folder can block or redirect it), fsync, then
+``os.replace``, which swaps the name itself and never follows a link at the target.
+``check_no_links_out`` walks a received run folder before anything writes into it: a link
+there pointing outside would carry every later write (logs, Hydra's ``.hydra*``, figures,
+checkpoints, exports) to its target.
 
 Standard library only: the command line calls it before Hydra (or torch) starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -23,21 +26,25 @@ from ae_lightning.errors import UserError
 # More entries than any run folder holds (figures per epoch, event files); the walk stops
 # there so a folder of millions of files cannot stall a start.
 MAX_WALK_ENTRIES = 100_000
-_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+# What open() would give a new file: 0666 less the umask (read once; setting it is global).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> None:
     """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically.
 
-    A reader never sees half a file and a crash never leaves one. An ``OSError`` names
-    ``path`` itself (not the temporary file), and the temporary file is removed.
+    A reader never sees half a file and a crash never leaves one at ``path``. A link at
+    ``path`` is replaced, never followed. An ``OSError`` names ``path`` itself (not the
+    temporary file), and the temporary file is removed.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fd = _create_exclusive(tmp)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with open(fd, "wb") as f:
+                os.fchmod(fd, _FILE_MODE)  # not mkstemp's 0600: runs are shared
                 if callable(data):
                     data(f)
                 else:
@@ -46,37 +53,19 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
                 os.fsync(f.fileno())  # on disk before the rename makes it the file
             os.replace(tmp, path)
         except BaseException:
-            _remove(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
     except OSError as err:
         raise OSError(err.errno, err.strerror, str(path)) from err
 
 
-def _create_exclusive(tmp: Path) -> int:
-    """A new file at ``tmp``; a leftover name there (a killed write, a link) is removed first.
-
-    Removing a name never touches what a link points at.
-    """
-    try:
-        return os.open(tmp, _EXCLUSIVE, 0o644)
-    except FileExistsError:
-        _remove(tmp)
-        return os.open(tmp, _EXCLUSIVE, 0o644)
-
-
-def _remove(path: Path) -> None:
-    try:
-        if not path.is_dir() or path.is_symlink():
-            path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
 def check_no_links_out(folder: str | os.PathLike, what: str) -> None:
     """One sentence if anything in ``folder`` is a symlink pointing outside it (``UserError``).
 
-    The walk never follows a link and stops after ``MAX_WALK_ENTRIES`` entries. ``what``
-    names the command-line value in the sentence (``resume=<folder>``).
+    The walk never follows a link and stops after ``MAX_WALK_ENTRIES`` entries; a folder it
+    cannot list is refused too. ``what`` names the command-line value in the sentence
+    (``resume=<folder>``).
     """
     top = Path(folder)
     root = Path(os.path.realpath(top))
@@ -85,8 +74,11 @@ def check_no_links_out(folder: str | os.PathLike, what: str) -> None:
         current = pending.pop()
         try:
             entries = list(os.scandir(current))
-        except OSError:
-            continue  # unreadable: nothing will be written there either
+        except OSError as err:  # a folder of mode 0300 can still be written into by name
+            raise UserError(
+                f"{what}: {current} cannot be listed ({err.strerror}), so a link in it could "
+                "not be ruled out: make it readable (chmod -R u+rwX) or delete it."
+            ) from None
         for entry in entries:
             seen += 1
             if seen > MAX_WALK_ENTRIES:
@@ -98,9 +90,9 @@ def check_no_links_out(folder: str | os.PathLike, what: str) -> None:
                 target = Path(os.path.realpath(entry.path))
                 if target != root and root not in target.parents:
                     raise UserError(
-                        f"{what}: {entry.path} is a link to {target}, outside the run folder, "
-                        "so writing the run would overwrite it: replace the link with a plain "
-                        "file or folder (or delete it)."
+                        f"{what}: {entry.path} is a link to {target}, outside the folder "
+                        f"{top}, so a write there would overwrite its target: replace the link "
+                        "with a plain file or folder (or delete it)."
                     )
             elif entry.is_dir(follow_symlinks=False):
                 pending.append(Path(entry.path))
@@ -115,11 +107,17 @@ def refuse_links_out_of_resume(argv: list[str] | None = None) -> None:
     for arg in sys.argv[1:] if argv is None else argv:
         key, _, value = arg.partition("=")
         value = value.strip().strip("'\"")
-        if key.lstrip("+") != "resume" or not value or "${" in value:
+        if key.lstrip("+") != "resume" or not value:
             continue
-        if not Path(value).is_dir():
-            continue  # train.py says in one sentence that the folder does not exist
         try:
+            if "${" in value:  # Hydra would resolve it to a folder this walk never saw
+                raise UserError(
+                    f"resume={value} is an interpolation, and the folder it names cannot be "
+                    "checked before Hydra writes into it: write the folder itself "
+                    "(resume=/path/to/run)."
+                )
+            if not Path(value).is_dir():
+                continue  # train.py says in one sentence that the folder does not exist
             check_no_links_out(value, f"resume={value}")
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)

@@ -21,7 +21,7 @@ from ae_lightning.atomic import write_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<path>.tmp`` beside ``path``, then renames it over ``path`` (``write_atomic``).
+    """Writes a temporary file beside ``path``, then renames it over ``path`` (``write_atomic``).
 
     A rename within one folder is atomic, so a kill during the save (SIGKILL, power, a full
     disk) leaves the previous ``last.ckpt`` intact instead of a truncated file. The temporary

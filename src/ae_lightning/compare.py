@@ -9,7 +9,9 @@ summary.csv, summary.md and a TensorBoard event file with the same figures.
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from ae_lightning import markdown, runfolder
+from ae_lightning.atomic import check_no_links_out, write_atomic
 from ae_lightning.callbacks import save_png
 from ae_lightning.data import MNISTDataModule, to_unit_float
 from ae_lightning.errors import UserError
@@ -293,10 +296,12 @@ def seed_group_row(members: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    """``summary.csv`` and ``summary.md``, each by ``write_atomic``: a planted link is replaced."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "summary.csv", text.getvalue().encode())
     shown = [c for c in SUMMARY_COLUMNS if c not in ("overrides", "path", *SEED_STD_COLUMNS)]
     cells = []
     for row in rows:
@@ -310,7 +315,7 @@ def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
                 if isinstance(std, float):
                     value += f" ± {std:.{digits}f}"
             cells[-1].append(value)
-    (out / "summary.md").write_text(markdown.table(shown, cells) + "\n")  # cells escaped
+    write_atomic(out / "summary.md", (markdown.table(shown, cells) + "\n").encode())  # escaped
 
 
 def compare(
@@ -334,9 +339,16 @@ def compare(
     paths = [Path(p) for p in paths]
     runs = [read_run(p) for p in find_runs(paths)]
     label_runs(runs)
-    if out is None:
+    if out is None:  # inside a received folder: the name itself may be a planted link
         out = (paths[0] if not is_run(paths[0]) else paths[0].parent) / "comparison"
+        if out.is_symlink():
+            raise UserError(
+                f"{out} is a link to {os.path.realpath(out)}, so the comparison would be "
+                "written there: delete the link, or pass --out /a/folder."
+            )
     out = Path(out)
+    if out.is_dir():
+        check_no_links_out(out, f"ae-compare (writing into {out})")
     _check_writable(out)
 
     models = []
@@ -356,11 +368,13 @@ def compare(
         log.warning("No run has a loadable checkpoint: only the summary was written.")
         return out
     datamodule = _data_for(models[0][0], data_root)
-    for run, model in models[1:]:  # every model is shown the first run's images
+    for run, model in models:  # every model, the first one's too, is shown these images
         if tuple(model.image_shape) != datamodule.image_shape:
             raise UserError(
-                f"{run.path} was trained on images of shape {tuple(model.image_shape)} but "
-                f"{models[0][0].path} on {datamodule.image_shape}: compare runs of one dataset."
+                f"{run.path} was trained on images of shape {tuple(model.image_shape)} but the "
+                f"data of {models[0][0].path} has images of shape {datamodule.image_shape}: "
+                "compare runs of one dataset (a run's .hydra/config.yaml must name the data "
+                "it was trained on)."
             )
     figures = _figures(models, datamodule, sampler, seed)
 

@@ -20,6 +20,8 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from ae_lightning.atomic import write_atomic
+
 NAME_LIMIT = 40
 SWEEP_RECORD = "sweep.json"
 # Overrides that say where things are, not what was trained.
@@ -130,7 +132,7 @@ def record_sweep(config: DictConfig) -> list[str]:
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     payload = {"varying": keys, "overrides": [str(o) for o in overrides]}
-    (sweep_dir / SWEEP_RECORD).write_text(json.dumps(payload, indent=2) + "\n")
+    write_atomic(sweep_dir / SWEEP_RECORD, (json.dumps(payload, indent=2) + "\n").encode())
     return keys
 
 

@@ -123,7 +123,8 @@ def _write_failure(err: BaseException, run_dir: Path, command: str) -> str:
     if cause is None:
         return ""
     for tmp in run_dir.rglob("*.tmp") if run_dir.is_dir() else []:
-        tmp.unlink(missing_ok=True)
+        if not tmp.is_dir() or tmp.is_symlink():  # a folder of that name is not a half write
+            tmp.unlink(missing_ok=True)
     where = str(cause.filename).removesuffix(".tmp") if cause.filename else f"into {run_dir}"
     kept = (
         "metrics.json and the last complete checkpoint are kept"

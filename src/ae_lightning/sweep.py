@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lightning import tb
+from ae_lightning.atomic import check_no_links_out, write_atomic
 from ae_lightning.compare import compare
+from ae_lightning.errors import UserError
 from ae_lightning.naming import record_sweep
 from ae_lightning.runfolder import find_runs, read_run
-from ae_lightning.runlock import SWEEP_LOCK_NAME, RunFolderBusy, acquire
+from ae_lightning.runlock import SWEEP_LOCK_NAME, acquire
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,11 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
+            # A received sweep folder: a link out would carry the lock, sweep.json, Hydra's
+            # multirun.yaml, the jobs and the summary to its target.
+            check_no_links_out(sweep_dir, f"hydra.sweep.dir={sweep_dir}")
             self._lock = acquire(sweep_dir, SWEEP_LOCK_NAME, "sweep folder")
-        except RunFolderBusy as err:  # Hydra would print its own report of a callback's error
+        except UserError as err:  # Hydra would print its own report of a callback's error
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
         varying = record_sweep(config)
@@ -78,7 +82,7 @@ class SweepSummary(Callback):
             out = compare([sweep_dir], sweep_dir / "comparison", data_root=data_root,
                           sampler=self.sampler, seed=self.seed)  # fmt: skip
             for name in ("summary.csv", "summary.md"):
-                shutil.copyfile(out / name, sweep_dir / name)
+                write_atomic(sweep_dir / name, (out / name).read_bytes())
             log.info("Sweep summary: %s\n%s", sweep_dir / "summary.md",
                      (sweep_dir / "summary.md").read_text())  # fmt: skip
         except Exception:

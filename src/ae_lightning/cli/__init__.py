@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from ae_lightning.atomic import write_atomic
 from ae_lightning.errors import UserError
 from ae_lightning.extras import check_command_line
 from ae_lightning.interrupts import INTERRUPTED
@@ -188,7 +189,8 @@ def record_config(cfg: DictConfig) -> None:
         if hydra_cfg.output_subdir is not None:
             folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            text = OmegaConf.to_yaml(cfg, resolve=True)
+            write_atomic(folder / "config_resolved.yaml", text.encode())
     if cfg.get("print_config"):
         print_config_tree(cfg)
 
