@@ -73,3 +73,13 @@ def test_missing_extra_is_named():
     with pytest.raises(UserError, match=r"needs the optional package nope.*\[export\]"):
         require("ae_no_such_package.nope", "export", "ae-export --format onnx")
     check_command_line(["logger=tensorboard", "model=deep"])  # nothing optional asked for
+
+
+def test_a_missing_extra_inside_a_list_of_loggers_is_named(monkeypatch):
+    from ae_lightning import extras
+
+    monkeypatch.setattr(extras, "installed", lambda module: module != "mlflow")
+    for arg in ("logger=[tensorboard,mlflow]", "'logger=[tensorboard, mlflow]'", "logger=mlflow"):
+        with pytest.raises(UserError, match=r"logger=mlflow needs the optional package mlflow"):
+            check_command_line([arg.strip("'")])
+    check_command_line(["logger=[tensorboard,csv]"])

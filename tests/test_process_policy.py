@@ -194,6 +194,12 @@ CONFIG_CASES = {
         plain("hydra.run.dir='/proc/x/run'"), "hydra.run.dir=/proc/x/run cannot be written"),
     "a _target_ that does not exist": (
         plain("model._target_=nosuch.Class"), "model cannot be built (Error locating target"),
+    "a misspelt model key": (
+        plain("+model.hiden=[512]"),
+        "model.hiden is not a setting of Autoencoder: did you mean model.hidden?"),
+    "a word where a number goes": (
+        plain("model.dropout=abc"),
+        "model.dropout='abc' is not a number: use e.g. model.dropout=0.0 (its default)."),
     "best.ckpt deleted, resume with no epoch left": (
         deleted_best, "best.ckpt, which is missing: put it back, or add test_ckpt=last"),
 }  # fmt: skip

@@ -41,8 +41,16 @@ def require(module: str, extra: str, feature: str) -> None:
 
 
 def check_command_line(args: Sequence[str]) -> None:
-    """Refuse, before Hydra starts, a command-line choice whose extra is missing."""
+    """Refuse, before Hydra starts, a command-line choice whose extra is missing; a list of
+    choices (``'logger=[tensorboard,mlflow]'``) is checked choice by choice."""
     for arg in args:
-        for prefix, module, extra, feature in CHOICES_NEEDING_EXTRAS:
-            if arg.lstrip("+~").startswith(prefix):
-                require(module, extra, feature)
+        key, _, value = arg.lstrip("+~").partition("=")
+        value = value.strip().strip("'\"")
+        if value.startswith("[") and value.endswith("]"):
+            choices = [f"{key}={v.strip()}" for v in value[1:-1].split(",")]
+        else:
+            choices = [arg.lstrip("+~")]
+        for choice in choices:
+            for prefix, module, extra, feature in CHOICES_NEEDING_EXTRAS:
+                if choice.startswith(prefix):
+                    require(module, extra, feature)

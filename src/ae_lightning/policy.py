@@ -9,7 +9,9 @@ goes on. One process holds a run folder at a time.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
+import inspect
 import logging
 import os
 import re
@@ -22,7 +24,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from ae_lightning.cpu import share_cores
@@ -60,7 +62,7 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if isinstance(err, InstantiationException):  # a `_target_` from the command line
-            err = UserError(_instantiate_sentence(err))
+            err = UserError(_instantiate_sentence(err, cfg))
         disk = _write_failure(err, Path(cfg.run_dir), resume_command(cfg))
         if in_multirun():
             line = disk or f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -199,16 +201,60 @@ def _stop_sweep() -> None:
     summary.summarise(Path(hydra.sweep.dir))
 
 
-def _instantiate_sentence(err: InstantiationException) -> str:
-    """Hydra's refusal to build a config node, as one sentence naming the node and the fix."""
+def _instantiate_sentence(err: InstantiationException, cfg: DictConfig | None = None) -> str:
+    """Hydra's refusal to build a config node, as one sentence naming the node, the setting
+    at fault where it can be found (a misspelt key, a word where a number goes) and the fix."""
     lines = str(err).splitlines() or [type(err).__name__]
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
-    reason = re.sub(r",? set env var HYDRA_FULL_ERROR=1.*$", "", lines[0]).rstrip(" .")
     node = key or "the config node"
+    if cfg is not None and key:
+        named = _bad_setting(cfg, key, err.__cause__)
+        if named:
+            return named
+    reason = re.sub(r",? set env var HYDRA_FULL_ERROR=1.*$", "", lines[0]).rstrip(" .:")
+    cause = err.__cause__
+    if cause is not None and str(cause):
+        reason += f": {type(cause).__name__}: {str(cause).splitlines()[0]}"
     return (
         f"{node} cannot be built ({reason}): fix {node}._target_ or the values given to it "
         "on the command line."
     )
+
+
+def _bad_setting(cfg: DictConfig, key: str, cause: BaseException | None) -> str | None:
+    """The sentence for a setting the class at ``key`` does not take, or a word given where
+    its default is a number; None if neither. Reads the user's own config (trusted)."""
+    from hydra.utils import get_class
+
+    node = OmegaConf.select(cfg, key)
+    try:
+        target = get_class(str(node.get("_target_")))
+    except Exception:
+        return None
+    defaults: dict[str, Any] = {}
+    for klass in reversed(target.__mro__):  # a family passes its parents' settings on
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        with contextlib.suppress(TypeError, ValueError):
+            for name, parameter in inspect.signature(init).parameters.items():
+                if parameter.default is not inspect.Parameter.empty:
+                    defaults[name] = parameter.default
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(cause or ""))
+    if unexpected:
+        name = unexpected.group(1)
+        close = difflib.get_close_matches(name, defaults, n=1)
+        hint = f"did you mean {key}.{close[0]}?" if close else f"{key} takes {sorted(defaults)}."
+        return f"{key}.{name} is not a setting of {target.__name__}: {hint}"
+    for name, value in node.items():
+        default = defaults.get(name)
+        number = isinstance(default, int | float) and not isinstance(default, bool)
+        if number and (not isinstance(value, int | float) or isinstance(value, bool)):
+            return (
+                f"{key}.{name}={value!r} is not a number: use e.g. {key}.{name}={default!r} "
+                "(its default)."
+            )
+    return None
 
 
 def _parallel_jobs() -> int:
