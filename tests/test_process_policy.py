@@ -231,7 +231,7 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, tiny_
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith(
-        f"{finished_run} has finished (its metrics.json is complete after 1 epochs): nothing "
+        f"{finished_run} has finished (its metrics.json is complete after 1 epoch): nothing "
         "to resume; to train it further, add trainer.max_epochs=2 or more."
     )
     assert "Traceback" not in result.stderr

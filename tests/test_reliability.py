@@ -114,7 +114,12 @@ def test_resume_refuses_a_folder_without_checkpoint_or_another_architecture(tiny
     empty = tmp_path / "empty_run"
     empty.mkdir()
     result = run_train_cli([*tiny_overrides(tiny_root), f"resume={empty}"], logs=tmp_path)
-    assert result.returncode == 2 and "checkpoints/last.ckpt, which does not exist" in result.stderr
+    assert result.returncode == 2 and "holds no checkpoints/last.ckpt" in result.stderr
+    assert not any(empty.iterdir())  # refused before Hydra wrote .hydra-resumed/ or a log
+    nowhere = tmp_path / "typo_run"
+    result = run_train_cli([*tiny_overrides(tiny_root), f"resume={nowhere}"], logs=tmp_path)
+    assert result.returncode == 2 and f"resume={nowhere} does not exist" in result.stderr
+    assert not nowhere.exists()  # not created from nothing
 
     first = run_train_cli([*tiny_overrides(tiny_root), "callbacks=none"], logs=tmp_path / "a")
     assert first.returncode == 0
@@ -126,6 +131,10 @@ def test_resume_refuses_a_folder_without_checkpoint_or_another_architecture(tiny
     assert other.returncode == 2
     assert "was trained with bottleneck=2 but this config has bottleneck=5" in other.stderr
     assert "Traceback" not in other.stderr
+    last = run_dir / "checkpoints" / "last.ckpt"  # the file itself, as the sentence once hinted
+    pointed = run_train_cli([*tiny_overrides(tiny_root), f"resume={last}"], logs=tmp_path / "a")
+    assert pointed.returncode == 2 and "Traceback" not in pointed.stderr
+    assert f"is a checkpoint file, not a run folder: resume={run_dir} continues" in pointed.stderr
 
 
 def test_a_checkpoint_save_that_dies_leaves_the_previous_file(tmp_path, monkeypatch):

@@ -98,11 +98,12 @@ def check_no_links_out(folder: str | os.PathLike, what: str) -> None:
                 pending.append(Path(entry.path))
 
 
-def refuse_links_out_of_resume(argv: list[str] | None = None) -> None:
-    """Exit 2 with one sentence if ``resume=<folder>`` holds a link out, before Hydra writes.
+def refuse_bad_resume(argv: list[str] | None = None) -> None:
+    """Exit 2 with one sentence if ``resume=`` is not a run folder to continue (missing, a
+    checkpoint file, a folder with no ``checkpoints/last.ckpt``) or holds a link out.
 
-    Hydra writes ``.hydra-resumed/`` and ``train.log`` into the resumed folder before any task
-    code runs, so this reads ``resume=`` off the command line itself.
+    Hydra creates the folder and writes ``.hydra-resumed/`` and ``train.log`` into it before
+    any task code runs, so this reads ``resume=`` off the command line itself.
     """
     for arg in sys.argv[1:] if argv is None else argv:
         key, _, value = arg.partition("=")
@@ -116,9 +117,28 @@ def refuse_links_out_of_resume(argv: list[str] | None = None) -> None:
                     "checked before Hydra writes into it: write the folder itself "
                     "(resume=/path/to/run)."
                 )
-            if not Path(value).is_dir():
-                continue  # train.py says in one sentence that the folder does not exist
+            _check_run_to_resume(Path(value))
             check_no_links_out(value, f"resume={value}")
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+
+
+def _check_run_to_resume(run: Path) -> None:
+    """One sentence unless ``run`` is a folder holding ``checkpoints/last.ckpt``."""
+    if run.is_file() and run.suffix == ".ckpt":
+        folder = run.parent.parent if run.parent.name == "checkpoints" else run.parent
+        raise UserError(
+            f"resume={run} is a checkpoint file, not a run folder: resume={folder} continues "
+            f"that run in place, ckpt_path={run} starts a new run from its weights."
+        )
+    if not run.is_dir():
+        raise UserError(
+            f"resume={run} does not exist: point it at a run folder (logs/runs/<run>) that "
+            "trained at least one epoch."
+        )
+    if not (run / "checkpoints" / "last.ckpt").is_file():
+        raise UserError(
+            f"resume={run} holds no checkpoints/last.ckpt, so it is not a run to continue: "
+            "point it at a run folder (logs/runs/<run>) that trained at least one epoch."
+        )

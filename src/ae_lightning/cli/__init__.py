@@ -151,7 +151,8 @@ def refuse_finished_resume(argv: list[str] | None = None) -> None:
         if more == -1 or more > trained:
             return
         print(
-            f"{run} has finished (its metrics.json is complete after {trained} epochs): nothing "
+            f"{run} has finished (its metrics.json is complete after {trained} "
+            f"epoch{'' if trained == 1 else 's'}): nothing "
             f"to resume; to train it further, add trainer.max_epochs={trained + 1} or more.",
             flush=True,
         )

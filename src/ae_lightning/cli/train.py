@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ae_lightning.atomic import refuse_links_out_of_resume
+from ae_lightning.atomic import refuse_bad_resume
 from ae_lightning.cli import (
     check_extras,
     ensure_writable_logs,
@@ -39,7 +39,7 @@ def main() -> None:
     quiet_console()
     check_extras()
     ensure_writable_logs()
-    refuse_links_out_of_resume()  # before Hydra writes .hydra-resumed/ and train.log there
+    refuse_bad_resume()  # before Hydra creates it or writes .hydra-resumed/ and train.log there
     refuse_finished_resume()  # before Hydra writes .hydra-resumed/ into the finished run
     sys.argv = quote_path_overrides(sys.argv)  # run folders paste back as printed
     _train()
