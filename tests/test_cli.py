@@ -157,6 +157,20 @@ def test_submitit_local_multirun_completes(tiny_root, tmp_path):
     assert (sweep / "summary.md").is_file()
 
 
+@pytest.mark.parametrize("sweep", ["experiment=reference", "hparams_search=optuna"])
+def test_a_sweep_config_without_multirun_is_one_sentence(sweep, tmp_path):
+    """Without -m Hydra would train one default run and say nothing."""
+    result = run_train_cli([sweep, "debug=fast"], logs=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"error: {sweep} is a sweep (it sets hydra.sweeper): run it with -m, as in "
+        f"python train.py -m {sweep}."
+    )
+    assert not (tmp_path / "runs").exists()
+    shown = run_train_cli([sweep, "--cfg", "job"], logs=tmp_path)  # printing only: allowed
+    assert shown.returncode == 0 and "model:" in shown.stdout
+
+
 def test_a_sweeper_never_gets_the_test_mse(tmp_path):
     """Without a validation score (e.g. +trainer.limit_val_batches=0) the sweep's objective
     is NaN (a failed Optuna trial), not the test MSE it used to fall back to."""

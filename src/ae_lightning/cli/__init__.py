@@ -126,6 +126,38 @@ def _exit_bad_input(sentence: str) -> None:
     sys.exit(2)
 
 
+SWEEP_GROUPS = ("experiment", "hparams_search")  # config groups whose options may be sweeps
+
+
+def refuse_sweep_without_multirun(argv: list[str] | None = None) -> None:
+    """Exit 2 if a sweep's config (``experiment=reference``, ``hparams_search=optuna``: they
+    set ``hydra.sweeper``) is named without ``-m``: Hydra would run one default job instead,
+    silently, under a folder name that does not even say which experiment."""
+    from importlib.resources import files
+
+    import yaml
+
+    args = sys.argv[1:] if argv is None else argv
+    runs_nothing = ("-c", "--cfg", "-i", "--info", "-sc", "--shell-completion", "-p", "--package")
+    if any(arg in ("-m", "--multirun", *runs_nothing) for arg in args):
+        return  # a sweep, or Hydra only printing (--cfg job shows the sweep's config)
+    for arg in args:
+        group, _, name = arg.lstrip("+").partition("=")
+        name = name.strip().strip("'\"")
+        if group not in SWEEP_GROUPS or not name.isidentifier():
+            continue
+        option = files("ae_lightning.conf") / group / f"{name}.yaml"
+        try:
+            config = yaml.safe_load(option.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # not one of ours: Hydra names the bad choice in its own words
+        if isinstance(config, dict) and (config.get("hydra") or {}).get("sweeper"):
+            _exit_bad_input(
+                f"{arg} is a sweep (it sets hydra.sweeper): run it with -m, as in "
+                f"python train.py -m {arg}."
+            )
+
+
 def refuse_finished_resume(argv: list[str] | None = None) -> None:
     """``resume=`` a finished run: say so and exit 0 before Hydra writes into its folder.
 

@@ -17,6 +17,7 @@ from ae_lightning.cli import (
     quiet_console,
     record_config,
     refuse_finished_resume,
+    refuse_sweep_without_multirun,
 )
 from ae_lightning.cli.help import print_help, wants_help
 from ae_lightning.naming import quote_path_overrides
@@ -39,6 +40,7 @@ def main() -> None:
     quiet_console()
     check_extras()
     ensure_writable_logs()
+    refuse_sweep_without_multirun()
     refuse_bad_resume()  # before Hydra creates it or writes .hydra-resumed/ and train.log there
     refuse_finished_resume()  # before Hydra writes .hydra-resumed/ into the finished run
     sys.argv = quote_path_overrides(sys.argv)  # run folders paste back as printed
