@@ -70,7 +70,7 @@ def test_debug_profile_writes_the_profile_into_the_run_folder(tiny_root, tmp_pat
 
 def test_debug_overfit_and_limit_compose():
     overfit = compose_cfg(["debug=overfit"])
-    assert overfit.trainer.overfit_batches == 3 and overfit.trainer.max_epochs == 50
+    assert overfit.trainer.overfit_batches == 3 and overfit.trainer.max_epochs == 300
     limit = compose_cfg(["debug=limit"])
     assert limit.trainer.limit_train_batches == 0.1 and limit.trainer.max_epochs == 3
 
