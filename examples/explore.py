@@ -1,9 +1,11 @@
-"""Open a finished run as a notebook would: `python examples/explore.py logs/runs/<run>`.
+"""Open a finished run as a notebook would: `python examples/explore.py logs/runs/<run>`
+(no argument: the newest run under $AE_LOGS_DIR, else ./logs).
 
 Encodes test digits, checks the reconstruction error against metrics.json, walks the
 latent line between two digits and decodes random codes; saves the pictures to explore.png.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import ae_lightning  # noqa: E402
 
-path = sys.argv[1] if len(sys.argv) > 1 else max(Path("logs/runs").iterdir()).as_posix()
+runs = Path(os.environ.get("AE_LOGS_DIR", "logs")) / "runs"  # where train.py writes them
+path = sys.argv[1] if len(sys.argv) > 1 else max(runs.iterdir()).as_posix()
 run = ae_lightning.load_run(path)  # best checkpoint; checkpoint="last" for the last one
 saved_mse = run.metrics["test/mse"]  # metrics.json, as written at the end of training
 print(f"run {run.path.name}: {run.bottleneck}-D codes, saved test/mse {saved_mse:.5f}")
