@@ -80,7 +80,7 @@ CASES = {
     "ae-compare --sampler nosuch": (
         lambda run, tiny, tmp_path: ["COMPARE", str(run), "--sampler", "nosuch",
                                      "--out", str(tmp_path / "cmp")],
-        "--sampler nosuch: Unknown sampler 'nosuch'"),
+        "--sampler nosuch is not a sampler: choose one of auto, "),
     "ae-compare into a folder it cannot write": (
         lambda run, tiny, tmp_path: ["COMPARE", str(run), "--out", "/proc/x/comparison"],
         "The comparison cannot be written to /proc/x/comparison"),

@@ -25,6 +25,7 @@ from ae_lightning.callbacks import save_png
 from ae_lightning.data import MNISTDataModule, to_unit_float
 from ae_lightning.errors import UserError
 from ae_lightning.latent import (
+    SAMPLERS,
     CodeSampler,
     check_sampler,
     crossfade,
@@ -334,8 +335,11 @@ def compare(
     try:
         if sampler != SAMPLER_AUTO:
             check_sampler(sampler)  # before any work: a typo costs nothing
-    except ValueError as err:
-        raise UserError(f"--sampler {sampler}: {err}") from None
+    except ValueError:
+        raise UserError(
+            f"--sampler {sampler} is not a sampler: choose one of "
+            f"{', '.join((SAMPLER_AUTO, *SAMPLERS))} ({SAMPLER_AUTO}: each model's own)."
+        ) from None
     paths = [Path(p) for p in paths]
     runs = [read_run(p) for p in find_runs(paths)]
     label_runs(runs)
