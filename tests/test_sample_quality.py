@@ -352,3 +352,19 @@ def test_a_read_only_data_folder_caches_the_classifier_in_the_user_cache(
         prepare_classifier([blocked / "cache", fallback], train_set, epochs=1)
     assert f"{cached} (cached)" in caplog.text and "Training" not in caplog.text
     assert blocked.read_text() == "not a folder"
+
+
+def test_a_data_folder_marked_read_only_is_left_alone_even_by_root(tiny_root, tmp_path):
+    """A shared copy of the data (mode r-x) gets no cache folder inside it, whoever runs:
+    root could write there anyway, so the mode bits decide, not the permission check."""
+    shared = tmp_path / "shared"
+    (shared / "MNIST").mkdir(parents=True)
+    train_set = MNISTDataModule(root=str(tiny_root), download=False).official_train_split()
+    fallback = tmp_path / "user-cache" / "MNIST"
+    (shared / "MNIST").chmod(0o555)
+    try:
+        prepare_classifier([shared / "MNIST" / "ae_lightning", fallback], train_set, epochs=1)
+        assert list((shared / "MNIST").iterdir()) == []
+    finally:
+        (shared / "MNIST").chmod(0o755)
+    assert len(list(fallback.glob("classifier-*.pt"))) == 1

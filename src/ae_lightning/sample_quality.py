@@ -264,6 +264,9 @@ def prepare_classifier(
     payload = {"state_dict": net.state_dict(), "version": CLASSIFIER_VERSION, "epochs": epochs,
                "seed": seed}  # fmt: skip
     for path in paths:
+        if _marked_read_only(path.parent):
+            log.info("Not caching the classifier in %s: its folder is read-only.", path.parent)
+            continue
         try:
             AtomicCheckpointIO().save_checkpoint(payload, path)
         except OSError as err:
@@ -275,6 +278,20 @@ def prepare_classifier(
         return net
     log.warning("No cache folder could be written: the classifier serves this run only.")
     return net
+
+
+def _marked_read_only(folder: Path) -> bool:
+    """Whether ``folder`` (or, if it does not exist yet, its nearest existing parent) has no
+    write bit: a shared data copy marked read-only is left alone even by a process that
+    could write it anyway (root), which would otherwise create a cache folder inside it."""
+    for existing in (folder, *folder.parents):
+        try:
+            return not existing.stat().st_mode & 0o222
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True
+    return False
 
 
 # --- the metrics of one model -----------------------------------------------------------------
