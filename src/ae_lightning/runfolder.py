@@ -107,13 +107,17 @@ def read_bytes(path: Path, limit: int = MAX_TEXT_BYTES, within: Path | None = No
 
 
 def check_regular(path: Path, within: Path | None = None) -> None:
-    """One sentence unless ``path`` is a regular file (inside ``within``, when given)."""
-    info = os.lstat(path)  # FileNotFoundError passes through
-    if stat.S_ISLNK(info.st_mode) and within is not None:
+    """One sentence unless ``path`` is a regular file (inside ``within``, when given).
+
+    Inside means where the file really is: a link anywhere on the way (``.hydra/`` itself a
+    link out, not only the file's own name) counts, so the real path is compared.
+    """
+    os.lstat(path)  # FileNotFoundError passes through
+    if within is not None:
         target, root = Path(os.path.realpath(path)), Path(os.path.realpath(within))
         if root not in target.parents:
             raise UserError(
-                f"{path} is a link to {target}, outside the run folder {within}: replace it "
+                f"{path} leads to {target}, outside the run folder {within}: replace it "
                 "with the file train.py wrote."
             )
     if not stat.S_ISREG(os.stat(path).st_mode):
@@ -161,39 +165,56 @@ def read_yaml(path: Path, within: Path | None = None) -> Any:
         ) from None
 
 
-_JSON_STRING = re.compile(rb'"(?:\\.|[^"\\])*"')
+_JSON_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
 
 
 def read_json_file(path: Path, within: Path | None = None) -> Any:
-    """A JSON file as plain data, bounded in size and depth (``ValueError`` if not JSON)."""
+    """A JSON file as plain data, bounded in size and depth (``ValueError`` if not JSON).
+
+    Decoded as strict UTF-8 first (what train.py writes): ``json.loads`` of bytes would also
+    take UTF-16 and UTF-32, whose brackets a byte-level depth scan does not see.
+    """
     data = read_bytes(path, within=within)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{path} is not UTF-8 text, as train.py writes its JSON: replace it with the file "
+            "the run wrote."
+        ) from None
     depth = deepest = 0
-    for char in _JSON_STRING.sub(b"", data):  # brackets inside strings do not nest
-        if char in b"[{":
+    for char in _JSON_STRING.sub("", text):  # brackets inside strings do not nest
+        if char in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif char in b"]}":
+        elif char in "]}":
             depth -= 1
     if deepest > MAX_DEPTH:
         raise UserError(
             f"{path} is nested {deepest} levels deep, more than {MAX_DEPTH}: replace it with "
             "the file train.py wrote."
         )
-    return json.loads(data)
+    try:
+        return json.loads(text)
+    except RecursionError:  # a nest the scan did not count: still a refusal, not a crash
+        raise UserError(
+            f"{path} is nested too deep to read: replace it with the file train.py wrote."
+        ) from None
 
 
 # --- checkpoints ----------------------------------------------------------------------------
 
 
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
+def load_checkpoint(path: Path | str, within: Path | None = None) -> dict[str, Any]:
     """A checkpoint's contents, refusing anything but tensors and plain data (one sentence).
 
     Bounded before anything inflates (``check_archive``) and checked by type and model size
-    (``check_checkpoint``), so what comes back can be restored without a traceback.
+    (``check_checkpoint``), so what comes back can be restored without a traceback. A path
+    derived from a run folder passes that folder as ``within``: a link out is refused.
     """
     path = Path(path)
     try:
-        check_regular(path)
+        check_regular(path, within)
     except FileNotFoundError:
         raise UserError(
             f"{path} does not exist: point at a .ckpt file in a run's checkpoints/ folder."
@@ -267,6 +288,9 @@ def _unreadable(path: Path, err: Exception) -> str:
 
 
 PLAIN = (type(None), bool, int, float, str)
+# Settings that multiply each step's memory (codes per image, codebook distances, prior
+# components per code): far above the papers' 5000, 512 and 500, far below gigabytes a step.
+PER_STEP_LIMITS = {"samples": 10_000, "codebook_size": 1 << 16, "pseudo_inputs": 1 << 16}
 # Counters in the state Lightning writes for loops and callbacks: whole numbers only.
 COUNTER_KEYS = {
     "ready", "started", "processed", "completed", "epoch", "minibatches", "wait_count",
@@ -297,7 +321,7 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
         )
     for key in ("epoch", "global_step"):
         value = checkpoint.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+        if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value < SEED_LIMIT:
             raise refuse(key, value, "a whole number")
     family = checkpoint_family(checkpoint)
     model_class = family_class(family) if isinstance(family, str) else None
@@ -348,11 +372,29 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
         hparams.get("decoder_hidden"), pixels, str(path),
         code_outputs=model_class.code_outputs, extra_parameters=extra,
     )  # fmt: skip
+    for key, limit in PER_STEP_LIMITS.items():
+        value = hparams.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise UserError(
+                f"{path} has hyper_parameters.{key}={value:,}, more than {limit:,}: it "
+                "multiplies each step's memory far past what any run needs; use a checkpoint "
+                "written by train.py."
+            )
     weights = checkpoint["state_dict"]
     if not isinstance(weights, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
     ):
         raise refuse("state_dict", weights, "a mapping of names to tensors")
+    unsound = _unsound_tensor(checkpoint, "checkpoint")
+    if unsound is not None:
+        raise refuse(*unsound, "a plain tensor (contiguous, real, held whole by its storage)")
+    sizes = [t.numel() for t in weights.values()]
+    if sum(sizes) > max_parameters():
+        raise UserError(
+            f"{path} holds {sum(sizes):,} weights, more than the limit of {max_parameters():,} "
+            f"parameters: use a checkpoint written by train.py, or raise the limit with "
+            f"AE_MAX_PARAMETERS."
+        )
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UserError(
@@ -371,7 +413,7 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
             raise refuse(key, value, f"{kind} mappings as Lightning writes them")
         bad = _bad_counter(value, key) if key in ("loops", "callbacks") else None
         if bad is not None:
-            raise refuse(*bad, "a whole number")
+            raise refuse(*bad, "a whole number from 0 to 2**63-1")
 
 
 def _bad_counter(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | None:
@@ -395,7 +437,44 @@ def _bad_counter(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | Non
 
 
 def _is_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A counter as Lightning writes it: a whole number from 0 to 2**63 - 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEED_LIMIT
+
+
+def _unsound_tensor(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | None:
+    """The first tensor under ``node`` that is not what ``torch.save`` writes of a weight.
+
+    A stride-0 view (``torch.zeros(1).expand(2e6, 2e6)``) is a few bytes on disk and declares
+    4e12 elements: anything touching its values (``isfinite``, a copy) allocates them all.
+    Such a tensor, a sparse or complex one, or one its storage does not cover is refused
+    before any value is read; so is a state holding more tensors than the parameter limit.
+    """
+    limit = 4 * max_parameters() + CHECKPOINT_OVERHEAD_BYTES // 4  # weights, moments, steps
+    seen = 0
+    stack = [(node, where, depth)]
+    while stack:
+        item, here, level = stack.pop()
+        if level > MAX_DEPTH:
+            return here, item
+        if isinstance(item, dict):
+            stack += [(v, f"{here}.{k!s:.40}", level + 1) for k, v in item.items()]
+        elif isinstance(item, list | tuple):
+            stack += [(v, f"{here}[{i}]", level + 1) for i, v in enumerate(item)]
+        elif isinstance(item, torch.Tensor):
+            if (
+                item.layout != torch.strided
+                or item.is_complex()
+                or item.is_quantized
+                or not item.is_contiguous()
+                or item.storage_offset() < 0
+                or (item.storage_offset() + item.numel()) * item.element_size()
+                > item.untyped_storage().nbytes()
+            ):
+                return here, item
+            seen += item.numel()
+            if seen > limit:
+                return here, item
+    return None
 
 
 def _init_keys(model_class: type) -> set[str]:
@@ -412,12 +491,15 @@ def _init_keys(model_class: type) -> set[str]:
     return keys - {"self"}
 
 
-def load_autoencoder(path: Path | str, map_location: torch.device | str = "cpu") -> Autoencoder:
+def load_autoencoder(
+    path: Path | str, map_location: torch.device | str = "cpu", within: Path | None = None
+) -> Autoencoder:
     """The model of a checkpoint (on the CPU by default), in eval mode, without running code.
 
-    The class comes from the checkpoint's ``model_family`` among this package's own models.
+    The class comes from the checkpoint's ``model_family`` among this package's own models;
+    ``within``: the run folder the path was derived from (``load_checkpoint``).
     """
-    checkpoint = load_checkpoint(path)  # the one-sentence refusals
+    checkpoint = load_checkpoint(path, within)  # the one-sentence refusals
     family = checkpoint_family(checkpoint)
     model_class = family_class(family)  # looked up among our classes, never imported
     if model_class is None:
@@ -427,6 +509,8 @@ def load_autoencoder(path: Path | str, map_location: torch.device | str = "cpu")
         )
     try:
         model = model_class.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    except UserError as err:  # the model's own sentence about a setting (dropout=5.0)
+        raise UserError(f"{path}: {err}") from None
     except Exception as err:
         raise UserError(
             f"{path} is not an ae-lightning checkpoint ({type(err).__name__}): point at a "
