@@ -125,3 +125,28 @@ def test_a_saved_config_that_asks_for_python_objects_is_refused_unbuilt(tmp_path
     with pytest.raises(UserError, match="cannot be read as train.py's YAML"):
         read_yaml(path, within=tmp_path)
     assert not marker.exists()
+
+
+def test_a_loaded_optimizer_state_keeps_this_runs_kernel_flags_and_must_fit():
+    """The file's fused/capturable/differentiable never reach the step; a short buffer is
+    refused inside load_state_dict itself, the one place every resume goes through."""
+    from ae_lightning.checkpointing import guard_optimizer_load
+    from ae_lightning.errors import UserError
+
+    params = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(3))]
+    optimizer = torch.optim.Adam(params, foreach=False)
+    guard_optimizer_load(optimizer)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    state = optimizer.state_dict()
+    state["param_groups"][0].update(fused=True, capturable=True, differentiable=True)
+    optimizer.load_state_dict(state)
+    group = optimizer.param_groups[0]
+    assert (group["fused"], group["capturable"], group["differentiable"]) == (None, False, False)
+    optimizer.step()  # the file's flags would fail here (capturable on the CPU)
+
+    state = optimizer.state_dict()
+    state["state"][0]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(UserError, match=r"exp_avg=\(3,\), not a finite torch.float32 tensor"):
+        optimizer.load_state_dict(state)
