@@ -279,6 +279,38 @@ def linked_out(entry):
     return make
 
 
+def data_path_elsewhere(run):
+    """The saved config names an image folder of the reader's (or ``/``, walked for ever)."""
+    path = run / ".hydra" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["data"] = {
+        "_target_": "ae_lightning.data.ImageFolderDataModule", "path": str(run.parent.parent),
+        "image_size": [28, 28], "channels": 1, "test_size": 10, "val_size": 10,
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+
+
+def test_a_received_data_path_is_re_derived_from_folders_the_user_named(received, tmp_path):
+    run, _ = received
+    inside = run / "data" / "bars.npz"
+    assert runfolder.data_path(run, "data/bars.npz", None) == str(inside.resolve())
+    assert runfolder.data_path(run, "/etc/bars.npz", str(tmp_path)) == str(tmp_path / "bars.npz")
+    for saved in ("/etc/passwd", "../victim", "data/../../victim", ""):
+        with pytest.raises(UserError, match="pass the folder that holds"):
+            runfolder.data_path(run, saved, None)
+
+
+def test_compare_looks_for_a_received_data_path_only_under_its_data_root(
+    received, tiny_root, tmp_path, capsys
+):
+    """ae-compare --data-root DIR: the run's image folder is DIR/<its name>, never its path."""
+    run, _ = received
+    data_path_elsewhere(run)
+    args = [run, "--out", tmp_path / "cmp", "--data-root", tiny_root]
+    line = one_sentence(run_main("compare", args, capsys))
+    assert f"{tiny_root / run.parent.parent.name} is not a folder of class subfolders" in line
+
+
 def metrics_dev_zero(run):
     (run / "metrics.json").unlink()
     (run / "metrics.json").symlink_to("/dev/zero")
@@ -402,6 +434,7 @@ RESUME_FILES = {
     ),
 }
 
+
 def family(name, **values):
     """The checkpoint relabelled as ``name`` with these settings (what a sender controls)."""
 
@@ -431,6 +464,7 @@ BAD_FILES = {
     "deep_metrics": (deep_metrics, "levels deep"),
     "deep_metrics_utf16": (deep_metrics_utf16, "metrics.json is not UTF-8 text"),
     "metrics_dev_zero": (metrics_dev_zero, "outside the run folder"),
+    "data_path_elsewhere": (data_path_elsewhere, "a received run does not choose what"),
     "hydra_folder_linked_out": (linked_out(".hydra"), "outside the run folder"),
     "checkpoints_folder_linked_out": (linked_out("checkpoints"), "outside the run folder"),
     "metrics_word": (metrics_word, "test/mse='abc'"),

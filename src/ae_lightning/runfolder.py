@@ -615,6 +615,8 @@ def data_module(run: Path, data_root: str | None = None) -> MNISTDataModule:
 
     ``data_root`` replaces the run's root; a root the file gave only as an interpolation
     (``${oc.env:AE_DATA_ROOT,...}``, never resolved) becomes this shell's ``AE_DATA_ROOT``.
+    An npz file or image folder is re-derived (``data_path``): a received file never names
+    the place this machine reads.
     """
     config = read_config(run)
     settings = data_settings(run, config)
@@ -626,7 +628,29 @@ def data_module(run: Path, data_root: str | None = None) -> MNISTDataModule:
     for key in OWN_KEYS:  # each class takes its own of these, and no other's
         if key not in own:
             settings.pop(key, None)
+    if "path" in own:
+        settings["path"] = data_path(run, settings.get("path", ""), data_root)
     return data_class(**settings, download=False)
+
+
+def data_path(run: Path, saved: str, data_root: str | None) -> str:
+    """Where a run's npz file or image folder is read: never where its config says.
+
+    With ``data_root`` (the folder the user named): the saved path's last name inside it.
+    Without: the saved path only where it lies inside the run folder. Else one sentence.
+    """
+    name = Path(saved).name
+    if data_root is not None and name not in ("", ".", ".."):
+        return str(Path(data_root) / name)
+    target = Path(os.path.realpath(run / saved)) if saved else None
+    if target is not None and Path(os.path.realpath(run)) in target.parents:
+        return str(target)
+    raise UserError(
+        f"{run / '.hydra' / 'config.yaml'} names data.path={saved[:200]!r}, outside the run "
+        f"folder {run}, and a received run does not choose what this machine reads: pass the "
+        f"folder that holds {name or 'the data'} yourself (ae-compare --data-root DIR, "
+        "load_run(..., data_root=DIR))."
+    )
 
 
 # --- metrics and status ---------------------------------------------------------------------
