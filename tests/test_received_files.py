@@ -311,6 +311,34 @@ def test_compare_looks_for_a_received_data_path_only_under_its_data_root(
     assert f"{tiny_root / run.parent.parent.name} is not a folder of class subfolders" in line
 
 
+def yaml_seed(text):
+    """Both saved configs with ``seed: <text>``: a YAML date out of range, a huge number."""
+
+    def make(run):
+        for name in ("config.yaml", "config_resolved.yaml"):
+            path = run / ".hydra" / name
+            path.write_text(path.read_text() + f"seed_again: {text}\n")
+
+    return make
+
+
+def metrics_huge_int(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "test/mse": 10**400}))
+
+
+def run_info_resumed_number(run):
+    (run / "run_info.json").write_text('{"started": "x", "resumed": 5}')
+
+
+def test_a_date_or_set_in_a_received_config_never_reaches_omegaconf(received):
+    run, _ = received
+    path = run / ".hydra" / "config_resolved.yaml"
+    path.write_text(path.read_text() + "when: 2024-01-01\nwho: !!set {a, b}\nraw: !!binary YQ==\n")
+    config = ae_lightning.load_run(run, device="cpu").config
+    assert not {"when", "who", "raw"} & set(config) and "data" in config
+
+
 def metrics_dev_zero(run):
     (run / "metrics.json").unlink()
     (run / "metrics.json").symlink_to("/dev/zero")
@@ -432,6 +460,7 @@ RESUME_FILES = {
         optimizer(lambda entry, group: entry.update(exp_avg=entry["exp_avg"].double())),
         "not a finite torch.float32 tensor",
     ),
+    "run_info_resumed_number": (run_info_resumed_number, "run_info.json has resumed=5"),
 }
 
 
@@ -464,6 +493,9 @@ BAD_FILES = {
     "deep_metrics": (deep_metrics, "levels deep"),
     "deep_metrics_utf16": (deep_metrics_utf16, "metrics.json is not UTF-8 text"),
     "metrics_dev_zero": (metrics_dev_zero, "outside the run folder"),
+    "yaml_date_out_of_range": (yaml_seed("2024-13-45"), "YAML (ValueError)"),
+    "yaml_5000_digits": (yaml_seed("9" * 5000), "YAML (ValueError)"),
+    "metrics_huge_int": (metrics_huge_int, "has test/mse=1000000"),
     "data_path_elsewhere": (data_path_elsewhere, "a received run does not choose what"),
     "hydra_folder_linked_out": (linked_out(".hydra"), "outside the run folder"),
     "checkpoints_folder_linked_out": (linked_out("checkpoints"), "outside the run folder"),
@@ -509,6 +541,9 @@ ENTRY_POINTS = {  # the bad file and where a user meets it
     "compare_deep_metrics": ("deep_metrics", "compare"),
     "compare_deep_metrics_utf16": ("deep_metrics_utf16", "compare"),
     "compare_hydra_folder_linked_out": ("hydra_folder_linked_out", "compare"),
+    "compare_metrics_huge_int": ("metrics_huge_int", "compare"),
+    "compare_yaml_date_out_of_range": ("yaml_date_out_of_range", "compare"),
+    "resume_run_info_resumed_number": ("run_info_resumed_number", "resume"),
     "resume_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "resume"),
     "export_zip_bomb": ("zip_bomb", "export"),
     "export_yaml_tag": ("yaml_tag", "export"),

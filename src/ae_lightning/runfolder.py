@@ -157,7 +157,7 @@ def read_yaml(path: Path, within: Path | None = None) -> Any:
     text = read_bytes(path, within=within)
     try:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError, OverflowError) as err:  # 2024-13-45, 5000 digits
         problem = getattr(err, "problem", None) or type(err).__name__
         raise UserError(
             f"{path} cannot be read as train.py's YAML ({problem}): restore the file the run "
@@ -558,12 +558,21 @@ def is_interpolation(value: Any) -> bool:
 
 
 def plain_values(node: Any) -> Any:
-    """``node`` with every interpolation string removed: what a received config says itself."""
+    """``node`` with every interpolation string and every value of another type than
+    str/int/float/bool/None/list/dict (a YAML date, ``!!set``, ``!!binary``) removed: what a
+    received config says itself, in types ``OmegaConf.create`` takes."""
     if isinstance(node, dict):
-        return {k: plain_values(v) for k, v in node.items() if not is_interpolation(v)}
+        return {
+            k: plain_values(v) for k, v in node.items()
+            if isinstance(k, str | int) and _kept(v)
+        }  # fmt: skip
     if isinstance(node, list):
-        return [plain_values(v) for v in node if not is_interpolation(v)]
+        return [plain_values(v) for v in node if _kept(v)]
     return node
+
+
+def _kept(value: Any) -> bool:
+    return isinstance(value, (*PLAIN, list, dict)) and not is_interpolation(value)
 
 
 SEED_LIMIT = 2**63  # torch.Generator().manual_seed takes a 64-bit seed
@@ -729,7 +738,13 @@ def knobs(run: Path) -> dict[str, Any]:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float that a float holds (a 400-digit int overflows the summary)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def status(run: Path) -> tuple[str, str]:
