@@ -545,6 +545,8 @@ ENTRY_POINTS = {  # the bad file and where a user meets it
     "compare_yaml_date_out_of_range": ("yaml_date_out_of_range", "compare"),
     "resume_run_info_resumed_number": ("run_info_resumed_number", "resume"),
     "resume_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "resume"),
+    "compare_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "compare"),
+    "export_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "export"),
     "export_zip_bomb": ("zip_bomb", "export"),
     "export_yaml_tag": ("yaml_tag", "export"),
     "resume_stride0_moment": ("stride0_moment", "resume"),

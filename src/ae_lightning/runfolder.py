@@ -759,10 +759,11 @@ def status(run: Path) -> tuple[str, str]:
 
 
 def choose_checkpoint(run: Path) -> Path | None:
-    """``checkpoints/best.ckpt``, else ``last.ckpt``, else None."""
+    """``checkpoints/best.ckpt``, else ``last.ckpt``, else None; a link out is refused."""
     for name in ("best.ckpt", "last.ckpt"):
         path = run / "checkpoints" / name
         if path.is_file():
+            check_regular(path, within=run)
             return path
     return None
 
@@ -793,6 +794,7 @@ def find_files(path: Path, checkpoint: str) -> RunFiles:
     order = ("best.ckpt", "last.ckpt") if checkpoint == "best" else ("last.ckpt", "best.ckpt")
     for name in order:
         if (folder / name).is_file():
+            check_regular(folder / name, within=path)  # found in the folder named: stays there
             return RunFiles(path, folder / name)
     jobs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir())
     if jobs:
