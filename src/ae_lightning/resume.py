@@ -102,6 +102,14 @@ def check_training_state(checkpoint: dict[str, Any], model: pl.LightningModule, 
         )
 
 
+# The words torch's schedulers keep in their state (one-cycle's phases name param-group keys,
+# the plateau scheduler its modes): any other is a KeyError or ValueError mid-run.
+SCHEDULER_WORDS = {
+    "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "cos", "linear",
+    "min", "max", "rel", "abs",
+}  # fmt: skip
+
+
 def _bad_scheduler_value(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | None:
     """The first value under a scheduler's state that is not plain data in range."""
     if depth > 8:
@@ -129,7 +137,7 @@ def _bad_scheduler_value(node: Any, where: str, depth: int = 0) -> tuple[str, An
         return where, node
     if isinstance(node, int) and not isinstance(node, bool) and not -STEP_LIMIT < node < STEP_LIMIT:
         return where, node
-    if isinstance(node, str) and len(node) > 100:
+    if isinstance(node, str) and node not in SCHEDULER_WORDS:
         return where, node
     return None if isinstance(node, PLAIN) else (where, node)
 
