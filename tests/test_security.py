@@ -150,6 +150,9 @@ def test_a_loaded_optimizer_state_keeps_this_runs_kernel_flags_and_must_fit():
     state["state"][0]["exp_avg"] = torch.zeros(3)
     with pytest.raises(UserError, match=r"exp_avg=\(3,\), not a finite torch.float32 tensor"):
         optimizer.load_state_dict(state)
+    state["state"][0]["exp_avg"] = torch.zeros(1).expand(4, 3)  # its shape, one float stored
+    with pytest.raises(UserError, match=r"exp_avg=\(4, 3\), not a finite"):
+        optimizer.load_state_dict(state)
 
 
 def test_a_scheduler_state_is_plain_data_torch_itself_wrote():

@@ -150,6 +150,23 @@ NON_NEGATIVE = {"lr", "eps", "weight_decay", "momentum", "dampening", "initial_l
 STEP_LIMIT = 2**63
 
 
+def sound_tensor(tensor: torch.Tensor) -> bool:
+    """A tensor as ``torch.save`` writes a weight: dense, real, contiguous, held by its storage.
+
+    A stride-0 view (``torch.zeros(1).expand(2e6, 2e6)``) is a few bytes on disk and declares
+    4e12 elements; a storage shorter than its tensor is read past its end by any kernel.
+    """
+    return (
+        tensor.layout == torch.strided
+        and not tensor.is_complex()
+        and not tensor.is_quantized
+        and tensor.is_contiguous()
+        and tensor.storage_offset() >= 0
+        and (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+        <= tensor.untyped_storage().nbytes()
+    )
+
+
 def check_optimizer_state(state: Any, params: list[list[torch.Tensor]], where: str) -> None:
     """One sentence unless ``state`` fits the optimizer whose groups hold ``params``.
 
@@ -195,6 +212,7 @@ def check_optimizer_state(state: Any, params: list[list[torch.Tensor]], where: s
                     raise refuse(here, value, "a step count (a scalar from 0 to 2**63)")
             elif value is not None and not (
                 isinstance(value, torch.Tensor)
+                and sound_tensor(value)
                 and value.shape == param.shape
                 and value.dtype == param.dtype
                 and bool(torch.isfinite(value).all())
@@ -222,7 +240,7 @@ def _good_setting(key: str, value: Any) -> bool:
 def _number(value: Any) -> float | None:
     """``value`` as a finite float (a plain number or a one-element real tensor), else None."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+        if value.numel() != 1 or value.dtype == torch.bool or not sound_tensor(value):
             return None
         value = value.item()
     if not isinstance(value, int | float) or isinstance(value, bool):
@@ -235,7 +253,7 @@ def _number(value: Any) -> float | None:
 
 
 def _good_step(value: Any) -> bool:
-    if isinstance(value, torch.Tensor) and value.dim() > 1:
+    if isinstance(value, torch.Tensor) and (value.dim() > 1 or not sound_tensor(value)):
         return False
     number = _number(value)
     return number is not None and 0 <= number < STEP_LIMIT

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from ae_lightning.checkpointing import sound_tensor
 from ae_lightning.data import ImageFolderDataModule, MNISTDataModule, NpzDataModule
 from ae_lightning.errors import UserError
 from ae_lightning.limits import MAX_WIDTH, check_model_size, max_parameters
@@ -444,10 +445,10 @@ def _is_whole(value: Any) -> bool:
 def _unsound_tensor(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | None:
     """The first tensor under ``node`` that is not what ``torch.save`` writes of a weight.
 
-    A stride-0 view (``torch.zeros(1).expand(2e6, 2e6)``) is a few bytes on disk and declares
-    4e12 elements: anything touching its values (``isfinite``, a copy) allocates them all.
-    Such a tensor, a sparse or complex one, or one its storage does not cover is refused
-    before any value is read; so is a state holding more tensors than the parameter limit.
+    Anything touching a stride-0 view's values (``isfinite``, a copy) allocates all it
+    declares: such a tensor, a sparse or complex one, or one its storage does not cover
+    (``sound_tensor``) is refused before any value is read; so are more elements in all than
+    weights and moments at the parameter limit.
     """
     limit = 4 * max_parameters() + CHECKPOINT_OVERHEAD_BYTES // 4  # weights, moments, steps
     seen = 0
@@ -461,15 +462,7 @@ def _unsound_tensor(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | 
         elif isinstance(item, list | tuple):
             stack += [(v, f"{here}[{i}]", level + 1) for i, v in enumerate(item)]
         elif isinstance(item, torch.Tensor):
-            if (
-                item.layout != torch.strided
-                or item.is_complex()
-                or item.is_quantized
-                or not item.is_contiguous()
-                or item.storage_offset() < 0
-                or (item.storage_offset() + item.numel()) * item.element_size()
-                > item.untyped_storage().nbytes()
-            ):
+            if not sound_tensor(item):
                 return here, item
             seen += item.numel()
             if seen > limit:
