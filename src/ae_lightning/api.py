@@ -212,7 +212,8 @@ def load_run(
 
     ``checkpoint``: ``best`` (lowest val/mse, the default) or ``last``. ``device``: where the
     model lives (default: a GPU if there is one). ``data_root``: MNIST somewhere other than
-    where the run read it.
+    where the run read it; for an npz or image-folder run, the folder holding its file (a
+    run's own ``data.path`` is read only inside its folder, ``runfolder.data_path``).
     """
     named = Path(path).expanduser()
     files = runfolder.find_files(named, checkpoint)
