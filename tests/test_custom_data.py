@@ -150,7 +150,7 @@ def test_given_test_split_is_the_test_set(tmp_path):
     path = tmp_path / "split.npz"
     np.savez(path, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
     run_dir = train_cli(["data=npz", f"data.path={path}", "callbacks=none"], tmp_path / "logs")
-    test, _ = load_run(run_dir, device="cpu").test_images()
+    test, _ = load_run(run_dir, device="cpu", data_root=tmp_path).test_images()
     assert torch.equal(test, torch.from_numpy(test_images)[:, None])
 
 
@@ -191,7 +191,10 @@ def test_image_folder_trains_in_colour_exports_and_reloads(folder_run):
 def test_compare_reads_runs_of_these_datasets(grey_run, tmp_path):
     from ae_lightning.cli.compare import main as compare_main
 
-    compare_main([str(grey_run), str(grey_run), "--out", str(tmp_path / "cmp")])
+    data = grey_run.parents[2]  # where the user keeps bars.npz: named here, not by the run
+    compare_main(
+        [str(grey_run), str(grey_run), "--out", str(tmp_path / "cmp"), "--data-root", str(data)]
+    )
     assert {"scatter.png", "reconstructions.png", "summary.md"} <= {
         p.name for p in (tmp_path / "cmp").iterdir()
     }

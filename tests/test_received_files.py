@@ -347,6 +347,101 @@ def deep_metrics(run):
     (run / "metrics.json").write_text('{"deep": ' + "[" * 20_000 + "]" * 20_000 + "}")
 
 
+def deep_utf16(encoding):
+    """200,000 levels in UTF-16: U+2200 is the bytes 00 22, a quote to a byte-level scan."""
+    return ('{"x": ["\u2200", ' + "[" * 200_000 + "]" * 200_000 + ', "y"]}').encode(encoding)
+
+
+def deep_metrics_utf16(run):
+    (run / "metrics.json").write_bytes(deep_utf16("utf-16"))  # with its BOM: not UTF-8
+
+
+def test_utf16_without_a_bom_is_not_json_not_a_recursion_error(tmp_path):
+    """Without a BOM, UTF-16-LE of ASCII is valid UTF-8 (with NULs): not JSON, so no metrics."""
+    path = tmp_path / "metrics.json"
+    path.write_bytes(deep_utf16("utf-16-le"))
+    assert runfolder.read_json(path) == {}
+
+
+def test_a_nest_past_the_scan_is_a_refusal_not_a_recursion_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(runfolder, "MAX_DEPTH", 10**6)  # as if the scan missed it
+    path = tmp_path / "metrics.json"
+    path.write_text('{"x": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(UserError, match="nested too deep to read"):
+        runfolder.read_json(path)
+
+
+def linked_out(entry):
+    """``run/entry`` (a folder) moved beside the run and linked back: read through a link."""
+
+    def make(run):
+        away = run.parent / f"away{entry.replace('/', '_')}"
+        (run / entry).rename(away)
+        (run / entry).symlink_to(away, target_is_directory=True)
+
+    return make
+
+
+def data_path_elsewhere(run):
+    """The saved config names an image folder of the reader's (or ``/``, walked for ever)."""
+    path = run / ".hydra" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["data"] = {
+        "_target_": "ae_lightning.data.ImageFolderDataModule", "path": str(run.parent.parent),
+        "image_size": [28, 28], "channels": 1, "test_size": 10, "val_size": 10,
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+
+
+def test_a_received_data_path_is_re_derived_from_folders_the_user_named(received, tmp_path):
+    run, _ = received
+    inside = run / "data" / "bars.npz"
+    assert runfolder.data_path(run, "data/bars.npz", None) == str(inside.resolve())
+    assert runfolder.data_path(run, "/etc/bars.npz", str(tmp_path)) == str(tmp_path / "bars.npz")
+    for saved in ("/etc/passwd", "../victim", "data/../../victim", ""):
+        with pytest.raises(UserError, match="pass the folder that holds"):
+            runfolder.data_path(run, saved, None)
+
+
+def test_compare_looks_for_a_received_data_path_only_under_its_data_root(
+    received, tiny_root, tmp_path, capsys
+):
+    """ae-compare --data-root DIR: the run's image folder is DIR/<its name>, never its path."""
+    run, _ = received
+    data_path_elsewhere(run)
+    args = [run, "--out", tmp_path / "cmp", "--data-root", tiny_root]
+    line = one_sentence(run_main("compare", args, capsys))
+    assert f"{tiny_root / run.parent.parent.name} is not a folder of class subfolders" in line
+
+
+def yaml_seed(text):
+    """Both saved configs with ``seed: <text>``: a YAML date out of range, a huge number."""
+
+    def make(run):
+        for name in ("config.yaml", "config_resolved.yaml"):
+            path = run / ".hydra" / name
+            path.write_text(path.read_text() + f"seed_again: {text}\n")
+
+    return make
+
+
+def metrics_huge_int(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "test/mse": 10**400}))
+
+
+def run_info_resumed_number(run):
+    (run / "run_info.json").write_text('{"started": "x", "resumed": 5}')
+
+
+def test_a_date_or_set_in_a_received_config_never_reaches_omegaconf(received):
+    run, _ = received
+    path = run / ".hydra" / "config_resolved.yaml"
+    path.write_text(path.read_text() + "when: 2024-01-01\nwho: !!set {a, b}\nraw: !!binary YQ==\n")
+    config = ae_lightning.load_run(run, device="cpu").config
+    assert not {"when", "who", "raw"} & set(config) and "data" in config
+
+
 def metrics_dev_zero(run):
     (run / "metrics.json").unlink()
     (run / "metrics.json").symlink_to("/dev/zero")
@@ -409,12 +504,104 @@ def split_seed(run):
     path.write_text(yaml.safe_dump(config))
 
 
+def stride0(run):
+    """A 2e6 x 2e6 view of one float: 56 kB on disk, 16 TB for any look at its values."""
+    edit_checkpoints(
+        run, lambda c: c["state_dict"].update(extra=torch.zeros(1).expand(2_000_000, 2_000_000))
+    )
+
+
+def optimizer(change):
+    """``change(state)`` on the Adam state (its first parameter's entry and first group)."""
+
+    def make(run):
+        def edit(checkpoint):
+            state = checkpoint["optimizer_states"][0]
+            change(state["state"][0], state["param_groups"][0])
+
+        edit_checkpoints(run, edit)
+
+    return make
+
+
+def loop_counter(value):
+    """The fit loop's optimizer-step count set to ``value`` (Lightning logs by it)."""
+
+    def change(checkpoint):
+        loop = checkpoint["loops"]["fit_loop"]
+        loop["epoch_loop.manual_optimization.optim_step_progress"]["total"]["completed"] = value
+
+    return lambda run: edit_checkpoints(run, change)
+
+
+def complex_score(run):
+    def change(checkpoint):
+        (name,) = [k for k in checkpoint["callbacks"] if k.startswith("ModelCheckpoint")]
+        checkpoint["callbacks"][name]["best_model_score"] = torch.tensor(1 + 2j)
+
+    edit_checkpoints(run, change)
+
+
+# Refused where a state is restored into this run's optimizer (resume=, ckpt_path=), so
+# load_run (which restores none) is not asked about them.
+RESUME_FILES = {
+    "exp_avg_short": (
+        optimizer(lambda entry, group: entry.update(exp_avg=torch.zeros(3))),
+        "state[0].exp_avg=(3,), not a finite torch.float32 tensor of shape",
+    ),
+    "lr_word": (optimizer(lambda entry, group: group.update(lr="abc")), "lr='abc'"),
+    "lr_negative": (optimizer(lambda entry, group: group.update(lr=-1.0)), "lr=-1.0"),
+    "params_short": (
+        optimizer(lambda entry, group: group.update(params=[0, 1])),
+        "params=[0, 1], not the",
+    ),
+    "step_vector": (
+        optimizer(lambda entry, group: entry.update(step=torch.zeros(5, 5))),
+        "step=Tensor",
+    ),
+    "exp_avg_f64": (
+        optimizer(lambda entry, group: entry.update(exp_avg=entry["exp_avg"].double())),
+        "not a finite torch.float32 tensor",
+    ),
+    "run_info_resumed_number": (run_info_resumed_number, "run_info.json has resumed=5"),
+}
+
+
+def family(name, **values):
+    """The checkpoint relabelled as ``name`` with these settings (what a sender controls)."""
+
+    def change(checkpoint):
+        checkpoint["model_family"] = name
+        checkpoint["hyper_parameters"] = {"bottleneck": 2, **values}
+
+    return lambda run: edit_checkpoints(run, change)
+
+
 BAD_FILES = {
+    "iwae_samples": (family("iwae", samples=10**9), "samples=1,000,000,000, more than 10,000"),
+    "vqvae_codebook": (family("vqvae", codebook_size=50_000_000), "parameters, more than"),
+    "vqvae_codebook_wide": (family("vqvae", codebook_size=10**6), "codebook_size=1,000,000"),
+    "dropout_out_of_range": (hparams(dropout=5.0), "best.ckpt: model.dropout=5.0 is not in"),
+    "stride0_weight": (stride0, "state_dict.extra=Tensor, not a plain tensor"),
+    "stride0_moment": (
+        optimizer(lambda e, g: e.update(exp_avg=torch.zeros(1).double().expand(50_000, 50_000))),
+        "exp_avg=Tensor, not a plain tensor",
+    ),
+    "complex_score": (complex_score, "best_model_score=Tensor, not a plain tensor"),
+    "counter_huge": (loop_counter(2**70), "not a whole number from 0 to 2**63-1"),
+    "counter_negative": (loop_counter(-5), "completed=-5, not a whole number"),
     "zip_bomb": (zip_bomb, "compressed"),
     "alias_bomb": (alias_bomb, "alias"),
     "deep_config": (deep_config, "deeper than 100"),
     "deep_metrics": (deep_metrics, "levels deep"),
+    "deep_metrics_utf16": (deep_metrics_utf16, "metrics.json is not UTF-8 text"),
     "metrics_dev_zero": (metrics_dev_zero, "outside the run folder"),
+    "yaml_date_out_of_range": (yaml_seed("2024-13-45"), "YAML (ValueError)"),
+    "yaml_5000_digits": (yaml_seed("9" * 5000), "YAML (ValueError)"),
+    "metrics_huge_int": (metrics_huge_int, "has test/mse=1000000"),
+    "data_path_elsewhere": (data_path_elsewhere, "a received run does not choose what"),
+    "hydra_folder_linked_out": (linked_out(".hydra"), "outside the run folder"),
+    "checkpoints_folder_linked_out": (linked_out("checkpoints"), "outside the run folder"),
     "metrics_word": (metrics_word, "test/mse='abc'"),
     "wide_hidden": (hparams(hidden=[300_000]), "parameters, more than the limit"),
     "many_layers": (hparams(hidden=[1] * 10**6), "hidden layers"),
@@ -455,8 +642,25 @@ ENTRY_POINTS = {  # the bad file and where a user meets it
     "eval_nan_weights": ("nan_weights", "eval"),
     "compare_alias_bomb": ("alias_bomb", "compare"),
     "compare_deep_metrics": ("deep_metrics", "compare"),
+    "compare_deep_metrics_utf16": ("deep_metrics_utf16", "compare"),
+    "compare_hydra_folder_linked_out": ("hydra_folder_linked_out", "compare"),
+    "compare_metrics_huge_int": ("metrics_huge_int", "compare"),
+    "compare_yaml_date_out_of_range": ("yaml_date_out_of_range", "compare"),
+    "resume_run_info_resumed_number": ("run_info_resumed_number", "resume"),
+    "resume_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "resume"),
+    "compare_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "compare"),
+    "export_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "export"),
     "export_zip_bomb": ("zip_bomb", "export"),
     "export_yaml_tag": ("yaml_tag", "export"),
+    "resume_stride0_moment": ("stride0_moment", "resume"),
+    "resume_counter_huge": ("counter_huge", "resume"),
+    "resume_exp_avg_short": ("exp_avg_short", "resume"),
+    "ckpt_path_exp_avg_short": ("exp_avg_short", "ckpt_path"),  # was SIGSEGV in fused Adam
+    "resume_lr_word": ("lr_word", "resume"),
+    "ckpt_path_params_short": ("params_short", "ckpt_path"),
+    "resume_step_vector": ("step_vector", "resume"),
+    "resume_exp_avg_f64": ("exp_avg_f64", "resume"),
+    "resume_lr_negative": ("lr_negative", "resume"),
 }
 
 
@@ -466,7 +670,7 @@ def test_each_entry_point_refuses_a_bad_file_in_one_sentence(
 ):
     run, victim = received
     bad, where, *said = ENTRY_POINTS[case]
-    make, fragment = BAD_FILES[bad]
+    make, fragment = (BAD_FILES | RESUME_FILES)[bad]
     fragment = said[0] if said else fragment  # the entry point's own words
     make(run)
     before = outside(tmp_path, run)

@@ -125,3 +125,57 @@ def test_a_saved_config_that_asks_for_python_objects_is_refused_unbuilt(tmp_path
     with pytest.raises(UserError, match="cannot be read as train.py's YAML"):
         read_yaml(path, within=tmp_path)
     assert not marker.exists()
+
+
+def test_a_loaded_optimizer_state_keeps_this_runs_kernel_flags_and_must_fit():
+    """The file's fused/capturable/differentiable never reach the step; a short buffer is
+    refused inside load_state_dict itself, the one place every resume goes through."""
+    from ae_lightning.checkpointing import guard_optimizer_load
+    from ae_lightning.errors import UserError
+
+    params = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(3))]
+    optimizer = torch.optim.Adam(params, foreach=False)
+    guard_optimizer_load(optimizer)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    state = optimizer.state_dict()
+    state["param_groups"][0].update(fused=True, capturable=True, differentiable=True)
+    optimizer.load_state_dict(state)
+    group = optimizer.param_groups[0]
+    assert (group["fused"], group["capturable"], group["differentiable"]) == (None, False, False)
+    optimizer.step()  # the file's flags would fail here (capturable on the CPU)
+
+    state = optimizer.state_dict()
+    state["state"][0]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(UserError, match=r"exp_avg=\(3,\), not a finite torch.float32 tensor"):
+        optimizer.load_state_dict(state)
+    state["state"][0]["exp_avg"] = torch.zeros(1).expand(4, 3)  # its shape, one float stored
+    with pytest.raises(UserError, match=r"exp_avg=\(4, 3\), not a finite"):
+        optimizer.load_state_dict(state)
+
+
+def test_a_scheduler_state_is_plain_data_torch_itself_wrote():
+    """A scheduler's load_state_dict updates its __dict__: no other optimizer, no lambda
+    state, no word torch's schedulers do not keep, no NaN, no 2**70 step."""
+    from ae_lightning.resume import _bad_scheduler_value
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.Adam([param])
+    schedulers = [
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=10),
+        torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer),  # best = inf: kept
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+    ]
+    for scheduler in schedulers:
+        assert _bad_scheduler_value(scheduler.state_dict(), "lr_schedulers[0]") is None
+    phases = [{"end_step": 2.0, "start_lr": "no_such_key"}]
+    for bad, where in (
+        ({"optimizer": 5}, "lr_schedulers[0].optimizer"),
+        ({"lr_lambdas": [{"x": 1}]}, "lr_schedulers[0].lr_lambdas"),
+        ({"_schedule_phases": phases}, "lr_schedulers[0]._schedule_phases[0].start_lr"),
+        ({"best": float("nan")}, "lr_schedulers[0].best"),
+        ({"last_epoch": 2**70}, "lr_schedulers[0].last_epoch"),
+        ({"base_lrs": [torch.zeros(1)]}, "lr_schedulers[0].base_lrs[0]"),
+    ):
+        assert _bad_scheduler_value(bad, "lr_schedulers[0]")[0] == where

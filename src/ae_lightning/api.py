@@ -212,12 +212,15 @@ def load_run(
 
     ``checkpoint``: ``best`` (lowest val/mse, the default) or ``last``. ``device``: where the
     model lives (default: a GPU if there is one). ``data_root``: MNIST somewhere other than
-    where the run read it.
+    where the run read it; for an npz or image-folder run, the folder holding its file (a
+    run's own ``data.path`` is read only inside its folder, ``runfolder.data_path``).
     """
-    files = runfolder.find_files(Path(path).expanduser(), checkpoint)
+    named = Path(path).expanduser()
+    files = runfolder.find_files(named, checkpoint)
     config = OmegaConf.create(runfolder.saved_config(files.folder))  # plain values only
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = runfolder.load_autoencoder(files.checkpoint, map_location=device)
+    within = files.folder if named.is_dir() else None  # a checkpoint found in the folder named
+    model = runfolder.load_autoencoder(files.checkpoint, map_location=device, within=within)
     return Run(
         path=files.folder or files.checkpoint,
         checkpoint=files.checkpoint,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import stat
@@ -18,6 +19,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ae_lightning.atomic import write_atomic
+from ae_lightning.errors import UserError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -99,7 +101,10 @@ class RunCheckpoint(ModelCheckpoint):
             return str(here / name) if regular else ""
 
         def score(value: Any) -> torch.Tensor | None:
-            return value if isinstance(value, torch.Tensor) and value.numel() == 1 else None
+            """A real floating scalar (a complex one breaks the comparison), else dropped."""
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                return None
+            return value if value.is_floating_point() else None
 
         saved_k = state_dict.get("best_k_models")
         best_k = {
@@ -132,3 +137,141 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 OWN_NAME = re.compile(r"[A-Za-z0-9_=+-][A-Za-z0-9._=+-]*\.ckpt")
+
+
+# --- a received optimizer state, checked against the optimizer it is loaded into -------------
+
+# How an optimizer runs its step (which kernel, where its state lives): this run's own choice,
+# never the file's; a file's fused=True with a short buffer is an out-of-bounds write.
+KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+# Settings that are never negative; Adam's betas lie in [0, 1).
+NON_NEGATIVE = {"lr", "eps", "weight_decay", "momentum", "dampening", "initial_lr", "max_lr",
+                "min_lr", "max_momentum", "base_momentum", "alpha", "lr_decay"}  # fmt: skip
+STEP_LIMIT = 2**63
+
+
+def sound_tensor(tensor: torch.Tensor) -> bool:
+    """A tensor as ``torch.save`` writes a weight: dense, real, contiguous, held by its storage.
+
+    A stride-0 view (``torch.zeros(1).expand(2e6, 2e6)``) is a few bytes on disk and declares
+    4e12 elements; a storage shorter than its tensor is read past its end by any kernel.
+    """
+    return (
+        tensor.layout == torch.strided
+        and not tensor.is_complex()
+        and not tensor.is_quantized
+        and tensor.is_contiguous()
+        and tensor.storage_offset() >= 0
+        and (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+        <= tensor.untyped_storage().nbytes()
+    )
+
+
+def check_optimizer_state(state: Any, params: list[list[torch.Tensor]], where: str) -> None:
+    """One sentence unless ``state`` fits the optimizer whose groups hold ``params``.
+
+    Every group lists its parameters' indices in order, its settings are plain finite numbers
+    in range, and every state tensor has its parameter's shape and floating dtype (``step`` a
+    scalar): the fused kernels index the buffers by the parameter's size, unchecked.
+    """
+
+    def refuse(key: str, value: Any, wanted: str) -> UserError:
+        plain = isinstance(value, (type(None), bool, int, float, str, tuple, list))
+        shown = repr(value)[:80] if plain else type(value).__name__
+        return UserError(
+            f"{where} has optimizer_states.{key}={shown}, not {wanted}: it was not written by "
+            "train.py for this model (or was damaged); use another checkpoint or retrain."
+        )
+
+    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
+        raise refuse("param_groups", state, "a list of parameter groups")
+    groups, saved = state["param_groups"], state.get("state", {})
+    if len(groups) != len(params):
+        raise refuse("param_groups", len(groups), f"{len(params)} group(s)")
+    flat, start = [], 0
+    for i, (group, own) in enumerate(zip(groups, params, strict=True)):
+        wanted = list(range(start, start + len(own)))
+        if not isinstance(group, dict) or group.get("params") != wanted:
+            shown = group.get("params") if isinstance(group, dict) else group
+            raise refuse(f"param_groups[{i}].params", shown, f"the indices {wanted}")
+        for key, value in group.items():
+            if key != "params" and not _good_setting(key, value):
+                raise refuse(f"param_groups[{i}].{key!s:.40}", value, "a plain number in range")
+        flat += own
+        start += len(own)
+    if not isinstance(saved, dict) or not set(saved) <= set(range(len(flat))):
+        raise refuse("state", saved, f"a mapping of parameter indices 0..{len(flat) - 1}")
+    for index, entry in saved.items():
+        if not isinstance(entry, dict):
+            raise refuse(f"state[{index}]", entry, "a mapping of tensors")
+        param = flat[index]
+        for key, value in entry.items():
+            here = f"state[{index}].{key!s:.40}"
+            if key == "step":
+                if not _good_step(value):
+                    raise refuse(here, value, "a step count (a scalar from 0 to 2**63)")
+            elif value is not None and not (
+                isinstance(value, torch.Tensor)
+                and sound_tensor(value)
+                and value.shape == param.shape
+                and value.dtype == param.dtype
+                and bool(torch.isfinite(value).all())
+            ):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+                raise refuse(
+                    here, shape, f"a finite {param.dtype} tensor of shape {tuple(param.shape)}"
+                )
+
+
+def _good_setting(key: str, value: Any) -> bool:
+    """A group setting: a flag, or a finite number (a scalar tensor where lr is one) in range."""
+    if key in KERNEL_FLAGS or isinstance(value, bool) or value is None:
+        return isinstance(value, bool) or value is None
+    if isinstance(value, tuple | list):
+        return (
+            key == "betas"
+            and len(value) == 2
+            and all(_number(v) is not None and 0 <= _number(v) < 1 for v in value)
+        )
+    number = _number(value)
+    return number is not None and (key not in NON_NEGATIVE or number >= 0)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float (a plain number or a one-element real tensor), else None."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or not sound_tensor(value):
+            return None
+        value = value.item()
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _good_step(value: Any) -> bool:
+    if isinstance(value, torch.Tensor) and (value.dim() > 1 or not sound_tensor(value)):
+        return False
+    number = _number(value)
+    return number is not None and 0 <= number < STEP_LIMIT
+
+
+def guard_optimizer_load(optimizer: torch.optim.Optimizer) -> None:
+    """Check a loaded state against ``optimizer`` and keep its own kernel flags (a hook).
+
+    Runs inside ``optimizer.load_state_dict``, the one place every resume goes through.
+    """
+
+    def hook(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        params = [list(group["params"]) for group in opt.param_groups]
+        check_optimizer_state(state, params, "the checkpoint")
+        groups = []
+        for group, own in zip(state["param_groups"], opt.param_groups, strict=True):
+            flags = {key: own[key] for key in KERNEL_FLAGS if key in own}
+            groups.append({k: v for k, v in group.items() if k not in KERNEL_FLAGS} | flags)
+        return {**state, "param_groups": groups}
+
+    optimizer.register_load_state_dict_pre_hook(hook)

@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from ae_lightning import markdown, provenance, tb
 from ae_lightning.atomic import write_atomic
 from ae_lightning.data import DATASETS, DEFAULT_BATCH_SIZE, to_unit_float
+from ae_lightning.errors import UserError
 from ae_lightning.latent import (
     encode_images,
     evaluation_subset,
@@ -110,7 +111,17 @@ def record_run_info(run_dir: Path, trainer: pl.Trainer, ended: bool = False) -> 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else provenance.cpu_name()
     fresh = provenance.run_info(str(device), name)
     if info.get("started"):  # resume=: this folder's run started before
-        resumes = [*info.get("resumed", []), {k: fresh[k] for k in ("argv", "host", "started")}]
+        earlier = info.get("resumed", [])
+        if not isinstance(info["started"], str) or not (
+            isinstance(earlier, list) and all(isinstance(r, dict) for r in earlier)
+        ):
+            bad = "started" if not isinstance(info["started"], str) else "resumed"
+            raise UserError(
+                f"{path} has {bad}={repr(info[bad])[:80]}, not what train.py writes (a time, a "
+                "list of earlier starts): restore the run_info.json the run wrote, or delete "
+                "it to start the run's record afresh."
+            )
+        resumes = [*earlier, {k: fresh[k] for k in ("argv", "host", "started")}]
         fresh = {**info, "resumed": resumes, "ended": None}
     write_json(path, fresh)
 

@@ -4,18 +4,20 @@ shell-quoted commands that continue or repeat a run.
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ae_lightning.checkpointing import OWN_NAME
+from ae_lightning.checkpointing import OWN_NAME, STEP_LIMIT, check_optimizer_state
 from ae_lightning.errors import UserError
 from ae_lightning.models import checkpoint_family
-from ae_lightning.runfolder import load_checkpoint
+from ae_lightning.runfolder import PLAIN, load_checkpoint
 
 
 def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
@@ -36,7 +38,8 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
             f"{hint}, which does not exist: point it at a run folder (or .ckpt file) that "
             "finished at least one epoch."
         )
-    checkpoint = load_checkpoint(path)  # tensors and plain data only
+    within = Path(cfg.resume) if cfg.get("resume") else None  # the folder the user named
+    checkpoint = load_checkpoint(path, within)  # tensors and plain data only
     family = checkpoint_family(checkpoint)
     if family != model.family:
         raise UserError(
@@ -61,6 +64,7 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
                 f"has {expected.get(name)}: repeat the run's original overrides (see its "
                 ".hydra/overrides.yaml)."
             )
+    check_training_state(checkpoint, model, path)
     reached = checkpoint.get("epoch", -1) + 1  # the epoch it was trained in (1-based)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs not in (None, -1) and max_epochs < reached:
@@ -71,6 +75,73 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
     return str(path)
 
 
+def check_training_state(checkpoint: dict[str, Any], model: pl.LightningModule, path: Path) -> None:
+    """Refuse, before the Trainer starts, an optimizer or scheduler state that does not fit.
+
+    The same check runs again inside the optimizer's ``load_state_dict``
+    (``guard_optimizer_load``); here it names the file and comes before the Trainer's chatter.
+    """
+    states = checkpoint.get("optimizer_states", [])
+    if len(states) > 1:
+        raise UserError(
+            f"{path} holds {len(states)} optimizer states but train.py trains with one: use a "
+            "checkpoint written by train.py."
+        )
+    for state in states:
+        check_optimizer_state(state, [list(model.parameters())], str(path))
+    schedulers = checkpoint.get("lr_schedulers", [])
+    bad = None if len(schedulers) <= 1 else ("lr_schedulers", len(schedulers))
+    for state in schedulers:
+        bad = bad or _bad_scheduler_value(state, "lr_schedulers[0]")
+    if bad is not None:
+        where, value = bad
+        shown = repr(value)[:80] if isinstance(value, PLAIN) else type(value).__name__
+        raise UserError(
+            f"{path} has {where}={shown}, not a plain setting of one scheduler: it was not "
+            "written by train.py (or was damaged); use another checkpoint of the run or retrain."
+        )
+
+
+# The words torch's schedulers keep in their state (one-cycle's phases name param-group keys,
+# the plateau scheduler its modes): any other is a KeyError or ValueError mid-run.
+SCHEDULER_WORDS = {
+    "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "cos", "linear",
+    "min", "max", "rel", "abs",
+}  # fmt: skip
+
+
+def _bad_scheduler_value(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | None:
+    """The first value under a scheduler's state that is not plain data in range."""
+    if depth > 8:
+        return where, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{where}.{key!s:.40}"
+            if not isinstance(key, str) or (depth == 0 and key == "optimizer"):
+                return here, key
+            if depth == 0 and key == "lr_lambdas":
+                if not isinstance(value, list) or any(v is not None for v in value):
+                    return here, value  # a lambda's own state: train.py's have none
+                continue
+            found = _bad_scheduler_value(value, here, depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            found = _bad_scheduler_value(value, f"{where}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(node, float) and math.isnan(node):
+        return where, node
+    if isinstance(node, int) and not isinstance(node, bool) and not -STEP_LIMIT < node < STEP_LIMIT:
+        return where, node
+    if isinstance(node, str) and node not in SCHEDULER_WORDS:
+        return where, node
+    return None if isinstance(node, PLAIN) else (where, node)
+
+
 def check_resumed_test_checkpoint(cfg: DictConfig) -> None:
     """Refuse a resume whose test would need a best checkpoint that is gone (before training).
 
@@ -79,7 +150,7 @@ def check_resumed_test_checkpoint(cfg: DictConfig) -> None:
     if not cfg.get("resume") or cfg.get("test_ckpt") != "best":
         return
     folder = Path(cfg.resume) / "checkpoints"
-    states = load_checkpoint(folder / "last.ckpt").get("callbacks") or {}
+    states = load_checkpoint(folder / "last.ckpt", Path(cfg.resume)).get("callbacks") or {}
     for state in states.values():
         best = state.get("best_model_path") if isinstance(state, dict) else None
         name = Path(str(best)).name if best else ""

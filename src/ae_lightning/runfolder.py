@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from ae_lightning.checkpointing import sound_tensor
 from ae_lightning.data import ImageFolderDataModule, MNISTDataModule, NpzDataModule
 from ae_lightning.errors import UserError
 from ae_lightning.limits import MAX_WIDTH, check_model_size, max_parameters
@@ -107,13 +108,17 @@ def read_bytes(path: Path, limit: int = MAX_TEXT_BYTES, within: Path | None = No
 
 
 def check_regular(path: Path, within: Path | None = None) -> None:
-    """One sentence unless ``path`` is a regular file (inside ``within``, when given)."""
-    info = os.lstat(path)  # FileNotFoundError passes through
-    if stat.S_ISLNK(info.st_mode) and within is not None:
+    """One sentence unless ``path`` is a regular file (inside ``within``, when given).
+
+    Inside means where the file really is: a link anywhere on the way (``.hydra/`` itself a
+    link out, not only the file's own name) counts, so the real path is compared.
+    """
+    os.lstat(path)  # FileNotFoundError passes through
+    if within is not None:
         target, root = Path(os.path.realpath(path)), Path(os.path.realpath(within))
         if root not in target.parents:
             raise UserError(
-                f"{path} is a link to {target}, outside the run folder {within}: replace it "
+                f"{path} leads to {target}, outside the run folder {within}: replace it "
                 "with the file train.py wrote."
             )
     if not stat.S_ISREG(os.stat(path).st_mode):
@@ -153,7 +158,7 @@ def read_yaml(path: Path, within: Path | None = None) -> Any:
     text = read_bytes(path, within=within)
     try:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError, OverflowError) as err:  # 2024-13-45, 5000 digits
         problem = getattr(err, "problem", None) or type(err).__name__
         raise UserError(
             f"{path} cannot be read as train.py's YAML ({problem}): restore the file the run "
@@ -161,39 +166,56 @@ def read_yaml(path: Path, within: Path | None = None) -> Any:
         ) from None
 
 
-_JSON_STRING = re.compile(rb'"(?:\\.|[^"\\])*"')
+_JSON_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
 
 
 def read_json_file(path: Path, within: Path | None = None) -> Any:
-    """A JSON file as plain data, bounded in size and depth (``ValueError`` if not JSON)."""
+    """A JSON file as plain data, bounded in size and depth (``ValueError`` if not JSON).
+
+    Decoded as strict UTF-8 first (what train.py writes): ``json.loads`` of bytes would also
+    take UTF-16 and UTF-32, whose brackets a byte-level depth scan does not see.
+    """
     data = read_bytes(path, within=within)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{path} is not UTF-8 text, as train.py writes its JSON: replace it with the file "
+            "the run wrote."
+        ) from None
     depth = deepest = 0
-    for char in _JSON_STRING.sub(b"", data):  # brackets inside strings do not nest
-        if char in b"[{":
+    for char in _JSON_STRING.sub("", text):  # brackets inside strings do not nest
+        if char in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif char in b"]}":
+        elif char in "]}":
             depth -= 1
     if deepest > MAX_DEPTH:
         raise UserError(
             f"{path} is nested {deepest} levels deep, more than {MAX_DEPTH}: replace it with "
             "the file train.py wrote."
         )
-    return json.loads(data)
+    try:
+        return json.loads(text)
+    except RecursionError:  # a nest the scan did not count: still a refusal, not a crash
+        raise UserError(
+            f"{path} is nested too deep to read: replace it with the file train.py wrote."
+        ) from None
 
 
 # --- checkpoints ----------------------------------------------------------------------------
 
 
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
+def load_checkpoint(path: Path | str, within: Path | None = None) -> dict[str, Any]:
     """A checkpoint's contents, refusing anything but tensors and plain data (one sentence).
 
     Bounded before anything inflates (``check_archive``) and checked by type and model size
-    (``check_checkpoint``), so what comes back can be restored without a traceback.
+    (``check_checkpoint``), so what comes back can be restored without a traceback. A path
+    derived from a run folder passes that folder as ``within``: a link out is refused.
     """
     path = Path(path)
     try:
-        check_regular(path)
+        check_regular(path, within)
     except FileNotFoundError:
         raise UserError(
             f"{path} does not exist: point at a .ckpt file in a run's checkpoints/ folder."
@@ -267,6 +289,9 @@ def _unreadable(path: Path, err: Exception) -> str:
 
 
 PLAIN = (type(None), bool, int, float, str)
+# Settings that multiply each step's memory (codes per image, codebook distances, prior
+# components per code): far above the papers' 5000, 512 and 500, far below gigabytes a step.
+PER_STEP_LIMITS = {"samples": 10_000, "codebook_size": 1 << 16, "pseudo_inputs": 1 << 16}
 # Counters in the state Lightning writes for loops and callbacks: whole numbers only.
 COUNTER_KEYS = {
     "ready", "started", "processed", "completed", "epoch", "minibatches", "wait_count",
@@ -297,7 +322,7 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
         )
     for key in ("epoch", "global_step"):
         value = checkpoint.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+        if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value < SEED_LIMIT:
             raise refuse(key, value, "a whole number")
     family = checkpoint_family(checkpoint)
     model_class = family_class(family) if isinstance(family, str) else None
@@ -348,11 +373,29 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
         hparams.get("decoder_hidden"), pixels, str(path),
         code_outputs=model_class.code_outputs, extra_parameters=extra,
     )  # fmt: skip
+    for key, limit in PER_STEP_LIMITS.items():
+        value = hparams.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise UserError(
+                f"{path} has hyper_parameters.{key}={value:,}, more than {limit:,}: it "
+                "multiplies each step's memory far past what any run needs; use a checkpoint "
+                "written by train.py."
+            )
     weights = checkpoint["state_dict"]
     if not isinstance(weights, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
     ):
         raise refuse("state_dict", weights, "a mapping of names to tensors")
+    unsound = _unsound_tensor(checkpoint, "checkpoint")
+    if unsound is not None:
+        raise refuse(*unsound, "a plain tensor (contiguous, real, held whole by its storage)")
+    sizes = [t.numel() for t in weights.values()]
+    if sum(sizes) > max_parameters():
+        raise UserError(
+            f"{path} holds {sum(sizes):,} weights, more than the limit of {max_parameters():,} "
+            f"parameters: use a checkpoint written by train.py, or raise the limit with "
+            f"AE_MAX_PARAMETERS."
+        )
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UserError(
@@ -371,7 +414,7 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
             raise refuse(key, value, f"{kind} mappings as Lightning writes them")
         bad = _bad_counter(value, key) if key in ("loops", "callbacks") else None
         if bad is not None:
-            raise refuse(*bad, "a whole number")
+            raise refuse(*bad, "a whole number from 0 to 2**63-1")
 
 
 def _bad_counter(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | None:
@@ -395,7 +438,36 @@ def _bad_counter(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | Non
 
 
 def _is_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A counter as Lightning writes it: a whole number from 0 to 2**63 - 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEED_LIMIT
+
+
+def _unsound_tensor(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | None:
+    """The first tensor under ``node`` that is not what ``torch.save`` writes of a weight.
+
+    Anything touching a stride-0 view's values (``isfinite``, a copy) allocates all it
+    declares: such a tensor, a sparse or complex one, or one its storage does not cover
+    (``sound_tensor``) is refused before any value is read; so are more elements in all than
+    weights and moments at the parameter limit.
+    """
+    limit = 4 * max_parameters() + CHECKPOINT_OVERHEAD_BYTES // 4  # weights, moments, steps
+    seen = 0
+    stack = [(node, where, depth)]
+    while stack:
+        item, here, level = stack.pop()
+        if level > MAX_DEPTH:
+            return here, item
+        if isinstance(item, dict):
+            stack += [(v, f"{here}.{k!s:.40}", level + 1) for k, v in item.items()]
+        elif isinstance(item, list | tuple):
+            stack += [(v, f"{here}[{i}]", level + 1) for i, v in enumerate(item)]
+        elif isinstance(item, torch.Tensor):
+            if not sound_tensor(item):
+                return here, item
+            seen += item.numel()
+            if seen > limit:
+                return here, item
+    return None
 
 
 def _init_keys(model_class: type) -> set[str]:
@@ -412,12 +484,15 @@ def _init_keys(model_class: type) -> set[str]:
     return keys - {"self"}
 
 
-def load_autoencoder(path: Path | str, map_location: torch.device | str = "cpu") -> Autoencoder:
+def load_autoencoder(
+    path: Path | str, map_location: torch.device | str = "cpu", within: Path | None = None
+) -> Autoencoder:
     """The model of a checkpoint (on the CPU by default), in eval mode, without running code.
 
-    The class comes from the checkpoint's ``model_family`` among this package's own models.
+    The class comes from the checkpoint's ``model_family`` among this package's own models;
+    ``within``: the run folder the path was derived from (``load_checkpoint``).
     """
-    checkpoint = load_checkpoint(path)  # the one-sentence refusals
+    checkpoint = load_checkpoint(path, within)  # the one-sentence refusals
     family = checkpoint_family(checkpoint)
     model_class = family_class(family)  # looked up among our classes, never imported
     if model_class is None:
@@ -427,6 +502,8 @@ def load_autoencoder(path: Path | str, map_location: torch.device | str = "cpu")
         )
     try:
         model = model_class.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    except UserError as err:  # the model's own sentence about a setting (dropout=5.0)
+        raise UserError(f"{path}: {err}") from None
     except Exception as err:
         raise UserError(
             f"{path} is not an ae-lightning checkpoint ({type(err).__name__}): point at a "
@@ -474,12 +551,21 @@ def is_interpolation(value: Any) -> bool:
 
 
 def plain_values(node: Any) -> Any:
-    """``node`` with every interpolation string removed: what a received config says itself."""
+    """``node`` with every interpolation string and every value of another type than
+    str/int/float/bool/None/list/dict (a YAML date, ``!!set``, ``!!binary``) removed: what a
+    received config says itself, in types ``OmegaConf.create`` takes."""
     if isinstance(node, dict):
-        return {k: plain_values(v) for k, v in node.items() if not is_interpolation(v)}
+        return {
+            k: plain_values(v) for k, v in node.items()
+            if isinstance(k, str | int) and _kept(v)
+        }  # fmt: skip
     if isinstance(node, list):
-        return [plain_values(v) for v in node if not is_interpolation(v)]
+        return [plain_values(v) for v in node if _kept(v)]
     return node
+
+
+def _kept(value: Any) -> bool:
+    return isinstance(value, (*PLAIN, list, dict)) and not is_interpolation(value)
 
 
 SEED_LIMIT = 2**63  # torch.Generator().manual_seed takes a 64-bit seed
@@ -531,6 +617,8 @@ def data_module(run: Path, data_root: str | None = None) -> MNISTDataModule:
 
     ``data_root`` replaces the run's root; a root the file gave only as an interpolation
     (``${oc.env:AE_DATA_ROOT,...}``, never resolved) becomes this shell's ``AE_DATA_ROOT``.
+    An npz file or image folder is re-derived (``data_path``): a received file never names
+    the place this machine reads.
     """
     config = read_config(run)
     settings = data_settings(run, config)
@@ -542,7 +630,29 @@ def data_module(run: Path, data_root: str | None = None) -> MNISTDataModule:
     for key in OWN_KEYS:  # each class takes its own of these, and no other's
         if key not in own:
             settings.pop(key, None)
+    if "path" in own:
+        settings["path"] = data_path(run, settings.get("path", ""), data_root)
     return data_class(**settings, download=False)
+
+
+def data_path(run: Path, saved: str, data_root: str | None) -> str:
+    """Where a run's npz file or image folder is read: never where its config says.
+
+    With ``data_root`` (the folder the user named): the saved path's last name inside it.
+    Without: the saved path only where it lies inside the run folder. Else one sentence.
+    """
+    name = Path(saved).name
+    if data_root is not None and name not in ("", ".", ".."):
+        return str(Path(data_root) / name)
+    target = Path(os.path.realpath(run / saved)) if saved else None
+    if target is not None and Path(os.path.realpath(run)) in target.parents:
+        return str(target)
+    raise UserError(
+        f"{run / '.hydra' / 'config.yaml'} names data.path={saved[:200]!r}, outside the run "
+        f"folder {run}, and a received run does not choose what this machine reads: pass the "
+        f"folder that holds {name or 'the data'} yourself (ae-compare --data-root DIR, "
+        "load_run(..., data_root=DIR))."
+    )
 
 
 # --- metrics and status ---------------------------------------------------------------------
@@ -621,7 +731,13 @@ def knobs(run: Path) -> dict[str, Any]:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float that a float holds (a 400-digit int overflows the summary)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def status(run: Path) -> tuple[str, str]:
@@ -636,10 +752,11 @@ def status(run: Path) -> tuple[str, str]:
 
 
 def choose_checkpoint(run: Path) -> Path | None:
-    """``checkpoints/best.ckpt``, else ``last.ckpt``, else None."""
+    """``checkpoints/best.ckpt``, else ``last.ckpt``, else None; a link out is refused."""
     for name in ("best.ckpt", "last.ckpt"):
         path = run / "checkpoints" / name
         if path.is_file():
+            check_regular(path, within=run)
             return path
     return None
 
@@ -670,6 +787,7 @@ def find_files(path: Path, checkpoint: str) -> RunFiles:
     order = ("best.ckpt", "last.ckpt") if checkpoint == "best" else ("last.ckpt", "best.ckpt")
     for name in order:
         if (folder / name).is_file():
+            check_regular(folder / name, within=path)  # found in the folder named: stays there
             return RunFiles(path, folder / name)
     jobs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir())
     if jobs:

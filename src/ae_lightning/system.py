@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ae_lightning.checkpointing import guard_optimizer_load
 from ae_lightning.data import Batch, TrainBatch
 from ae_lightning.engine import (
     EngineOptimizer,
@@ -274,6 +275,7 @@ class TrainingSystem(pl.LightningModule):
         """The configured optimizer; capturable and wrapped when the steps run as a graph."""
         extra = self._fused_where_supported()
         optimizer = self.optimizer_factory(self.parameters(), **extra)
+        guard_optimizer_load(optimizer)  # a resumed state fits it and keeps its kernel flags
         try:
             trainer = self.trainer
         except RuntimeError:  # called alone (a notebook, a test): one eager process
@@ -302,6 +304,7 @@ class TrainingSystem(pl.LightningModule):
             return optimizer
         capturable = self.device.type == "cuda"  # (elsewhere only in tests, see test_engine)
         optimizer = self.optimizer_factory(self.parameters(), **extra, capturable=capturable)
+        guard_optimizer_load(optimizer)
         self._graphed = GraphedSteps(self.training_loss, optimizer, self.engine.warmup_steps)
         self._engine_optimizer = EngineOptimizer.around(optimizer)
         return self._engine_optimizer
