@@ -188,6 +188,27 @@ def test_image_folder_trains_in_colour_exports_and_reloads(folder_run):
     assert tuple(run.decode(codes).shape) == (4, 3, 16, 16)
 
 
+def test_a_sweep_on_ones_own_npz_ends_with_its_comparison(tmp_path):
+    """The sweep's summary finds the npz where the sweep itself read it (the jobs' saved
+    data.path is never followed on its own), so its figures are drawn, not just logged."""
+    images, labels = grey_images()
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "bars.npz", images=images, labels=labels)
+    result = run_train_cli(
+        ["-m", "data=npz", f"data.path={data / 'bars.npz'}", "bottleneck=2,3",
+         "callbacks=minimal", *SMALL],
+        tmp_path / "logs",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs" / "multiruns").iterdir()
+    assert "The sweep summary failed" not in result.stderr
+    assert {"reconstructions.png", "samples.png"} <= {
+        p.name for p in (sweep / "comparison").iterdir()
+    }
+    assert png_shape(sweep / "comparison" / "reconstructions.png")
+
+
 def test_compare_reads_runs_of_these_datasets(grey_run, tmp_path):
     from ae_lightning.cli.compare import main as compare_main
 

@@ -90,8 +90,13 @@ class SweepSummary(Callback):
 
 
 def _live_data_root(config: DictConfig) -> str | None:
-    """The data root this process's own config resolves to (None: none, or not resolvable)."""
+    """The data root this process's own config resolves to (None: none, or not resolvable):
+    for an npz file or image folder (``data.path``), the folder that holds it, since a
+    comparison looks for a received run's data by its name in the root it is given."""
     try:
+        path = OmegaConf.select(config, "data.path", throw_on_resolution_failure=True)
+        if isinstance(path, str) and path:
+            return str(Path(path).expanduser().absolute().parent)
         root = OmegaConf.select(config, "data.root", throw_on_resolution_failure=True)
     except Exception:  # an interpolation only a job could resolve: the jobs' folders decide
         return None
