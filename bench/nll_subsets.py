@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ae_lightning.data import MNISTDataModule, to_unit_float
+from ae_lightning.data import load_mnist, to_unit_float
 from ae_lightning.latent import evaluation_subset, importance_sampled_nll
 from ae_lightning.runfolder import load_autoencoder
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
 
     model = load_autoencoder(f"{args.run}/checkpoints/best.ckpt")
-    images, _ = MNISTDataModule(root=args.data_root, download=False).split("test")
+    images, _ = load_mnist(args.data_root, train=False, download=False)  # the official 10k
     subsets = {}
     for size in args.sizes:
         subsets[f"first {size}"] = torch.arange(size)

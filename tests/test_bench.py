@@ -158,6 +158,28 @@ def test_quality_benchmark_tables_every_family_and_draws_their_samples_side_by_s
     assert (runs / "families_z4" / "comparison" / "samples.png").stat().st_size > 10_000
 
 
+def test_the_families_table_takes_chosen_families_and_nll_subsets_compare_them(
+    tiny_root, tmp_path
+):
+    out, runs = tmp_path / "quality.json", tmp_path / "runs"
+    run_bench(
+        "quality.py", "--epochs", "1", "--batch-size", "50", "--val-size", "100",
+        "--data-root", str(tiny_root), "--json", str(out), "--runs-dir", str(runs),
+        "--sections", "families", "--families", "vae", "wae", "--family-bottlenecks", "2",
+        "--family-nll-samples", "5", "--family-nll-images", "20",
+    )  # fmt: skip
+    assert [r["family"] for r in json.loads(out.read_text())["families"]] == ["vae", "wae"]
+    result = subprocess.run(
+        [sys.executable, str(PROJECT / "bench" / "nll_subsets.py"),
+         str(runs / "families_z2" / "vae_z2"), "--data-root", str(tiny_root),
+         "--samples", "5", "--sizes", "10"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    nlls = json.loads(result.stdout.splitlines()[-1])
+    assert {"first 10", "random 10"} <= set(nlls) and all(v > 0 for v in nlls.values())
+
+
 def test_quality_benchmark_measures_the_sample_quality_floor_and_the_evaluators(
     tiny_root, tmp_path
 ):
