@@ -45,6 +45,15 @@ def test_help_lists_every_config_group(tmp_path):
     assert "+trainer.KEY=VALUE" in result.stdout
 
 
+def test_eval_help_names_its_checkpoint_and_only_the_groups_that_apply(tmp_path):
+    result = run_train_cli(["--help"], logs=tmp_path, script="eval.py")
+    assert result.returncode == 0
+    assert "Usage: ae-eval ckpt_path=<run>/checkpoints/best.ckpt" in result.stdout
+    options = [line.split(":")[0] for line in result.stdout.splitlines() if ": " in line]
+    assert {"data", "trainer", "callbacks", "logger", "debug"} <= set(options)
+    assert not {"model", "optimizer", "scheduler", "experiment", "hparams_search"} & set(options)
+
+
 def test_print_config_prints_a_tree(tiny_root, tmp_path):
     result = run_train_cli([*tiny_overrides(tiny_root), "debug=fast", "print_config=true"],
                            logs=tmp_path)  # fmt: skip

@@ -47,8 +47,35 @@ def config_groups() -> dict[str, list[str]]:
     return dict(sorted(groups.items()))
 
 
+# ae-eval takes its model from the checkpoint: its page names the one argument it needs and
+# the groups that still apply, not the training page's model, optimizer and search groups.
+EVAL_GROUPS = ("data", "trainer", "callbacks", "logger", "debug")
+EVAL_PAGE = """eval: test a trained checkpoint again (test metrics, final figures), in a new run
+folder.
+
+Usage: ae-eval ckpt_path=<run>/checkpoints/best.ckpt [group=option ...] [key=value ...]
+       (python eval.py in a checkout takes the same arguments)
+
+The model (its family, sizes and weights) comes from the checkpoint, so the model,
+optimizer, scheduler, experiment and search groups do not apply. These do:
+  data            the dataset to test on (mnist unless named: name the run's own)
+  trainer         device and precision
+  callbacks       which figures are drawn
+  logger          where the test metrics and figures go
+  debug           quick checks (debug=fast: one test batch)
+  eval.*          test/nll, sample quality, latent metrics (see --cfg job)
+
+Their options:
+$APP_CONFIG_GROUPS
+"""
+
+
 def help_page(app_name: str) -> str:
     """The page ``python <app_name>.py --help`` prints, as Hydra would render it."""
+    if app_name == "eval":
+        groups = {g: o for g, o in config_groups().items() if g.split("/")[0] in EVAL_GROUPS}
+        options = "".join(f"{group}: {', '.join(names)}\n" for group, names in groups.items())
+        return string.Template(EVAL_PAGE).substitute(APP_CONFIG_GROUPS=options)
     template_file = files("ae_lightning.conf").joinpath(*TEMPLATE)
     template = yaml.safe_load(template_file.read_text(encoding="utf-8"))["template"]
     options = "".join(f"{group}: {', '.join(names)}\n" for group, names in config_groups().items())
