@@ -27,17 +27,21 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
     """
     if cfg.get("resume"):
         path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
-        hint = f"resume={cfg.resume} needs {path}"
+        if not path.is_file():
+            raise UserError(
+                f"resume={cfg.resume} needs {path}, which does not exist: point it at a run "
+                "folder that trained at least one epoch."
+            )
     elif cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
-        hint = f"ckpt_path={cfg.ckpt_path}"
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise UserError(
+                f"ckpt_path={cfg.ckpt_path} {what}: point it at a .ckpt file, e.g. "
+                "<run>/checkpoints/last.ckpt (resume=<run> continues that run in place)."
+            )
     else:
         return None
-    if not path.is_file():
-        raise UserError(
-            f"{hint}, which does not exist: point it at a run folder (or .ckpt file) that "
-            "finished at least one epoch."
-        )
     within = Path(cfg.resume) if cfg.get("resume") else None  # the folder the user named
     checkpoint = load_checkpoint(path, within)  # tensors and plain data only
     family = checkpoint_family(checkpoint)
