@@ -78,6 +78,7 @@ def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[st
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
     classifier = sample_quality_classifier(cfg, datamodule)
     check_resumed_test_checkpoint(cfg)
+    log.info("Run folder: %s", run_dir.resolve())  # every refusal before it: a folder kept
     on_sigterm = progress.on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
     threads = CpuThreads(cfg.engine.threads)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), on_sigterm, threads]
@@ -157,6 +158,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                     "data= settings it was trained with."
                 )
             classifier = sample_quality_classifier(cfg, datamodule)
+            log.info("Run folder: %s", run_dir.resolve())
             callbacks = [
                 c
                 for c in _instantiate_group(cfg.get("callbacks"))
@@ -258,7 +260,6 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path, pl.LightningDataModule]:
     datamodule.prepare_data()  # fails fast, before any model is built, if MNIST is missing
     if not is_mnist(cfg):  # MNIST's size was checked with the config
         check_model_size_for(cfg, math.prod(datamodule.image_shape))
-    log.info("Run folder: %s", run_dir.resolve())
     return run_dir, datamodule
 
 
