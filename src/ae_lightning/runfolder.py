@@ -400,8 +400,8 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UserError(
                 f"{path} holds non-finite weights (NaN or inf in {name}): the run diverged "
-                "before it was saved; use an earlier checkpoint (e.g. checkpoints/best.ckpt) "
-                "or retrain with a smaller model.optimizer.lr."
+                f"before it was saved; use {_other_checkpoint(path)} or retrain with a smaller "
+                "model.optimizer.lr."
             )
     for key, outer, inner in (
         ("loops", dict, dict), ("callbacks", dict, dict),
@@ -482,6 +482,12 @@ def _init_keys(model_class: type) -> set[str]:
         if not any(p.kind == p.VAR_KEYWORD for p in parameters):
             break  # this class passes nothing further up
     return keys - {"self"}
+
+
+def _other_checkpoint(path: Path) -> str:
+    """The run's other checkpoint, to suggest in place of a bad one."""
+    other = {"best.ckpt": "last.ckpt", "last.ckpt": "best.ckpt"}.get(path.name)
+    return f"checkpoints/{other} if it is sound" if other else "another checkpoint of the run"
 
 
 def load_autoencoder(
