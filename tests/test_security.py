@@ -98,7 +98,9 @@ def test_compare_refuses_a_run_config_that_names_code(good_run, tmp_path):
     marker = tmp_path / "MARKER"
     run = poisoned_config(good_run, tmp_path, marker)
     result = ae_compare(run, "--out", tmp_path / "cmp")
-    one_sentence_refusal(result, marker, "data.root._target_", "reads run folders as data only")
+    one_sentence_refusal(
+        result, marker, "data.root._target_ ('os.system')", "reads run folders as data only"
+    )  # the offending target itself is shown, not data._target_'s
     assert not (tmp_path / "cmp").exists()  # refused before anything was written
 
 

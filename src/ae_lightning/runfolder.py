@@ -593,7 +593,10 @@ def data_settings(run: Path, config: dict[str, Any] | None = None) -> dict[str, 
     target = data.get("_target_", DATA_TARGET)
     if not isinstance(target, str) or target not in DATA_CLASSES or extra:
         where = extra[0] if extra else "data._target_"
-        target = data.get("_target_")
+        node = data
+        for part in where.split(".")[1:-1]:  # the node holding the offending _target_
+            node = node.get(part) if isinstance(node, dict) else None
+        target = node.get("_target_") if isinstance(node, dict) else "code"
         shown = "an interpolation" if is_interpolation(target) else repr(target)[:80]
         raise UserError(
             f"{path} asks to build code at {where} ({shown}); ae-lightning reads run folders "
