@@ -126,7 +126,7 @@ def load_mnist(
     except RuntimeError:
         if not download:
             raise MNISTNotFoundError(
-                _not_found_message(raw, "downloading is switched off", name)
+                _not_found_message(raw, "downloading is switched off (data.download=false)", name)
             ) from None
         try:
             split = torchvision_class(str(root), train=train, download=True)
@@ -206,7 +206,7 @@ def _not_found_message(raw: Path, reason: str, name: str = "MNIST") -> str:
     return (
         f"{name} was not found in {raw} and {reason}: point the run at a copy in torchvision's "
         f"layout with data.root=/path/to/data or the environment variable {DATA_ENV_VAR}, "
-        "or run once with network access to download it there."
+        "or run once with network access (and data.download=true) to download it there."
     )
 
 
