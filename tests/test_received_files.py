@@ -647,7 +647,9 @@ ENTRY_POINTS = {  # the bad file and where a user meets it
     "compare_metrics_huge_int": ("metrics_huge_int", "compare"),
     "compare_yaml_date_out_of_range": ("yaml_date_out_of_range", "compare"),
     "resume_run_info_resumed_number": ("run_info_resumed_number", "resume"),
-    "resume_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "resume"),
+    "resume_checkpoints_folder_linked_out": (
+        "checkpoints_folder_linked_out", "resume", "so a write there would overwrite its target"
+    ),
     "compare_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "compare"),
     "export_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "export"),
     "export_zip_bomb": ("zip_bomb", "export"),
@@ -720,7 +722,8 @@ def test_compare_checks_the_first_runs_model_against_its_data(received, tmp_path
     npz = {"path": str(tmp_path / "small.npz"), "test_size": 50, "val_size": 20}
     config["data"] = {"_target_": "ae_lightning.data.NpzDataModule", **npz}
     path.write_text(yaml.safe_dump(config))
-    line = one_sentence(run_main("compare", [run, "--out", tmp_path / "cmp"], capsys))
+    args = [run, "--out", tmp_path / "cmp", "--data-root", tmp_path]  # where small.npz is
+    line = one_sentence(run_main("compare", args, capsys))
     assert f"{run} was trained on images of shape (1, 28, 28)" in line
     assert "has images of shape (1, 8, 8)" in line
 

@@ -287,7 +287,7 @@ def _marked_read_only(folder: Path) -> bool:
     for existing in (folder, *folder.parents):
         try:
             return not existing.stat().st_mode & 0o222
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # the save says what is wrong there
             continue
         except OSError:
             return True
