@@ -731,6 +731,26 @@ def test_compare_checks_the_first_runs_model_against_its_data(received, tmp_path
 # --- 4. received configs are never resolved -------------------------------------------------
 
 
+def test_a_received_data_root_is_never_read(received, tiny_root, tmp_path, monkeypatch):
+    """A run's saved data.root names the sender's folder: this machine reads its own
+    (data_root=, else $AE_DATA_ROOT), even where the sender's path exists here too."""
+    run, _ = received
+    decoy = tmp_path / "senders_data"
+    shutil.copytree(tiny_root, decoy)
+    images_file = decoy / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    header = images_file.read_bytes()[:16]
+    images_file.write_bytes(header + bytes(images_file.stat().st_size - 16))  # all black
+    path = run / ".hydra" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["data"]["root"] = str(decoy)
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("AE_DATA_ROOT", str(tiny_root))
+    images, _ = ae_lightning.load_run(run, device="cpu").test_images()
+    assert images.max() > 0  # ours, not the all-black decoy
+    given, _ = ae_lightning.load_run(run, device="cpu", data_root=decoy).test_images()
+    assert given.max() == 0  # the folder the caller names is read
+
+
 def test_an_environment_reference_in_a_received_config_is_never_resolved(
     received, tmp_path, monkeypatch
 ):

@@ -211,9 +211,10 @@ def load_run(
     """Load a finished run: a run folder, a sweep job folder or a ``.ckpt`` file.
 
     ``checkpoint``: ``best`` (lowest val/mse, the default) or ``last``. ``device``: where the
-    model lives (default: a GPU if there is one). ``data_root``: MNIST somewhere other than
-    where the run read it; for an npz or image-folder run, the folder holding its file (a
-    run's own ``data.path`` is read only inside its folder, ``runfolder.data_path``).
+    model lives (default: a GPU if there is one). ``data_root``: where the data is on this
+    machine (default: ``$AE_DATA_ROOT``, else ``./data``; the run's own ``data.root`` is
+    never read, as it names the sender's machine); for an npz or image-folder run, the folder
+    holding its file (a run's own ``data.path`` is read only inside its folder).
     """
     named = Path(path).expanduser()
     files = runfolder.find_files(named, checkpoint)

@@ -624,16 +624,17 @@ def data_settings(run: Path, config: dict[str, Any] | None = None) -> dict[str, 
 def data_module(run: Path, data_root: str | None = None) -> MNISTDataModule:
     """Our own data module with the run's data settings (never the file's own ``_target_``).
 
-    ``data_root`` replaces the run's root; a root the file gave only as an interpolation
-    (``${oc.env:AE_DATA_ROOT,...}``, never resolved) becomes this shell's ``AE_DATA_ROOT``.
-    An npz file or image folder is re-derived (``data_path``): a received file never names
-    the place this machine reads.
+    A received file never names the place this machine reads: the MNIST root is
+    ``data_root`` (the folder the caller named), else this shell's ``AE_DATA_ROOT``, else
+    ``./data``, whatever the file says; an npz file or image folder is re-derived
+    (``data_path``).
     """
     config = read_config(run)
     settings = data_settings(run, config)
+    settings.pop("root", None)  # the sender's machine's folder, not ours
     if data_root is not None:
         settings["root"] = data_root
-    elif "root" not in settings and os.environ.get("AE_DATA_ROOT"):
+    elif os.environ.get("AE_DATA_ROOT"):
         settings["root"] = os.environ["AE_DATA_ROOT"]
     data_class, own = DATA_CLASSES[config["data"].get("_target_", DATA_TARGET)]
     for key in OWN_KEYS:  # each class takes its own of these, and no other's
@@ -833,7 +834,8 @@ def saved_data_settings(folder: Path | None) -> dict[str, Any]:
 def saved_data_module(folder: Path | None, data_root: str | None = None) -> MNISTDataModule:
     """The run's own data module (``data_module``); MNIST's defaults for a lone .ckpt."""
     if folder is None or not (folder / ".hydra" / "config.yaml").is_file():
-        return MNISTDataModule(download=False, **({} if data_root is None else {"root": data_root}))
+        root = data_root if data_root is not None else os.environ.get("AE_DATA_ROOT")
+        return MNISTDataModule(download=False, **({} if root is None else {"root": root}))
     return data_module(folder, data_root)
 
 

@@ -17,7 +17,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("runs", nargs="+", type=Path, help="run folders and/or sweep folders")
     parser.add_argument("--out", type=Path, default=None, help="default: <sweep>/comparison")
-    parser.add_argument("--data-root", default=None, help="MNIST root (default: the runs')")
+    parser.add_argument(
+        "--data-root", default=None,
+        help="the data's folder (default: $AE_DATA_ROOT, else ./data; never a run's own)",
+    )  # fmt: skip
     parser.add_argument(
         "--sampler",
         default="auto",
