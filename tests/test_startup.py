@@ -43,7 +43,7 @@ def run_light(entry, *args, env=None):
         ("train.py", ["--help"], "== Config groups"),
         ("train.py", ["--cfg", "job"], "bottleneck: 2"),
         ("train.py", ["-sc", "install=bash"], "hydra_bash_completion"),
-        ("eval.py", ["--help"], "== Config groups"),
+        ("eval.py", ["--help"], "Usage: ae-eval ckpt_path="),
         ("ae_lightning.cli.train:main", ["--help"], "== Config groups"),
         ("ae_lightning.cli.compare:main", ["--help"], "usage: ae-compare"),
         ("ae_lightning.cli.export:main", ["--help"], "--format {onnx,torchscript}"),
@@ -55,7 +55,7 @@ def test_help_and_config_need_no_torch(entry, args, shown):
     assert imported == []
 
 
-@pytest.mark.parametrize("app", ["train", "eval"])
+@pytest.mark.parametrize("app", ["train"])  # eval's page is its own (test_console)
 def test_help_page_is_the_one_hydra_renders(app):
     """`--help` skips Hydra's help machinery, yet prints Hydra's page for the same template."""
     ours = subprocess.run(

@@ -1,4 +1,5 @@
-"""``--help`` of ``ae-train`` and ``ae-eval``: Hydra's help page, without Hydra's cost.
+"""``--help`` of ``ae-train`` (Hydra's help page, without Hydra's cost) and ``ae-eval`` (its
+own page, ``EVAL_PAGE``: a checkpoint brings its model, so most groups do not apply).
 
 Hydra fills the page's ``$APP_CONFIG_GROUPS`` by asking its config repository for each
 group's options, and deep-copies the whole repository (its plugins' configs included) on
