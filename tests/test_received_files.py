@@ -666,7 +666,21 @@ ENTRY_POINTS = {  # the bad file and where a user meets it
 }
 
 
-@pytest.mark.parametrize("case", sorted(ENTRY_POINTS))
+# Cases whose file is refused by the same reader as a case kept in the default run (and by
+# load_run above, in-process): each is a whole train.py or ae-compare process, so they run
+# with -m slow.
+SLOW_ENTRY_POINTS = {
+    "compare_deep_metrics_utf16", "compare_metrics_huge_int", "compare_yaml_date_out_of_range",
+    "resume_lr_word", "resume_lr_negative", "resume_step_vector", "resume_exp_avg_f64",
+    "ckpt_path_params_short",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_ENTRY_POINTS else c
+     for c in sorted(ENTRY_POINTS)],
+)  # fmt: skip
 def test_each_entry_point_refuses_a_bad_file_in_one_sentence(
     case, received, tiny_root, tmp_path, capsys
 ):

@@ -179,6 +179,24 @@ def test_a_sweep_over_the_four_families_ends_with_their_comparison(tiny_root, tm
         assert matplotlib.image.imread(sweep / "comparison" / f"{name}.png").shape[0] > 200
 
 
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"beta": "abc"}, "model.beta='abc' is not a number >= 0: use e.g. model.beta=1."),
+        ({"beta": -1.0}, "model.beta=-1.0 is not a number >= 0"),
+        ({"kl_warmup_steps": -5}, "model.kl_warmup_steps=-5 is not a whole number >= 0"),
+        ({"kl_warmup_steps": 2.5}, "model.kl_warmup_steps=2.5 is not a whole number >= 0"),
+    ],
+)
+def test_a_vaes_own_knobs_are_checked_when_it_is_built(knobs, message):
+    from ae_lightning.errors import UserError
+    from ae_lightning.models.vae import VariationalAutoencoder
+
+    with pytest.raises(UserError) as refused:
+        VariationalAutoencoder(bottleneck=2, hidden=[8], **knobs)
+    assert str(refused.value).startswith(message)
+
+
 def checksums(root):
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
 
@@ -189,9 +207,7 @@ def checksums(root):
         ("model.sparsity=l2", "model.sparsity='l2' is not a choice: use one of l1, kl."),
         ("model.sparsity_target=1.5", "model.sparsity_target=1.5 is not a firing rate in"),
         ("model.mmd_weight=-1", "model.mmd_weight=-1 is negative: use e.g. 10."),
-        ("model.beta=abc", "model.beta='abc' is not a number >= 0: use e.g. model.beta=1."),
         ("model.kl_warmup_steps=abc", "model.kl_warmup_steps='abc' is not a whole number >= 0"),
-        ("model.kl_warmup_steps=-5", "model.kl_warmup_steps=-5 is not a whole number >= 0"),
     ],
 )
 def test_a_bad_family_knob_is_one_sentence_before_training(override, message, tiny_root, tmp_path):
