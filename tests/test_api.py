@@ -1,5 +1,6 @@
 """`ae_lightning.load_run` on a tiny trained run: shapes, dtypes, identities, refusals."""
 
+import os
 import subprocess
 import sys
 
@@ -26,8 +27,9 @@ def run_dir(tiny_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(run_dir):
-    return ae_lightning.load_run(run_dir)
+def run(run_dir, tiny_root):
+    # where the data is on this machine: a run's own data.root is never read
+    return ae_lightning.load_run(run_dir, data_root=tiny_root)
 
 
 def test_load_run_reads_model_config_and_metrics(run, run_dir):
@@ -129,11 +131,13 @@ def test_import_stays_light():
     assert out.stdout.strip() == "False"
 
 
-def test_readme_example_script(run_dir, tmp_path):
-    """examples/explore.py, as the README shows it, on the tiny run."""
+def test_readme_example_script(run_dir, tiny_root, tmp_path):
+    """examples/explore.py, as the README shows it, on the tiny run (its data where
+    $AE_DATA_ROOT says, as a user's shell would have it)."""
     result = subprocess.run(
         [sys.executable, str(PROJECT / "examples" / "explore.py"), str(run_dir)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "AE_DATA_ROOT": str(tiny_root)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "codes (200, 3)" in result.stdout
