@@ -66,6 +66,7 @@ def test_quality_benchmark_reports_each_model_beside_pca(tiny_root, tmp_path):
     assert "| hidden1024 | 10 |" in table.read_text()
 
 
+@pytest.mark.slow  # a benchmark's smoke test: run with -m slow
 def test_quality_benchmark_puts_the_vae_beside_a_plain_loop_and_deep30_beside_its_default(
     tiny_root, tmp_path
 ):
@@ -86,6 +87,7 @@ def test_quality_benchmark_puts_the_vae_beside_a_plain_loop_and_deep30_beside_it
     assert "| 20 |" in table.read_text() and "| experiment=deep30 |" in table.read_text()
 
 
+@pytest.mark.slow  # a benchmark's smoke test: run with -m slow
 def test_speed_benchmark_with_a_competitor_times_each_thread_count(tiny_root, tmp_path):
     out = tmp_path / "speed.json"
     result = run_bench(
@@ -108,6 +110,7 @@ def test_speed_benchmark_with_a_competitor_times_each_thread_count(tiny_root, tm
     assert not Path(f"/proc/{situations['contended']['competitor_pid']}").exists()
 
 
+@pytest.mark.slow  # a benchmark's smoke test: run with -m slow
 def test_quality_benchmark_checks_iwae_and_vqvae_against_plain_loops_and_the_iwae_paper(
     tiny_root, tmp_path
 ):
@@ -203,6 +206,7 @@ def test_quality_benchmark_measures_the_sample_quality_floor_and_the_evaluators(
     assert "| features |" in result.stdout and "Sample quality floor" in result.stdout
 
 
+@pytest.mark.slow  # a benchmark's smoke test: run with -m slow
 def test_startup_benchmark_times_each_command_beside_the_lightning_import(tiny_root, tmp_path):
     out = tmp_path / "startup.json"
     small = [f"--override={o}" for o in tiny_overrides(tiny_root)[2:]]  # root: --data-root

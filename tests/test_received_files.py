@@ -672,7 +672,9 @@ ENTRY_POINTS = {  # the bad file and where a user meets it
 SLOW_ENTRY_POINTS = {
     "compare_deep_metrics_utf16", "compare_metrics_huge_int", "compare_yaml_date_out_of_range",
     "resume_lr_word", "resume_lr_negative", "resume_step_vector", "resume_exp_avg_f64",
-    "ckpt_path_params_short",
+    "ckpt_path_params_short", "compare_hydra_folder_linked_out",
+    "export_checkpoints_folder_linked_out", "resume_run_info_resumed_number",
+    "resume_counter_huge",
 }  # fmt: skip
 
 
