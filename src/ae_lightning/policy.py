@@ -30,6 +30,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from ae_lightning.cpu import share_cores
 from ae_lightning.errors import RunInterrupted, UserError
 from ae_lightning.interrupts import INTERRUPTED
+from ae_lightning.models import init_parameters
 from ae_lightning.record import in_multirun, write_json
 from ae_lightning.resume import resume_command
 from ae_lightning.runlock import LOCK_NAME, RunFolderBusy, run_lock
@@ -231,15 +232,11 @@ def _bad_setting(cfg: DictConfig, key: str, cause: BaseException | None) -> str 
         target = get_class(str(node.get("_target_")))
     except Exception:
         return None
-    defaults: dict[str, Any] = {}
-    for klass in reversed(target.__mro__):  # a family passes its parents' settings on
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        with contextlib.suppress(TypeError, ValueError):
-            for name, parameter in inspect.signature(init).parameters.items():
-                if parameter.default is not inspect.Parameter.empty:
-                    defaults[name] = parameter.default
+    defaults = {
+        name: p.default
+        for name, p in init_parameters(target).items()
+        if p.default is not inspect.Parameter.empty
+    }
     unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(cause or ""))
     if unexpected:
         name = unexpected.group(1)

@@ -12,7 +12,6 @@ folders (``ae-compare``, ``eval.py``, ``ae-export``, the notebook API) goes thro
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from ae_lightning.checkpointing import sound_tensor
 from ae_lightning.data import ImageFolderDataModule, MNISTDataModule, NpzDataModule
 from ae_lightning.errors import UserError
 from ae_lightning.limits import MAX_WIDTH, check_model_size, max_parameters
-from ae_lightning.models import checkpoint_family, families, family_class
+from ae_lightning.models import checkpoint_family, families, family_class, init_parameters
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.nets import IMAGE_SHAPE
 
@@ -334,7 +333,7 @@ def check_checkpoint(checkpoint: Any, path: Path) -> None:
     hparams = checkpoint.get("hyper_parameters", {})
     if not isinstance(hparams, dict):
         raise refuse("hyper_parameters", hparams, "a mapping of model settings")
-    known = _init_keys(model_class)
+    known = set(init_parameters(model_class))
     for key, value in hparams.items():
         if key not in known:
             raise refuse(f"hyper_parameters.{key!s:.40}", value, f"one of {sorted(known)}")
@@ -468,20 +467,6 @@ def _unsound_tensor(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | 
             if seen > limit:
                 return here, item
     return None
-
-
-def _init_keys(model_class: type) -> set[str]:
-    """The settings a family's ``__init__`` takes, its own and those it passes on through
-    ``**kwargs`` to the classes above it: what ``save_hyperparameters`` records."""
-    keys: set[str] = set()
-    for cls in model_class.__mro__:
-        if "__init__" not in vars(cls):
-            continue
-        parameters = inspect.signature(cls.__init__).parameters.values()
-        keys |= {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
-            break  # this class passes nothing further up
-    return keys - {"self"}
 
 
 def _other_checkpoint(path: Path) -> str:

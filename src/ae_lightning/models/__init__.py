@@ -22,6 +22,7 @@ a name read from a file (a checkpoint's ``model_family``) is looked up, never im
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Mapping
 from functools import cache
@@ -61,3 +62,22 @@ def checkpoint_family(checkpoint: Mapping[str, object]) -> object:
 def family_class(name: object) -> type[TrainingSystem] | None:
     """The class of family ``name`` (a checkpoint's ``model_family``), or None if unknown."""
     return families().get(name) if isinstance(name, str) else None
+
+
+def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The settings ``cls(...)`` takes by name: its ``__init__``'s, and those it passes on
+    through ``**kwargs`` to the classes above it (what ``save_hyperparameters`` records)."""
+    found: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            parameters = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):  # a builtin's: nothing more to read
+            break
+        for p in parameters:
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self":
+                found.setdefault(p.name, p)  # the class's own default wins over a parent's
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break  # this class passes nothing further up
+    return found
