@@ -161,9 +161,7 @@ def test_quality_benchmark_tables_every_family_and_draws_their_samples_side_by_s
     assert (runs / "families_z4" / "comparison" / "samples.png").stat().st_size > 10_000
 
 
-def test_the_families_table_takes_chosen_families_and_nll_subsets_compare_them(
-    tiny_root, tmp_path
-):
+def test_the_families_table_takes_chosen_families_and_nll_subsets_compare_them(tiny_root, tmp_path):
     out, runs = tmp_path / "quality.json", tmp_path / "runs"
     run_bench(
         "quality.py", "--epochs", "1", "--batch-size", "50", "--val-size", "100",

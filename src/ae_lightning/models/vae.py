@@ -59,8 +59,10 @@ class VariationalAutoencoder(Autoencoder):
             )
         if not isinstance(beta, int | float) or isinstance(beta, bool) or not beta >= 0:
             raise UserError(f"model.beta={beta!r} is not a number >= 0: use e.g. model.beta=1.")
-        if not isinstance(kl_warmup_steps, int) or isinstance(kl_warmup_steps, bool) or (
-            kl_warmup_steps < 0
+        if (
+            not isinstance(kl_warmup_steps, int)
+            or isinstance(kl_warmup_steps, bool)
+            or (kl_warmup_steps < 0)
         ):
             raise UserError(
                 f"model.kl_warmup_steps={kl_warmup_steps!r} is not a whole number >= 0: use "
