@@ -164,13 +164,23 @@ def plant_link(run, victim, entry):
     (run / entry).symlink_to(target, target_is_directory=target.is_dir())
 
 
-@pytest.mark.parametrize("entry", ["train.log"])  # Hydra writes it before any task code
-def test_resume_refuses_a_run_folder_with_a_link_out(entry, received, tiny_root, tmp_path):
+@pytest.mark.parametrize("given", ["command line", "config file"])
+def test_resume_refuses_a_run_folder_with_a_link_out(given, received, tiny_root, tmp_path):
+    """Hydra writes train.log before any task code, wherever resume= was set."""
     run, victim = received
+    entry = "train.log"
     plant_link(run, victim, entry)
     (tmp_path / "logs").mkdir()  # the logs folder the CLI checks first
+    if given == "command line":
+        source = [f"resume={run}"]
+    else:  # the user's own experiment file, which the command line's check never sees
+        (tmp_path / "conf" / "experiment").mkdir(parents=True)
+        (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(
+            f"# @package _global_\nresume: {run}\n"
+        )
+        source = ["--config-dir", str(tmp_path / "conf"), "experiment=mine"]  # flags first
     before = checksums(tmp_path)
-    result = run_train_cli([*tiny_overrides(tiny_root), "model=linear", f"resume={run}"],
+    result = run_train_cli([*source, *tiny_overrides(tiny_root), "model=linear"],
                            logs=tmp_path / "logs")  # fmt: skip
     line = one_sentence(result)
     assert entry in line and f"outside the folder {run}," in line

@@ -117,11 +117,16 @@ def refuse_bad_resume(argv: list[str] | None = None) -> None:
                     "checked before Hydra writes into it: write the folder itself "
                     "(resume=/path/to/run)."
                 )
-            _check_run_to_resume(Path(value))
-            check_no_links_out(value, f"resume={value}")
+            check_run_to_resume(value)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+
+
+def check_run_to_resume(value: str | os.PathLike) -> None:
+    """One sentence unless ``value`` is a run folder to continue with no link out of it."""
+    _check_run_to_resume(Path(value))
+    check_no_links_out(value, f"resume={value}")
 
 
 def _check_run_to_resume(run: Path) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from ae_lightning.atomic import write_atomic
+from ae_lightning.atomic import check_run_to_resume, write_atomic
+from ae_lightning.errors import UserError
 
 NAME_LIMIT = 40
 SWEEP_RECORD = "sweep.json"
@@ -202,6 +204,11 @@ def _resume_or(resume: str | None, default: str, resumed: str | None = None) -> 
     """``${ae_resume_or:${resume},A[,B]}``: A normally; when resuming, the folder (or B)."""
     if resume is None:
         return default
+    try:  # again here: a config file's resume= never passed the command line's check
+        check_run_to_resume(resume)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)  # before Hydra creates the folder or writes train.log into it
     return resumed if resumed is not None else str(resume)
 
 
