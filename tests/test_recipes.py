@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 
+from ae_lightning.errors import UserError
 from ae_lightning.train import train
 from conftest import compose_cfg, tiny_overrides
 
@@ -78,6 +79,23 @@ def test_onecycle_steps_after_every_optimizer_step(tiny_root, tmp_path, steps_pe
     assert lr_of(trainer) == pytest.approx(reference_optimizer.param_groups[0]["lr"])
     if steps_per_call == 1:  # Lightning's loop: the monitor logs every step
         assert logged(rows, "lr-Adam") == pytest.approx(expected)
+
+
+def test_a_one_cycle_shorter_than_the_run_is_refused_before_a_step(tiny_root, tmp_path):
+    """torch raises at the first step past total_steps, mid-run; the run says so up front."""
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), "scheduler=onecycle", "+model.scheduler.total_steps=5",
+         "callbacks=minimal", "logger=none"],
+        run_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(UserError) as refused:
+        train(cfg)
+    assert str(refused.value) == (
+        f"model.scheduler.total_steps=5 is shorter than this run's {STEPS_PER_EPOCH} optimizer "
+        f"steps, and torch stops a one-cycle at its end: raise it to {STEPS_PER_EPOCH}, or "
+        "leave it out to have the run's length filled in."
+    )
+    assert not (tmp_path / "checkpoints").exists()  # refused before the first step
 
 
 def test_plateau_watches_val_mse_every_epoch(tiny_root, tmp_path):

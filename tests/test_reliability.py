@@ -141,6 +141,26 @@ def test_resume_refuses_a_folder_without_checkpoint_or_another_architecture(tiny
     )
 
 
+def test_resume_past_a_one_cycle_schedule_is_one_sentence_and_keeps_the_run(tiny_root, tmp_path):
+    """One epoch of one-cycle (10 steps), then resume= with trainer.max_epochs=2: torch would
+    raise a ValueError at step 11, after the resumed run had started."""
+    common = [*tiny_overrides(tiny_root), "scheduler=onecycle", "callbacks=minimal", "logger=none"]
+    assert run_train_cli(common, logs=tmp_path).returncode == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    kept = {
+        name: (run_dir / name).read_bytes() for name in ("metrics.json", "checkpoints/last.ckpt")
+    }
+    result = run_train_cli([*common, "trainer.max_epochs=2", f"resume={run_dir}"], logs=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert line == (
+        f"error: {run_dir / 'checkpoints' / 'last.ckpt'} holds a one-cycle schedule of 10 steps, "
+        "and torch cannot stretch one once begun: keep trainer.max_epochs=1 (this run would take "
+        "20 steps), or train the longer run from the start."
+    )
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+
+
 def test_a_checkpoint_save_that_dies_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -261,15 +262,45 @@ class TrainingSystem(pl.LightningModule):
             return {}
         if chosen.get("total_steps") or chosen.get("epochs"):
             return {}
+        length = self._run_length()
+        return {} if length is None else {"total_steps": length}
+
+    def _run_length(self) -> int | None:
+        """The optimizer steps this run takes in all, None if unbounded (loads the data)."""
         trainer = self.trainer
-        calls = int(trainer.estimated_stepping_batches)  # also loads the training data
+        calls = trainer.estimated_stepping_batches
         per_epoch = getattr(trainer.train_dataloader, "num_minibatches", None)
         if per_epoch is None or trainer.max_epochs is None or trainer.max_epochs < 0:
-            return {"total_steps": calls}
+            return None if math.isinf(calls) else int(calls)
         total = per_epoch * trainer.max_epochs
         if trainer.max_steps > 0:
             total = min(total, trainer.max_steps)
-        return {"total_steps": total}
+        return total
+
+    def _refuse_a_short_one_cycle(self) -> None:
+        """torch ends a one-cycle schedule with a ValueError at the first step past its
+        ``total_steps``: a run longer than the schedule it set or restored is refused now."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+                continue
+            length = self._run_length()
+            if length is None or scheduler.total_steps >= length:
+                continue
+            if self.trainer.ckpt_path is not None:
+                per_epoch = max(length // max(self.trainer.max_epochs or 1, 1), 1)
+                raise UserError(
+                    f"{self.trainer.ckpt_path} holds a one-cycle schedule of "
+                    f"{scheduler.total_steps} steps, and torch cannot stretch one once begun: "
+                    f"keep trainer.max_epochs={max(scheduler.total_steps // per_epoch, 1)} "
+                    f"(this run would take {length} steps), or train the longer run from the "
+                    "start."
+                )
+            raise UserError(
+                f"model.scheduler.total_steps={scheduler.total_steps} is shorter than this run's "
+                f"{length} optimizer steps, and torch stops a one-cycle at its end: raise it to "
+                f"{length}, or leave it out to have the run's length filled in."
+            )
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer; capturable and wrapped when the steps run as a graph."""
@@ -328,6 +359,7 @@ class TrainingSystem(pl.LightningModule):
 
     # --- hooks ----------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        self._refuse_a_short_one_cycle()  # after a checkpoint's schedule is restored
         self._plain_backward = not self._backward_needs_lightning()
         if self._engine_optimizer is not None:
             self._engine_optimizer.closure_needed = self._optimizer_step_observed()
