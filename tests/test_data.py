@@ -115,6 +115,28 @@ def test_a_crafted_loader_state_cannot_move_an_epoch_start(tiny_root, loader):
             train.load_state_dict(bad)
 
 
+def test_a_failed_download_leaves_no_empty_folders_behind(tmp_path, monkeypatch):
+    """torchvision makes root/MNIST/raw before it tries its mirrors; offline every try
+    fails, and a mistyped data.root= used to leave that empty tree behind."""
+    import os
+    from urllib.error import URLError
+
+    import torchvision
+
+    def offline(self):
+        os.makedirs(self.raw_folder, exist_ok=True)
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    kept = tmp_path / "kept"  # a folder the user made stays
+    kept.mkdir()
+    for root in (tmp_path / "new" / "data", kept):
+        with pytest.raises(MNISTNotFoundError, match=r"the download failed \(URLError\)"):
+            load_mnist(root, train=True, download=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert not any(kept.iterdir())
+
+
 def test_missing_data_offline_names_the_folder_and_the_fixes(tmp_path):
     with pytest.raises(MNISTNotFoundError) as err:
         load_mnist(tmp_path / "nowhere", train=True, download=False)

@@ -15,6 +15,7 @@ the same order, with Lightning's per-batch cost paid once per K optimizer steps.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -128,9 +129,13 @@ def load_mnist(
             raise MNISTNotFoundError(
                 _not_found_message(raw, "downloading is switched off (data.download=false)", name)
             ) from None
+        new_folders = [f for f in (raw, *raw.parents) if not f.exists()]  # deepest first
         try:
             split = torchvision_class(str(root), train=train, download=True)
         except Exception as err:  # URLError, OSError, RuntimeError: all mean "no copy here"
+            for folder in new_folders:  # the empty folders torchvision made for it
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             reason = f"the download failed ({type(err).__name__})"
             raise MNISTNotFoundError(_not_found_message(raw, reason, name)) from None
     check_pair(raw, prefix, split.data, split.targets, name)
