@@ -459,6 +459,7 @@ def metrics_dev_zero(run):
 
 def vamp_pseudo_input_bomb(run):
     """A VampPrior checkpoint whose pseudo-inputs alone would be 10^9 images (3 TB)."""
+
     def change(checkpoint):
         checkpoint["model_family"] = "vamp"
         checkpoint["hyper_parameters"] = {"bottleneck": 2, "pseudo_inputs": 10**9}
@@ -658,7 +659,9 @@ ENTRY_POINTS = {  # the bad file and where a user meets it
     "compare_yaml_date_out_of_range": ("yaml_date_out_of_range", "compare"),
     "resume_run_info_resumed_number": ("run_info_resumed_number", "resume"),
     "resume_checkpoints_folder_linked_out": (
-        "checkpoints_folder_linked_out", "resume", "so a write there would overwrite its target"
+        "checkpoints_folder_linked_out",
+        "resume",
+        "so a write there would overwrite its target",
     ),
     "compare_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "compare"),
     "export_checkpoints_folder_linked_out": ("checkpoints_folder_linked_out", "export"),
@@ -723,6 +726,19 @@ def test_each_entry_point_refuses_a_bad_file_in_one_sentence(
     assert {p: h for p, h in after.items() if p in before} == before  # nothing changed
     new = [p for p in after if p not in before]
     assert not [p for p in new if not p.startswith(str(logs))], new  # only a refused run's log
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_before_training(
+    received, tiny_root, tmp_path
+):
+    """An Adam run's last.ckpt given to an SGD run: SGD's first step looks its momentum up
+    in Adam's groups, a KeyError traceback, unless the state is refused first."""
+    run, _ = received
+    args = [*tiny_overrides(tiny_root), "model=linear", "callbacks=minimal", "logger=none",
+            "optimizer=sgd", f"ckpt_path={run}/checkpoints/last.ckpt"]  # fmt: skip
+    message = one_sentence(run_train_cli(args, tmp_path / "logs"))
+    assert "holds the state of another optimizer than SGD" in message
+    assert "param_groups[0] has amsgrad, betas" in message
 
 
 def test_compare_shows_a_diverged_run_as_a_failed_row(

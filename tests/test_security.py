@@ -157,6 +157,36 @@ def test_a_loaded_optimizer_state_keeps_this_runs_kernel_flags_and_must_fit():
         optimizer.load_state_dict(state)
 
 
+def test_another_optimizers_state_is_refused_and_a_schedulers_settings_are_not():
+    """SGD's state in Adam (or Adam's in SGD) is a KeyError at the first step; the settings
+    a scheduler adds to the groups belong to the same optimizer."""
+    from ae_lightning.checkpointing import check_optimizer_state, guard_optimizer_load
+    from ae_lightning.errors import UserError
+
+    params = [torch.nn.Parameter(torch.zeros(4, 3))]
+    params[0].grad = torch.ones(4, 3)
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    adam = torch.optim.Adam(params)
+    torch.optim.lr_scheduler.OneCycleLR(adam, 0.1, total_steps=10)  # adds max_lr, initial_lr...
+    for optimizer in (sgd, adam):
+        optimizer.step()
+    for target, source, foreign in ((torch.optim.Adam, sgd, "dampening, momentum, nesterov"),
+                                    (torch.optim.SGD, adam, "amsgrad, betas")):  # fmt: skip
+        loading = target(params)
+        guard_optimizer_load(loading)
+        with pytest.raises(
+            UserError,
+            match=rf"another optimizer than {target.__name__} "
+            rf"\(its param_groups\[0\] has {foreign}",
+        ):
+            loading.load_state_dict(source.state_dict())
+    fresh = torch.optim.Adam(params)  # before its scheduler exists, as train.py checks first
+    check_optimizer_state(adam.state_dict(), [params], "last.ckpt", fresh)
+    guard_optimizer_load(fresh)
+    fresh.load_state_dict(adam.state_dict())
+    fresh.step()
+
+
 def test_a_scheduler_state_is_plain_data_torch_itself_wrote():
     """A scheduler's load_state_dict updates its __dict__: no other optimizer, no lambda
     state, no word torch's schedulers do not keep, no NaN, no 2**70 step."""

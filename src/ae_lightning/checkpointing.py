@@ -148,6 +148,8 @@ KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 NON_NEGATIVE = {"lr", "eps", "weight_decay", "momentum", "dampening", "initial_lr", "max_lr",
                 "min_lr", "max_momentum", "base_momentum", "alpha", "lr_decay"}  # fmt: skip
 STEP_LIMIT = 2**63
+# The settings torch's schedulers add to an optimizer's groups (one-cycle's, cyclic's).
+SCHEDULER_SETTINGS = {"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"}
 
 
 def sound_tensor(tensor: torch.Tensor) -> bool:
@@ -167,12 +169,19 @@ def sound_tensor(tensor: torch.Tensor) -> bool:
     )
 
 
-def check_optimizer_state(state: Any, params: list[list[torch.Tensor]], where: str) -> None:
+def check_optimizer_state(
+    state: Any,
+    params: list[list[torch.Tensor]],
+    where: str,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
     """One sentence unless ``state`` fits the optimizer whose groups hold ``params``.
 
     Every group lists its parameters' indices in order, its settings are plain finite numbers
     in range, and every state tensor has its parameter's shape and floating dtype (``step`` a
-    scalar): the fused kernels index the buffers by the parameter's size, unchecked.
+    scalar): the fused kernels index the buffers by the parameter's size, unchecked. Given the
+    ``optimizer`` it is loaded into, every saved setting must be one that optimizer keeps:
+    another optimizer's state (SGD's momentum buffers in Adam) is a KeyError at the first step.
     """
 
     def refuse(key: str, value: Any, wanted: str) -> UserError:
@@ -194,6 +203,8 @@ def check_optimizer_state(state: Any, params: list[list[torch.Tensor]], where: s
         if not isinstance(group, dict) or group.get("params") != wanted:
             shown = group.get("params") if isinstance(group, dict) else group
             raise refuse(f"param_groups[{i}].params", shown, f"the indices {wanted}")
+        if optimizer is not None:
+            _check_optimizer_kind(group, i, optimizer, where)
         for key, value in group.items():
             if key != "params" and not _good_setting(key, value):
                 raise refuse(f"param_groups[{i}].{key!s:.40}", value, "a plain number in range")
@@ -221,6 +232,20 @@ def check_optimizer_state(state: Any, params: list[list[torch.Tensor]], where: s
                 raise refuse(
                     here, shape, f"a finite {param.dtype} tensor of shape {tuple(param.shape)}"
                 )
+
+
+def _check_optimizer_kind(
+    group: dict[Any, Any], index: int, optimizer: torch.optim.Optimizer, where: str
+) -> None:
+    own = set(optimizer.defaults) | {key for g in optimizer.param_groups for key in g}
+    own |= SCHEDULER_SETTINGS  # a scheduler built after this check adds them to the groups
+    foreign = sorted(str(key)[:40] for key in group if key not in own)
+    if foreign:
+        raise UserError(
+            f"{where} holds the state of another optimizer than {type(optimizer).__name__} "
+            f"(its param_groups[{index}] has {', '.join(foreign[:4])}): train on with the "
+            "optimizer it was trained with (its run's .hydra/overrides.yaml names it)."
+        )
 
 
 def _good_setting(key: str, value: Any) -> bool:
@@ -267,7 +292,7 @@ def guard_optimizer_load(optimizer: torch.optim.Optimizer) -> None:
 
     def hook(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
         params = [list(group["params"]) for group in opt.param_groups]
-        check_optimizer_state(state, params, "the checkpoint")
+        check_optimizer_state(state, params, "the checkpoint", opt)
         groups = []
         for group, own in zip(state["param_groups"], opt.param_groups, strict=True):
             flags = {key: own[key] for key in KERNEL_FLAGS if key in own}

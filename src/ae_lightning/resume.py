@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -92,7 +93,7 @@ def check_training_state(checkpoint: dict[str, Any], model: pl.LightningModule, 
             "checkpoint written by train.py."
         )
     for state in states:
-        check_optimizer_state(state, [list(model.parameters())], str(path))
+        check_optimizer_state(state, [list(model.parameters())], str(path), _optimizer(model))
     schedulers = checkpoint.get("lr_schedulers", [])
     bad = None if len(schedulers) <= 1 else ("lr_schedulers", len(schedulers))
     for state in schedulers:
@@ -104,6 +105,16 @@ def check_training_state(checkpoint: dict[str, Any], model: pl.LightningModule, 
             f"{path} has {where}={shown}, not a plain setting of one scheduler: it was not "
             "written by train.py (or was damaged); use another checkpoint of the run or retrain."
         )
+
+
+def _optimizer(model: pl.LightningModule) -> torch.optim.Optimizer | None:
+    """The optimizer the run will build, for the settings it keeps; none where it cannot be
+    built here (its own error comes when the Trainer builds it)."""
+    factory = getattr(model, "optimizer_factory", None)
+    try:
+        return factory(model.parameters()) if factory is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 # The words torch's schedulers keep in their state (one-cycle's phases name param-group keys,
