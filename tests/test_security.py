@@ -189,7 +189,7 @@ def test_another_optimizers_state_is_refused_and_a_schedulers_settings_are_not()
 
 def test_a_scheduler_state_is_plain_data_torch_itself_wrote():
     """A scheduler's load_state_dict updates its __dict__: no other optimizer, no lambda
-    state, no word torch's schedulers do not keep, no NaN, no 2**70 step."""
+    state, no word torch's schedulers do not keep, no NaN, no 2**70 step, no zero length."""
     from ae_lightning.resume import _bad_scheduler_value
 
     param = torch.nn.Parameter(torch.zeros(3))
@@ -198,6 +198,8 @@ def test_a_scheduler_state_is_plain_data_torch_itself_wrote():
         torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=10),
         torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer),  # best = inf: kept
         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        torch.optim.lr_scheduler.StepLR(optimizer, 10),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 2.5),  # a float T_max works
     ]
     for scheduler in schedulers:
         assert _bad_scheduler_value(scheduler.state_dict(), "lr_schedulers[0]") is None
@@ -209,5 +211,9 @@ def test_a_scheduler_state_is_plain_data_torch_itself_wrote():
         ({"best": float("nan")}, "lr_schedulers[0].best"),
         ({"last_epoch": 2**70}, "lr_schedulers[0].last_epoch"),
         ({"base_lrs": [torch.zeros(1)]}, "lr_schedulers[0].base_lrs[0]"),
+        ({"step_size": 0}, "lr_schedulers[0].step_size"),  # a modulo by zero mid-run
+        ({"T_max": 0}, "lr_schedulers[0].T_max"),
+        ({"total_steps": -5}, "lr_schedulers[0].total_steps"),
+        ({"T_max": float("nan")}, "lr_schedulers[0].T_max"),
     ):
         assert _bad_scheduler_value(bad, "lr_schedulers[0]")[0] == where

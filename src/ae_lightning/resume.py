@@ -125,6 +125,16 @@ SCHEDULER_WORDS = {
 }  # fmt: skip
 
 
+# The lengths torch's schedulers divide by or count down (step, cosine, one-cycle, warm
+# restarts): positive numbers.
+SCHEDULER_LENGTHS = {"step_size", "T_max", "total_steps", "T_0", "T_mult"}
+
+
+def _length(value: Any) -> bool:
+    plain = isinstance(value, int | float) and not isinstance(value, bool)
+    return plain and 0 < value < STEP_LIMIT
+
+
 def _bad_scheduler_value(node: Any, where: str, depth: int = 0) -> tuple[str, Any] | None:
     """The first value under a scheduler's state that is not plain data in range."""
     if depth > 8:
@@ -134,6 +144,8 @@ def _bad_scheduler_value(node: Any, where: str, depth: int = 0) -> tuple[str, An
             here = f"{where}.{key!s:.40}"
             if not isinstance(key, str) or (depth == 0 and key == "optimizer"):
                 return here, key
+            if depth == 0 and key in SCHEDULER_LENGTHS and not _length(value):
+                return here, value  # a ZeroDivisionError (or torch's ValueError) mid-run
             if depth == 0 and key == "lr_lambdas":
                 if not isinstance(value, list) or any(v is not None for v in value):
                     return here, value  # a lambda's own state: train.py's have none
