@@ -1,6 +1,7 @@
 """optimizer= and scheduler= recipes: each builds what it says and steps the lr on schedule."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -79,6 +80,28 @@ def test_onecycle_steps_after_every_optimizer_step(tiny_root, tmp_path, steps_pe
     assert lr_of(trainer) == pytest.approx(reference_optimizer.param_groups[0]["lr"])
     if steps_per_call == 1:  # Lightning's loop: the monitor logs every step
         assert logged(rows, "lr-Adam") == pytest.approx(expected)
+
+
+def test_onecycle_spans_the_optimizer_steps_of_an_accumulating_run(tiny_root, tmp_path):
+    """Accumulating 2 minibatches a step halves the steps: the cycle must end with the run,
+    not stop at half (its lr near the peak, as when its length counted minibatches)."""
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), "scheduler=onecycle", "+trainer.accumulate_grad_batches=2",
+         "trainer.max_epochs=2", "callbacks=minimal", "logger=none"],
+        run_dir=tmp_path,
+    )  # fmt: skip
+    train(cfg)
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    steps = 2 * STEPS_PER_EPOCH // 2
+    reference_optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=3e-3)
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, 3e-3, total_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        reference_optimizer.step()
+        reference.step()
+        lrs.append(reference_optimizer.param_groups[0]["lr"])
+    assert [row["step"] for row in history] == [steps // 2, steps]
+    assert [row["lr"] for row in history] == pytest.approx([lrs[steps // 2 - 1], lrs[-1]])
 
 
 def test_a_one_cycle_shorter_than_the_run_is_refused_before_a_step(tiny_root, tmp_path):

@@ -266,13 +266,22 @@ class TrainingSystem(pl.LightningModule):
         return {} if length is None else {"total_steps": length}
 
     def _run_length(self) -> int | None:
-        """The optimizer steps this run takes in all, None if unbounded (loads the data)."""
+        """The optimizer steps this run takes in all, None if unbounded (loads the data).
+
+        One step every ``accumulate_grad_batches`` minibatches and at each epoch's end: the
+        module accumulates, so Lightning's own estimate counts minibatches, not steps.
+        """
         trainer = self.trainer
         calls = trainer.estimated_stepping_batches
-        per_epoch = getattr(trainer.train_dataloader, "num_minibatches", None)
-        if per_epoch is None or trainer.max_epochs is None or trainer.max_epochs < 0:
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
             return None if math.isinf(calls) else int(calls)
-        total = per_epoch * trainer.max_epochs
+        per_epoch = getattr(trainer.train_dataloader, "num_minibatches", None)
+        if per_epoch is None:  # a DataLoader sends one minibatch per call
+            per_epoch = trainer.num_training_batches
+        if math.isinf(per_epoch):
+            return None
+        every = self.engine.accumulate_grad_batches
+        total = math.ceil(per_epoch / every) * trainer.max_epochs
         if trainer.max_steps > 0:
             total = min(total, trainer.max_steps)
         return total
