@@ -272,14 +272,14 @@ class TrainingSystem(pl.LightningModule):
         module accumulates, so Lightning's own estimate counts minibatches, not steps.
         """
         trainer = self.trainer
-        calls = trainer.estimated_stepping_batches
-        if trainer.max_epochs is None or trainer.max_epochs < 0:
-            return None if math.isinf(calls) else int(calls)
-        per_epoch = getattr(trainer.train_dataloader, "num_minibatches", None)
-        if per_epoch is None:  # a DataLoader sends one minibatch per call
-            per_epoch = trainer.num_training_batches
-        if math.isinf(per_epoch):
+        estimate = trainer.estimated_stepping_batches  # sets the training data up
+        if trainer.max_epochs is None or trainer.max_epochs < 0:  # max_steps, or unbounded
+            return None if math.isinf(estimate) else int(estimate)
+        loader, calls = trainer.train_dataloader, trainer.num_training_batches
+        if math.isinf(calls):
             return None
+        per_call = getattr(loader, "steps_per_call", 1)  # a DataLoader sends one minibatch
+        per_epoch = min(getattr(loader, "num_minibatches", calls * per_call), calls * per_call)
         every = self.engine.accumulate_grad_batches
         total = math.ceil(per_epoch / every) * trainer.max_epochs
         if trainer.max_steps > 0:
