@@ -141,6 +141,28 @@ def test_resume_refuses_a_folder_without_checkpoint_or_another_architecture(tiny
     )
 
 
+def test_last_ckpt_is_every_epochs_end_even_when_the_best_stays_behind(tiny_root, tmp_path):
+    """mode=max keeps epoch 1 as the best while val/mse falls: Lightning 2.6 refreshed
+    last.ckpt only with the best, so a resume trained epochs 2-3 again and metrics.json's
+    history stopped at the best epoch."""
+    common = [*tiny_overrides(tiny_root), "callbacks=minimal", "logger=none",
+              "callbacks.checkpoint.mode=max"]  # fmt: skip
+    assert run_train_cli([*common, "trainer.max_epochs=3"], logs=tmp_path).returncode == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    saved = {name: torch.load(run_dir / "checkpoints" / f"{name}.ckpt", weights_only=True)
+             for name in ("best", "last")}  # fmt: skip
+    assert (saved["best"]["epoch"], saved["last"]["epoch"]) == (0, 2)
+    assert saved["last"]["global_step"] == 30
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]  # tested best, kept all
+    more = run_train_cli([*common, "trainer.max_epochs=4", f"resume={run_dir}"], logs=tmp_path)
+    assert more.returncode == 0, more.stderr[-2000:]
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 4/4" in log and "epoch 3/4" not in log  # only the new epoch was trained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]
+
+
 def test_resume_past_a_one_cycle_schedule_is_one_sentence_and_keeps_the_run(tiny_root, tmp_path):
     """One epoch of one-cycle (10 steps), then resume= with trainer.max_epochs=2: torch would
     raise a ValueError at step 11, after the resumed run had started."""

@@ -247,6 +247,7 @@ class EpochHistory(Callback):
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self._trained = False  # whether this process fitted: a test then keeps its rows
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self._seen: dict[str, float] = {}
@@ -254,6 +255,10 @@ class EpochHistory(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a resumed run's rows arrive later, through load_state_dict
             self.rows, self._sums, self._counts, self._seen = [], {}, {}, {}
+            self._trained = False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         for name, value in trainer.callback_metrics.items():
@@ -284,6 +289,8 @@ class EpochHistory(Callback):
         return {"rows": [dict(row) for row in self.rows]}
 
     def load_state_dict(self, state_dict: dict[str, list[dict[str, float]]]) -> None:
+        if self._trained:  # testing best.ckpt after training: an earlier
+            return  # point of the rows this callback already holds, which run to the end
         rows = state_dict.get("rows") if isinstance(state_dict, dict) else None
         if isinstance(rows, list):  # plain numbers only: a received checkpoint is data
             self.rows = [

@@ -10,6 +10,7 @@ import stat
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import pytorch_lightning as pl
 import torch
@@ -78,6 +79,40 @@ class RunCheckpoint(ModelCheckpoint):
     also keeps a moved or copied run's best model: Lightning forgets it when the saved
     ``dirpath`` differs.
     """
+
+    def __init__(self, *args: Any, save_last: bool | None = None, **kwargs: Any) -> None:
+        # Lightning 2.6 writes save_last's copy only when it writes a top-k file too: with
+        # save_top_k=1 every epoch that did not improve left last.ckpt at the best epoch,
+        # so a resume trained those epochs again. This callback writes last.ckpt itself.
+        super().__init__(*args, save_last=False, **kwargs)
+        self.keeps_last = bool(save_last)
+        self._last_written_at: int | None = None  # the global step of the last write
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._write_last(trainer)
+
+    def _write_last(self, trainer: pl.Trainer) -> None:
+        """``last.ckpt`` at the end of every epoch, validated or not.
+
+        Lightning calls this hook after the module's own (its epoch schedulers have stepped)
+        and after the other callbacks' (the history holds the epoch's row).
+        """
+        if (
+            not self.keeps_last
+            or not self.dirpath
+            or trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+            or bool(trainer.fast_dev_run)
+            or trainer.global_step in (0, self._last_written_at)
+        ):
+            return
+        path = Path(self.dirpath) / (self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        trainer.save_checkpoint(path, self.save_weights_only)
+        self._last_written_at = trainer.global_step
+        self.last_model_path = str(path)
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(proxy(self))
 
     @cached_property
     def state_key(self) -> str:
