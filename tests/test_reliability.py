@@ -141,6 +141,60 @@ def test_resume_refuses_a_folder_without_checkpoint_or_another_architecture(tiny
     )
 
 
+def test_a_finished_run_is_never_written_by_eval_resume_or_a_reused_run_dir(tiny_root, tmp_path):
+    """eval.py resume=<run> and hydra.run.dir=<run> used to replace the run's metrics.json,
+    .hydra/ config and checkpoints, exit 0."""
+    common = [*tiny_overrides(tiny_root), "callbacks=minimal", "logger=none"]
+    assert run_train_cli(common, logs=tmp_path).returncode == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    best = run_dir / "checkpoints" / "best.ckpt"
+    tries = {
+        "eval.py": ([*common, f"ckpt_path={best}", f"resume={run_dir}"],
+                    f"resume={run_dir} continues a training run, which eval.py does not"),
+        "train.py": ([*common, "model=vae", f'hydra.run.dir="{run_dir}"'],  # quoted: a comma
+                     f"hydra.run.dir={run_dir} already holds a run (metrics.json and checkpoints)"),
+    }  # fmt: skip
+    for script, (args, said) in tries.items():
+        result = run_train_cli(args, logs=tmp_path, script=script)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert said in result.stderr
+    quoted = f'hydra.run.dir="{run_dir}"'
+    result = run_train_cli([*common, f"ckpt_path={best}", quoted], logs=tmp_path, script="eval.py")
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+
+
+def test_a_resume_that_changes_the_recipe_is_refused_and_a_new_run_may_change_knobs(
+    tiny_root, tmp_path
+):
+    """Lightning restores the checkpoint's optimizer groups over the config's: a changed lr
+    was written into metrics.json's recipe and never used; resume= with a changed knob mixed
+    two recipes in one run; a schedule starting mid-run was a KeyError."""
+    common = [*tiny_overrides(tiny_root), "callbacks=minimal", "logger=none"]
+    assert run_train_cli(common, logs=tmp_path).returncode == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    before = (run_dir / "metrics.json").read_bytes()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    go_on = [*common, "trainer.max_epochs=2"]
+    refused = {
+        "model.optimizer.lr=1e-4": (f"resume={run_dir}",
+                                    "was trained with model.optimizer.lr=0.003 but this config "
+                                    "has 0.0001, and a resumed optimizer keeps"),
+        "model.dropout=0.5": (f"resume={run_dir}",
+                              "was trained with dropout=0.0 but this config has dropout=0.5"),
+        "scheduler=onecycle": (f"ckpt_path={last}",
+                               "was trained with no learning-rate schedule but this config"),
+    }  # fmt: skip
+    for change, (source, said) in refused.items():
+        result = run_train_cli([*go_on, change, source], logs=tmp_path / "new")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"error: {last} {said}" in result.stderr
+    assert (run_dir / "metrics.json").read_bytes() == before
+    tuned = run_train_cli([*go_on, "model.dropout=0.5", f"ckpt_path={last}"], tmp_path / "new")
+    assert tuned.returncode == 0, tuned.stderr[-2000:]  # a new run from the weights: its own knobs
+
+
 def test_last_ckpt_is_every_epochs_end_even_when_the_best_stays_behind(tiny_root, tmp_path):
     """mode=max keeps epoch 1 as the best while val/mse falls: Lightning 2.6 refreshed
     last.ckpt only with the best, so a resume trained epochs 2-3 again and metrics.json's

@@ -15,10 +15,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ae_lightning.checkpointing import OWN_NAME, STEP_LIMIT, check_optimizer_state
+from ae_lightning.checkpointing import (
+    KERNEL_FLAGS,
+    OWN_NAME,
+    STEP_LIMIT,
+    check_optimizer_state,
+)
 from ae_lightning.errors import UserError
 from ae_lightning.models import checkpoint_family
 from ae_lightning.runfolder import PLAIN, load_checkpoint
+
+ARCHITECTURE = ("bottleneck", "hidden", "decoder_hidden", "activation")
 
 
 def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
@@ -52,7 +59,10 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
             "the run's original overrides (see its .hydra/overrides.yaml)."
         )
     saved = checkpoint.get("hyper_parameters", {})
-    for key in ("bottleneck", "hidden", "decoder_hidden", "activation"):
+    # ckpt_path= starts a new run from the weights, so the objective's knobs (beta, samples,
+    # the loss...) may change there; resume= goes on with the run as it was trained.
+    shared = sorted(set(saved) & set(model.hparams)) if cfg.get("resume") else ARCHITECTURE
+    for key in shared:
         if key in saved and saved[key] != model.hparams.get(key):
             raise UserError(
                 f"{path} was trained with {key}={saved[key]!r} but this config has "
@@ -92,9 +102,22 @@ def check_training_state(checkpoint: dict[str, Any], model: pl.LightningModule, 
             f"{path} holds {len(states)} optimizer states but train.py trains with one: use a "
             "checkpoint written by train.py."
         )
+    optimizer = _optimizer(model)
     for state in states:
-        check_optimizer_state(state, [list(model.parameters())], str(path), _optimizer(model))
+        check_optimizer_state(state, [list(model.parameters())], str(path), optimizer)
     schedulers = checkpoint.get("lr_schedulers", [])
+    configured = getattr(model, "scheduler_factory", None) is not None
+    if states and bool(schedulers) != configured:
+        had = "a learning-rate schedule" if schedulers else "no learning-rate schedule"
+        raise UserError(
+            f"{path} was trained with {had} but this config has "
+            f"{'one' if configured else 'none'}, and a schedule cannot start or stop in the "
+            "middle of a resumed optimizer: repeat the run's original scheduler= override "
+            "(see its .hydra/overrides.yaml)."
+        )
+    for state in states:
+        if optimizer is not None:
+            _check_optimizer_settings(state, optimizer, path, bool(schedulers or configured))
     bad = None if len(schedulers) <= 1 else ("lr_schedulers", len(schedulers))
     for state in schedulers:
         bad = bad or _bad_scheduler_value(state, "lr_schedulers[0]")
@@ -105,6 +128,55 @@ def check_training_state(checkpoint: dict[str, Any], model: pl.LightningModule, 
             f"{path} has {where}={shown}, not a plain setting of one scheduler: it was not "
             "written by train.py (or was damaged); use another checkpoint of the run or retrain."
         )
+
+
+# The group settings torch's schedulers move as they step.
+SCHEDULED_SETTINGS = ("lr", "betas", "momentum")
+
+
+def _check_optimizer_settings(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, path: Path, scheduled: bool
+) -> None:
+    """One sentence unless the checkpoint's optimizer was set up as this config sets it up.
+
+    Lightning restores the saved groups over the configured ones, so a changed lr or weight
+    decay would be recorded in the recipe but never used. A schedule moves the lr and the
+    momentum (one-cycle cycles Adam's first beta): those are compared only without one.
+    """
+    own = optimizer.param_groups[0]
+    moved = SCHEDULED_SETTINGS if scheduled else ()
+    for group in state["param_groups"]:
+        for key, wanted in own.items():
+            if key in ("params", *KERNEL_FLAGS, *moved) or key not in group:
+                continue
+            if not _same_setting(group[key], wanted):
+                _refuse_setting(path, key, group[key], wanted)
+
+
+def _same_setting(saved: Any, wanted: Any) -> bool:
+    if isinstance(saved, torch.Tensor):
+        saved = saved.item() if saved.numel() == 1 else saved.tolist()
+    if isinstance(wanted, torch.Tensor):
+        wanted = wanted.item() if wanted.numel() == 1 else wanted.tolist()
+    if isinstance(saved, list | tuple) and isinstance(wanted, list | tuple):
+        return len(saved) == len(wanted) and all(map(_same_setting, saved, wanted))
+    if isinstance(saved, bool | None) or isinstance(wanted, bool | None):
+        return saved is wanted or saved == wanted
+    if isinstance(saved, int | float) and isinstance(wanted, int | float):
+        return math.isclose(saved, wanted, rel_tol=1e-6, abs_tol=1e-12)
+    return saved == wanted
+
+
+def _refuse_setting(path: Path, key: str, saved: Any, wanted: Any) -> None:
+    def shown(value: Any) -> str:
+        value = value.tolist() if isinstance(value, torch.Tensor) else value
+        return repr(value)[:40]
+
+    raise UserError(
+        f"{path} was trained with model.optimizer.{key}={shown(saved)} but this config has "
+        f"{shown(wanted)}, and a resumed optimizer keeps the checkpoint's settings: repeat the "
+        "run's original overrides (see its .hydra/overrides.yaml)."
+    )
 
 
 def _optimizer(model: pl.LightningModule) -> torch.optim.Optimizer | None:

@@ -158,6 +158,43 @@ def refuse_sweep_without_multirun(argv: list[str] | None = None) -> None:
             )
 
 
+def _command_line_value(args: list[str], key: str) -> str | None:
+    """The last ``key=value`` (or ``+key=``/``++key=``) of ``args``, unquoted; Hydra takes
+    the last one too. None when absent or null."""
+    found = None
+    for arg in args:
+        name, equals, value = arg.partition("=")
+        if equals and name.lstrip("+") == key:
+            found = value.strip().strip("'\"")
+    return None if found in (None, "", "null") else found
+
+
+def refuse_eval_resume(argv: list[str] | None = None) -> None:
+    """``eval.py ... resume=<run>``: exit 2, or the test would write its metrics.json, config
+    and log into that training run's folder, over the training's own."""
+    run = _command_line_value(sys.argv[1:] if argv is None else argv, "resume")
+    if run is not None:
+        _exit_bad_input(
+            f"resume={run} continues a training run, which eval.py does not: it tests a "
+            f"checkpoint in a new folder; use ckpt_path={Path(run) / 'checkpoints' / 'best.ckpt'}."
+        )
+
+
+def refuse_a_used_run_folder(argv: list[str] | None = None) -> None:
+    """``hydra.run.dir=`` a folder that already holds a run: exit 2 before Hydra writes its
+    config and log there and the run replaces the other's checkpoints and metrics."""
+    args = sys.argv[1:] if argv is None else argv
+    folder = _command_line_value(args, "hydra.run.dir")
+    if folder is None or "${" in folder or _command_line_value(args, "resume") is not None:
+        return  # resume= continues a run in place: its own checks apply
+    used = [name for name in ("metrics.json", "checkpoints") if (Path(folder) / name).exists()]
+    if used:
+        _exit_bad_input(
+            f"hydra.run.dir={folder} already holds a run ({' and '.join(used)}): choose a new "
+            f"folder, or continue that run with resume={folder}."
+        )
+
+
 def refuse_finished_resume(argv: list[str] | None = None) -> None:
     """``resume=`` a finished run: say so and exit 0 before Hydra writes into its folder.
 

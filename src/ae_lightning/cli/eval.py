@@ -14,6 +14,8 @@ from ae_lightning.cli import (
     freeze_start_up_objects,
     quiet_console,
     record_config,
+    refuse_a_used_run_folder,
+    refuse_eval_resume,
 )
 from ae_lightning.cli.help import print_help, wants_help
 from ae_lightning.naming import quote_path_overrides
@@ -37,5 +39,7 @@ def main() -> None:
     quiet_console()
     check_extras()
     ensure_writable_logs()
+    refuse_eval_resume()
+    refuse_a_used_run_folder()
     sys.argv = quote_path_overrides(sys.argv)  # run folders paste back as printed
     _eval()

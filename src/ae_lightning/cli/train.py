@@ -16,6 +16,7 @@ from ae_lightning.cli import (
     freeze_start_up_objects,
     quiet_console,
     record_config,
+    refuse_a_used_run_folder,
     refuse_finished_resume,
     refuse_sweep_without_multirun,
 )
@@ -41,6 +42,7 @@ def main() -> None:
     check_extras()
     ensure_writable_logs()
     refuse_sweep_without_multirun()
+    refuse_a_used_run_folder()
     refuse_bad_resume()  # before Hydra creates it or writes .hydra-resumed/ and train.log there
     refuse_finished_resume()  # before Hydra writes .hydra-resumed/ into the finished run
     sys.argv = quote_path_overrides(sys.argv)  # run folders paste back as printed
