@@ -143,7 +143,8 @@ def test_an_older_checkpoint_continues_and_one_of_another_family_is_refused(tiny
     refused = run_train_cli([*common, f"ckpt_path={old_vae}"], logs=tmp_path / "refused")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "holds a vae model but this config builds a ae" in errors[0]
+    said = "holds a model of the vae family but this config builds the ae family"
+    assert len(errors) == 1 and said in errors[0]
     resumed = run_train_cli([*common, f"ckpt_path={old_ae}"], logs=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     (run,) = (tmp_path / "resumed" / "runs").iterdir()

@@ -135,10 +135,11 @@ def test_resume_refuses_a_folder_without_checkpoint_or_another_architecture(tiny
     pointed = run_train_cli([*tiny_overrides(tiny_root), f"resume={last}"], logs=tmp_path / "a")
     assert pointed.returncode == 2 and "Traceback" not in pointed.stderr
     assert f"is a checkpoint file, not a run folder: resume={run_dir} continues" in pointed.stderr
-    folder = run_train_cli([*tiny_overrides(tiny_root), f"ckpt_path={run_dir}"], tmp_path / "b")
-    assert folder.returncode == 2 and f"ckpt_path={run_dir} is a folder: point it at a .ckpt" in (
-        folder.stderr
-    )
+    for script in ("train.py", "eval.py"):
+        args = [*tiny_overrides(tiny_root), f"ckpt_path={run_dir}"]
+        folder = run_train_cli(args, tmp_path / "b", script=script)
+        assert folder.returncode == 2, folder.stderr[-2000:]
+        assert f"ckpt_path={run_dir} is a folder: point it at a .ckpt" in folder.stderr
 
 
 def test_a_finished_run_is_never_written_by_eval_resume_or_a_reused_run_dir(tiny_root, tmp_path):

@@ -55,7 +55,8 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
     family = checkpoint_family(checkpoint)
     if family != model.family:
         raise UserError(
-            f"{path} holds a {family} model but this config builds a {model.family}: repeat "
+            f"{path} holds a model of the {family} family but this config builds the "
+            f"{model.family} family: repeat "
             "the run's original overrides (see its .hydra/overrides.yaml)."
         )
     saved = checkpoint.get("hyper_parameters", {})

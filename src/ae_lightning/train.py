@@ -141,9 +141,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     path = Path(cfg.ckpt_path)
     if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
         raise UserError(
-            f"ckpt_path={cfg.ckpt_path} does not exist: point it at a .ckpt file in a run's "
-            "checkpoints/ folder."
+            f"ckpt_path={cfg.ckpt_path} {what}: point it at a .ckpt file in a run's "
+            "checkpoints/ folder, e.g. <run>/checkpoints/best.ckpt."
         )
     model = load_autoencoder(path)  # before the run folder: a refused file leaves none
     classifier = None
