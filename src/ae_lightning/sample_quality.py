@@ -184,7 +184,8 @@ def load_classifier(path: Path) -> DigitClassifier:
     data = read_cache_file(path, refusal)
     try:
         saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # no code
-        net = DigitClassifier()
+        with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: the
+            net = DigitClassifier()  # run's random stream stays as without the metrics
         net.load_state_dict(saved["state_dict"])  # strict: a foreign net's keys are refused
     except Exception as err:  # an unpickling refusal, a cut file, foreign keys: all damage
         raise UserError(refusal.format(type(err).__name__)) from None
