@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ae_lightning.checkpointing import guard_optimizer_load
+from ae_lightning.checkpointing import guard_optimizer_load, sound_tensor
 from ae_lightning.data import Batch, TrainBatch
 from ae_lightning.engine import (
     EngineOptimizer,
@@ -369,6 +369,7 @@ class TrainingSystem(pl.LightningModule):
     # --- hooks ----------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._refuse_a_short_one_cycle()  # after a checkpoint's schedule is restored
+        self._restore_rng()
         self._plain_backward = not self._backward_needs_lightning()
         if self._engine_optimizer is not None:
             self._engine_optimizer.closure_needed = self._optimizer_step_observed()
@@ -403,10 +404,57 @@ class TrainingSystem(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["model_family"] = self.family
+        # What the next step draws (a VAE's noise, dynamic binarisation, corruption): a
+        # resumed run draws the same, so it ends as the uninterrupted one.
+        checkpoint[RNG_KEY] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_initialized():
+            checkpoint[RNG_KEY]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Checkpoints are written at the end of epoch `epoch` (0-based) validation.
         self.trained_epochs = checkpoint.get("epoch", -1) + 1
+        self._restored_rng = rng_states(checkpoint.get(RNG_KEY))
+
+    def _restore_rng(self) -> None:
+        """The generators as the checkpoint left them, once the sanity check (which draws
+        from them too) is over; a state of the wrong shape or kind is left out."""
+        states, self._restored_rng = getattr(self, "_restored_rng", None), None
+        if states is None:
+            return
+        torch.set_rng_state(states["cpu"])
+        if "cuda" in states:
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+RNG_KEY = "ae_rng_states"
+
+
+def rng_states(saved: Any) -> dict[str, Any] | None:
+    """A checkpoint's generator states if they fit this process (one torch wrote here: a
+    CPU state of the same size, one CUDA state per visible device), else None."""
+    if not isinstance(saved, dict):
+        return None
+    cpu, own = saved.get("cpu"), torch.get_rng_state()
+    if not _state_like(cpu, own):
+        return None
+    states: dict[str, Any] = {"cpu": cpu}
+    cuda = saved.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        own_cuda = torch.cuda.get_rng_state_all()
+        fits = isinstance(cuda, list) and len(cuda) == len(own_cuda)
+        if fits and all(map(_state_like, cuda, own_cuda)):
+            states["cuda"] = cuda
+    return states
+
+
+def _state_like(state: Any, own: torch.Tensor) -> bool:
+    return (
+        isinstance(state, torch.Tensor)
+        and state.dtype == own.dtype
+        and state.shape == own.shape
+        and state.device.type == "cpu"
+        and sound_tensor(state)
+    )
 
 
 class GeometricStagesLR(torch.optim.lr_scheduler.LambdaLR):
