@@ -53,6 +53,26 @@ def test_too_big_a_batch_for_the_data_actually_there(tiny_root, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_debug_limit_on_a_small_split_is_one_sentence(tiny_root, tmp_path):
+    """The tiny validation split is one batch of 100: a fifth of it is no batch, which
+    Lightning refused with a traceback before the first step (train's tenth now counts
+    minibatches, with engine.steps_per_call=1)."""
+    result = run_train_cli([*tiny_overrides(tiny_root), "debug=limit"], logs=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == (
+        "error: trainer.limit_val_batches=0.2 of the val split's 1 batch(es) is less than one "
+        "batch (Lightning counts batches, not images): raise it, e.g. "
+        "trainer.limit_val_batches=1.0, or give a whole number of batches."
+    )
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
+    fine = run_train_cli(
+        [*tiny_overrides(tiny_root), "debug=limit", "trainer.limit_val_batches=1.0",
+         "trainer.limit_test_batches=1.0", "trainer.max_epochs=1", "callbacks=minimal"],
+        logs=tmp_path / "fine",
+    )  # fmt: skip
+    assert fine.returncode == 0, fine.stderr[-2000:]
+
+
 def test_unknown_model_lists_the_choices(tmp_path):
     result = run_train_cli(["model=nosuch"], logs=tmp_path)
     assert result.returncode != 0

@@ -64,6 +64,7 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
             raise
         if isinstance(err, InstantiationException):  # a `_target_` from the command line
             err = UserError(_instantiate_sentence(err, cfg))
+        err = _limit_sentence(err)
         disk = _write_failure(err, Path(cfg.run_dir), resume_command(cfg))
         if in_multirun():
             line = disk or f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -95,6 +96,25 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
             flush=True,
         )
     return sweep_objective(metrics)
+
+
+# Lightning's refusal of a fraction that leaves no batch (it counts the loader's batches
+# before the first step, so nothing has trained).
+_NO_BATCH_LEFT = re.compile(r"You requested to check (\S+) of the `(\w+)_dataloader` but (.*) < 1")
+
+
+def _limit_sentence(err: Exception) -> Exception:
+    found = _NO_BATCH_LEFT.search(str(err)) if type(err).__name__.endswith("Exception") else None
+    if found is None:
+        return err
+    fraction, stage, product = found.groups()
+    batches = product.rsplit("*", 1)[-1].strip()
+    key = f"trainer.limit_{stage}_batches"
+    return UserError(
+        f"{key}={fraction} of the {stage} split's {batches} batch(es) is less than one batch "
+        f"(Lightning counts batches, not images): raise it, e.g. {key}=1.0, or give a whole "
+        "number of batches."
+    )
 
 
 def sweep_objective(metrics: dict[str, Any]) -> float:
