@@ -142,3 +142,48 @@ def test_early_stopping_is_off_by_default_and_stops_on_val_mse(tiny_root, tmp_pa
         run_dir=tmp_path,
     )  # fmt: skip
     assert train(cfg)["epochs"] == 2  # the 2nd epoch fails to improve by 10: stop
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "offered"),
+    [
+        (["early_stopping=val", "callbacks.early_stopping.monitor=val/nelbo"],
+         "callbacks.early_stopping.monitor=val/nelbo", "val/mse."),
+        (["scheduler=plateau", "model.scheduler_monitor=val/los"],
+         "model.scheduler_monitor=val/los", "val/mse."),
+        # A VAE logs val/loss only when beta != 1: the settings decide, not the family alone.
+        (["model=vae", "callbacks.checkpoint.monitor=val/loss"],
+         "callbacks.checkpoint.monitor=val/loss", "val/kl, val/mse, val/nelbo, val/recon."),
+    ],
+)  # fmt: skip
+def test_a_monitor_the_model_never_logs_is_refused_before_training(
+    tiny_root, tmp_path, overrides, key, offered
+):
+    # Before: early stopping and the checkpoint ended in Lightning's traceback after an
+    # epoch; a plateau scheduler with a misspelt metric never stepped, and nothing said so.
+    run = tmp_path / "run"
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), *overrides, "callbacks=minimal", "logger=none"], run_dir=run
+    )
+    with pytest.raises(UserError) as refused:
+        train(cfg)
+    assert str(refused.value).startswith(f"{key} is not a metric the ")
+    assert str(refused.value).endswith(f"use one of {offered}")
+    assert not (run / "checkpoints").exists()  # refused before the Trainer was built
+
+
+def test_a_checkpoint_on_another_metric_keeps_best_val_mse_an_mse(tiny_root, tmp_path):
+    # Before: best_val/mse held the monitored metric's score (a VAE's val/loss, in nats),
+    # and sweeps and ae-compare ranked runs by it as if it were the MSE.
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_root), "model=vae", "model.beta=2", "trainer.max_epochs=2",
+         "callbacks=minimal", "callbacks.checkpoint.monitor=val/loss", "logger=none",
+         "latent_metrics=false"],
+        run_dir=tmp_path,
+    )  # fmt: skip
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    history = metrics["history"]
+    assert metrics["best_val/loss"] == pytest.approx(min(row["val/loss"] for row in history))
+    assert metrics["best_val/mse"] == min(row["val/mse"] for row in history)
+    assert metrics["best_val/mse"] < 1  # a per-pixel MSE, not the nats of val/loss

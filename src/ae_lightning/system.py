@@ -7,6 +7,7 @@ families (``ae_lightning.models``) are such subclasses.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -69,6 +70,7 @@ class TrainingSystem(pl.LightningModule):
     - ``graph_blocker``: why ``training_loss`` cannot be replayed from a CUDA graph (e.g. it
       reads the step count), or None.
     - ``family``: the class's name in checkpoints (``model_family``), unique per class.
+    - ``image_shape``: ``(C, H, W)`` of the images ``x`` it takes.
 
     Training is one loop over the minibatches that arrive: one optimizer step per minibatch,
     K minibatches per Lightning step when the data module sends lists of K
@@ -134,6 +136,20 @@ class TrainingSystem(pl.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} gives no evaluation_terms")
 
     # --- steps ----------------------------------------------------------------------------
+    def validation_names(self) -> list[str]:
+        """The metrics every epoch's validation logs (``val/<term>``): what a scheduler, early
+        stopping or a checkpoint can monitor.
+
+        The terms depend on the family and its settings (an IWAE's ``bound``, a VAE's ``loss``
+        only when beta != 1), so they are read from a copy's evaluation of a blank batch: a
+        monitor naming another key is refused before training, not after an epoch. The copy
+        and the forked generators leave this model and the run's random streams untouched.
+        """
+        probe = copy.deepcopy(self).cpu().eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            terms = probe.evaluation_terms(torch.full((2, *self.image_shape), 0.5))
+        return sorted(f"val/{name}" for name in terms)
+
     def training_step(self, batch: TrainBatch, batch_idx: int) -> None:
         """One optimizer step per minibatch that arrives (a list of K, or one alone)."""
         minibatches = batch if isinstance(batch, list) else [batch]

@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from ae_lightning.callbacks import CpuThreads, EpochHistory, EpochTimer
 from ae_lightning.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm
@@ -78,6 +79,7 @@ def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[st
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
     classifier = sample_quality_classifier(cfg, datamodule)
     check_resumed_test_checkpoint(cfg)
+    check_monitors(cfg, model)
     log.info("Run folder: %s", run_dir.resolve())  # every refusal before it: a folder kept
     on_sigterm = progress.on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
     threads = CpuThreads(cfg.engine.threads)
@@ -110,7 +112,7 @@ def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[st
 
     metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
     if checkpoint is not None and checkpoint.best_model_score is not None:
-        metrics["best_val/mse"] = float(checkpoint.best_model_score)
+        metrics[f"best_{checkpoint.monitor}"] = float(checkpoint.best_model_score)
     metrics.update(
         epochs=trainer.current_epoch,
         global_step=trainer.global_step,
@@ -123,6 +125,9 @@ def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[st
     history = next((c for c in callbacks if isinstance(c, EpochHistory)), None)
     if history is not None:
         metrics["history"] = history.rows
+        seen = [row["val/mse"] for row in history.rows if "val/mse" in row]
+        if "best_val/mse" not in metrics and seen:  # the checkpoint watched another metric
+            metrics["best_val/mse"] = min(seen)  # what sweeps and comparisons rank by
     progress.phase = "record"
     if trainer.is_global_zero:  # the test result is safe on disk before anything else is tried
         write_json(run_dir / "metrics.json", metrics)
@@ -181,6 +186,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             ) from None
         finally:
             release(trainer)
+
+
+def check_monitors(cfg: DictConfig, model: pl.LightningModule) -> None:
+    """Refuse, before training, a monitor that names a metric this model's validation never
+    logs.
+
+    Lightning finds out only after the first epoch (early stopping's and the checkpoint's
+    tracebacks), and a plateau scheduler without its metric never steps, silently. The
+    ``train/`` terms are logged only at the loggers' steps, so they are not offered.
+    """
+    watched = [
+        (f"callbacks.{name}.monitor", node.get("monitor"))
+        for name, node in (cfg.get("callbacks") or {}).items()
+        if isinstance(node, DictConfig) and node.get("monitor")
+    ]
+    target = getattr(getattr(model, "scheduler_factory", None), "func", None)
+    if isinstance(target, type) and issubclass(target, ReduceLROnPlateau):
+        watched.append(("model.scheduler_monitor", model.scheduler_monitor))
+    if not watched:
+        return
+    names = model.validation_names()
+    for key, value in watched:
+        if value not in names:
+            raise UserError(
+                f"{key}={value} is not a metric the {model.family} family logs each epoch with "
+                f"these settings, so it would never be seen: use one of {', '.join(names)}."
+            )
 
 
 @dataclass
