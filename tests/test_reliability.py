@@ -12,7 +12,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ae_lightning.checkpointing import AtomicCheckpointIO
-from conftest import PROJECT, run_train_cli, tiny_overrides
+from ae_lightning.errors import UserError
+from ae_lightning.train import train
+from conftest import PROJECT, compose_cfg, run_train_cli, tiny_overrides
 
 SLOW_TINY = ["model=hidden1024", "data.batch_size=10", "callbacks=none", "seed=7"]
 
@@ -261,6 +263,60 @@ def test_resume_past_a_one_cycle_schedule_is_one_sentence_and_keeps_the_run(tiny
         "20 steps), or train the longer run from the start."
     )
     assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+
+
+def test_a_continued_run_must_keep_its_schedule_data_and_have_something_to_train(
+    tiny_root, tmp_path
+):
+    """Before: another scheduler's state was merged into the configured one, a changed
+    patience or data.val_size was recorded but not (or silently) used, an early-stopped run
+    resumed with its patience used up stopped after one epoch, and ckpt_path= with
+    trainer.max_epochs reached left a new run folder with no checkpoint, exit 0."""
+    base = [*tiny_overrides(tiny_root), "callbacks=minimal", "logger=none", "latent_metrics=false"]
+    stopping = ["early_stopping=val", "callbacks.early_stopping.patience=0",
+                "callbacks.early_stopping.min_delta=10"]  # fmt: skip
+    run = tmp_path / "run"
+    first = [*base, "scheduler=plateau", "trainer.max_epochs=3", *stopping]
+    started = run_train_cli([*first, f"hydra.run.dir={run}"], logs=tmp_path)  # its .hydra/
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2  # stopped early
+    last = run / "checkpoints" / "last.ckpt"
+    kept = {name: (run / name).read_bytes() for name in ("metrics.json", "checkpoints/last.ckpt")}
+
+    def refusal(overrides, run_dir):
+        with pytest.raises(UserError) as refused:
+            train(compose_cfg([*base, *overrides], run_dir=run_dir))
+        return str(refused.value)
+
+    go_on = [f"resume={run}", "trainer.max_epochs=4"]
+    assert refusal([*go_on, "scheduler=plateau", *stopping], run) == (
+        f"resume={run} was stopped early at epoch 2 and its early stopping's patience is used "
+        "up, so it would stop again after one epoch: add early_stopping=none to train it on "
+        "to trainer.max_epochs=4."
+    )
+    assert refusal([*go_on, "scheduler=cosine"], run).startswith(
+        f"{last} holds the state of a plateau learning-rate schedule but this config has "
+        "scheduler=cosine, and a resumed schedule keeps the checkpoint's state"
+    )
+    assert refusal([*go_on, "scheduler=plateau", "model.scheduler.patience=5"], run).startswith(
+        f"{last} was trained with model.scheduler.patience=3 but this config has 5, and a "
+        "resumed schedule keeps the checkpoint's settings"
+    )
+    assert refusal([*go_on, "scheduler=plateau", "data.val_size=200"], run).startswith(
+        f"resume={run} was trained with data.val_size=100 but this config has 200, and a "
+        "resumed run goes on with the data it was trained on"
+    )
+    new = tmp_path / "new"
+    assert refusal([f"ckpt_path={last}", "scheduler=plateau", "trainer.max_epochs=2"], new) == (
+        f"ckpt_path={last} has trained 2 epochs and trainer.max_epochs=2 leaves a new run "
+        f"nothing to train: add trainer.max_epochs=3 or more, or test it as it is with eval.py "
+        f"ckpt_path={last}."
+    )
+    assert not (new / "checkpoints").exists()
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    # The way on that each sentence names: early stopping off, the run's own schedule.
+    on = [*base, *go_on, "scheduler=plateau", "early_stopping=none"]
+    assert train(compose_cfg(on, run_dir=run))["epochs"] == 4
 
 
 def test_a_checkpoint_save_that_dies_leaves_the_previous_file(tmp_path, monkeypatch):

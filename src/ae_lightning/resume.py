@@ -4,6 +4,7 @@ shell-quoted commands that continue or repeat a run.
 
 from __future__ import annotations
 
+import inspect
 import math
 import shlex
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from ae_lightning.checkpointing import (
     KERNEL_FLAGS,
@@ -23,7 +24,7 @@ from ae_lightning.checkpointing import (
 )
 from ae_lightning.errors import UserError
 from ae_lightning.models import checkpoint_family
-from ae_lightning.runfolder import PLAIN, load_checkpoint
+from ae_lightning.runfolder import PLAIN, load_checkpoint, saved_config
 
 ARCHITECTURE = ("bottleneck", "hidden", "decoder_hidden", "activation")
 
@@ -88,7 +89,74 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
             f"{path} has already trained into epoch {reached} but trainer.max_epochs="
             f"{max_epochs}: add trainer.max_epochs={reached} or more."
         )
+    completed = reached if _epoch_completed(checkpoint) else reached - 1
+    if not cfg.get("resume") and max_epochs not in (None, -1) and max_epochs <= completed:
+        # A new run folder with nothing trained in it, holding no checkpoint of its own.
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} has trained {completed} epochs and trainer.max_epochs="
+            f"{max_epochs} leaves a new run nothing to train: add trainer.max_epochs="
+            f"{completed + 1} or more, or test it as it is with eval.py ckpt_path={cfg.ckpt_path}."
+        )
+    if cfg.get("resume"):
+        _refuse_stopped_early(checkpoint, cfg)
+        _check_resumed_data(cfg)
     return str(path)
+
+
+# The data settings that decide what a run trains and validates on (not where the files
+# are, or how they travel to the device).
+TRAINED_DATA_KEYS = (
+    "_target_", "dataset", "batch_size", "val_size", "split_seed", "seed", "drop_last",
+    "binarize", "binarize_seed", "test_size", "image_size", "channels",
+)  # fmt: skip
+
+
+def _check_resumed_data(cfg: DictConfig) -> None:
+    """One sentence unless ``resume=`` goes on with the data the run was trained on, as its
+    own saved config says (read as data; a key it lacks is not compared)."""
+    saved = saved_config(Path(cfg.resume)).get("data")
+    if not isinstance(saved, dict):
+        return  # a run folder without its config: nothing to compare with
+    for key in TRAINED_DATA_KEYS:
+        if key not in saved or key not in cfg.data:
+            continue
+        wanted = cfg.data.get(key)
+        wanted = list(wanted) if isinstance(wanted, ListConfig) else wanted
+        if not _same_setting(saved[key], wanted):
+            raise UserError(
+                f"resume={cfg.resume} was trained with data.{key}={repr(saved[key])[:60]} but "
+                f"this config has {repr(wanted)[:60]}, and a resumed run goes on with the "
+                "data it was trained on: repeat the run's original overrides (see its "
+                ".hydra/overrides.yaml)."
+            )
+
+
+def _epoch_completed(checkpoint: dict[str, Any]) -> bool:
+    """Whether the checkpoint was written after its epoch's last batch (not mid-epoch)."""
+    loops = checkpoint.get("loops")
+    fit = loops.get("fit_loop") if isinstance(loops, dict) else None
+    progress = fit.get("epoch_loop.batch_progress") if isinstance(fit, dict) else None
+    last = progress.get("is_last_batch") if isinstance(progress, dict) else None
+    return last is not False  # unknown: as at an epoch's end, where train.py writes them
+
+
+def _refuse_stopped_early(checkpoint: dict[str, Any], cfg: DictConfig) -> None:
+    """A run early stopping ended stops again after one epoch when resumed with it on: its
+    patience was used up. Say so before training, with the override that trains on."""
+    if not (cfg.get("callbacks") or {}).get("early_stopping"):
+        return
+    states = checkpoint.get("callbacks")
+    for name, state in states.items() if isinstance(states, dict) else ():
+        if not (isinstance(name, str) and name.startswith("EarlyStopping")):
+            continue
+        stopped = state.get("stopped_epoch") if isinstance(state, dict) else None
+        if isinstance(stopped, int) and not isinstance(stopped, bool) and stopped > 0:
+            raise UserError(
+                f"resume={cfg.resume} was stopped early at epoch {min(stopped, STEP_LIMIT) + 1} "
+                "and its early stopping's patience is used up, so it would stop again after "
+                "one epoch: add early_stopping=none to train it on to trainer.max_epochs="
+                f"{cfg.trainer.get('max_epochs')}."
+            )
 
 
 def check_training_state(checkpoint: dict[str, Any], model: pl.LightningModule, path: Path) -> None:
@@ -129,6 +197,8 @@ def check_training_state(checkpoint: dict[str, Any], model: pl.LightningModule, 
             f"{path} has {where}={shown}, not a plain setting of one scheduler: it was not "
             "written by train.py (or was damaged); use another checkpoint of the run or retrain."
         )
+    for state in schedulers if states and configured else ():  # plain data, checked above
+        _check_scheduler(state, model, path)
 
 
 # The group settings torch's schedulers move as they step.
@@ -152,6 +222,69 @@ def _check_optimizer_settings(
                 continue
             if not _same_setting(group[key], wanted):
                 _refuse_setting(path, key, group[key], wanted)
+
+
+# The word of scheduler= for each of torch's classes, and a key only its state has.
+SCHEDULE_NAMES = {
+    "CosineAnnealingLR": "cosine", "OneCycleLR": "onecycle",
+    "ReduceLROnPlateau": "plateau", "StepLR": "step",
+}  # fmt: skip
+SCHEDULE_MARKS = {"T_max": "cosine", "total_steps": "onecycle", "patience": "plateau",
+                  "step_size": "step"}  # fmt: skip
+
+
+def _check_scheduler(saved: dict[str, Any], model: pl.LightningModule, path: Path) -> None:
+    """One sentence unless the checkpoint's schedule is this config's, set up the same way.
+
+    Lightning loads the saved state over the configured scheduler: another class's state
+    would be merged into it, and a changed setting (a plateau's patience, a cosine's T_max)
+    recorded in the recipe but never used.
+    """
+    built = _scheduler(model, saved)
+    if built is None:
+        return
+    own = built.state_dict()
+    if set(saved) != set(own):
+        had = next((name for key, name in SCHEDULE_MARKS.items() if key in saved), "another")
+        name = SCHEDULE_NAMES.get(type(built).__name__, type(built).__name__)
+        raise UserError(
+            f"{path} holds the state of a {had} learning-rate schedule but this config has "
+            f"scheduler={name}, and a resumed schedule keeps the checkpoint's state: repeat "
+            "the run's original scheduler= override (see its .hydra/overrides.yaml)."
+        )
+    for key in getattr(model.scheduler_factory, "keywords", None) or {}:
+        if key in saved and key in own and not _same_setting(saved[key], own[key]):
+            hint = (
+                f"; T_max follows trainer.max_epochs: model.scheduler.T_max={saved[key]!r} "
+                "goes on past the cosine's end, where torch's cosine warms the lr up again"
+                if key == "T_max"
+                else " (see its .hydra/overrides.yaml)"
+            )
+            raise UserError(
+                f"{path} was trained with model.scheduler.{key}={repr(saved[key])[:40]} but "
+                f"this config has {repr(own[key])[:40]}, and a resumed schedule keeps the "
+                f"checkpoint's settings: repeat the run's original overrides{hint}."
+            )
+
+
+def _scheduler(model: pl.LightningModule, saved: dict[str, Any]) -> Any:
+    """The scheduler this config builds, on a throwaway optimizer (its length taken from the
+    checkpoint where the run's length would be filled in); None where it cannot be built
+    here (its own error comes when the Trainer builds it)."""
+    factory = model.scheduler_factory
+    optimizer = _optimizer(model)
+    if optimizer is None:
+        return None
+    target = getattr(factory, "func", None)
+    length = {}
+    takes_length = target is not None and "total_steps" in inspect.signature(target).parameters
+    if takes_length and not (getattr(factory, "keywords", None) or {}).get("total_steps"):
+        steps = saved.get("total_steps")
+        length = {"total_steps": steps if _length(steps) and isinstance(steps, int) else 1}
+    try:
+        return factory(optimizer, **length)
+    except (TypeError, ValueError):
+        return None
 
 
 def _same_setting(saved: Any, wanted: Any) -> bool:
