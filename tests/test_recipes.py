@@ -187,3 +187,25 @@ def test_a_checkpoint_on_another_metric_keeps_best_val_mse_an_mse(tiny_root, tmp
     assert metrics["best_val/loss"] == pytest.approx(min(row["val/loss"] for row in history))
     assert metrics["best_val/mse"] == min(row["val/mse"] for row in history)
     assert metrics["best_val/mse"] < 1  # a per-pixel MSE, not the nats of val/loss
+
+
+def test_a_run_that_max_steps_ends_mid_epoch_validates_its_last_steps(tiny_root, tmp_path):
+    # Before: with one step per call, Lightning ended the epoch at step 15 without validating,
+    # so the history's last row repeated epoch 1's val/mse and best.ckpt never saw steps 11-15.
+    results = {}
+    for k in (1, 20):
+        cfg = compose_cfg(
+            [*tiny_overrides(tiny_root), "trainer.max_epochs=5", "+trainer.max_steps=15",
+             f"engine.steps_per_call={k}", "callbacks=minimal", "logger=none",
+             "latent_metrics=false"],
+            run_dir=tmp_path / f"k{k}",
+        )  # fmt: skip
+        results[k] = train(cfg)
+    history = results[1]["history"]
+    assert [row["step"] for row in history] == [10, 15]
+    assert history[1]["val/mse"] != history[0]["val/mse"]  # validated after step 15
+    validated = {
+        k: [(row["step"], row["val/mse"]) for row in r["history"]] for k, r in results.items()
+    }
+    assert validated[1] == validated[20]  # the same maths whatever the steps per call
+    assert results[1]["test/mse"] == results[20]["test/mse"]

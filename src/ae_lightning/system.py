@@ -167,6 +167,10 @@ class TrainingSystem(pl.LightningModule):
             self._step_schedulers("step")
             if self._loggers_write_at(step):
                 self._log_train_terms(terms, step)
+        if 0 <= trainer.max_steps <= self.global_step and not last_call:
+            # Lightning validates a run that max_steps ends mid-epoch only when it is asked
+            # to stop: else its last steps go unvalidated and the best checkpoint misses them.
+            trainer.should_stop = True
         align_logger_step(trainer)
 
     def _optimizer_step(
