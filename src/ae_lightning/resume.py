@@ -100,6 +100,7 @@ def resume_checkpoint(cfg: DictConfig, model: pl.LightningModule) -> str | None:
     if cfg.get("resume"):
         _refuse_stopped_early(checkpoint, cfg)
         _check_resumed_data(cfg)
+        _check_resumed_test_checkpoint(checkpoint, cfg)
     return str(path)
 
 
@@ -197,8 +198,8 @@ def check_training_state(checkpoint: dict[str, Any], model: pl.LightningModule, 
             f"{path} has {where}={shown}, not a plain setting of one scheduler: it was not "
             "written by train.py (or was damaged); use another checkpoint of the run or retrain."
         )
-    for state in schedulers if states and configured else ():  # plain data, checked above
-        _check_scheduler(state, model, path)
+    for state in schedulers if states and configured and optimizer is not None else ():
+        _check_scheduler(state, model, optimizer, path)  # plain data, checked above
 
 
 # The group settings torch's schedulers move as they step.
@@ -233,14 +234,19 @@ SCHEDULE_MARKS = {"T_max": "cosine", "total_steps": "onecycle", "patience": "pla
                   "step_size": "step"}  # fmt: skip
 
 
-def _check_scheduler(saved: dict[str, Any], model: pl.LightningModule, path: Path) -> None:
+def _check_scheduler(
+    saved: dict[str, Any],
+    model: pl.LightningModule,
+    optimizer: torch.optim.Optimizer,
+    path: Path,
+) -> None:
     """One sentence unless the checkpoint's schedule is this config's, set up the same way.
 
     Lightning loads the saved state over the configured scheduler: another class's state
     would be merged into it, and a changed setting (a plateau's patience, a cosine's T_max)
     recorded in the recipe but never used.
     """
-    built = _scheduler(model, saved)
+    built = _scheduler(model, optimizer, saved)
     if built is None:
         return
     own = built.state_dict()
@@ -267,14 +273,13 @@ def _check_scheduler(saved: dict[str, Any], model: pl.LightningModule, path: Pat
             )
 
 
-def _scheduler(model: pl.LightningModule, saved: dict[str, Any]) -> Any:
-    """The scheduler this config builds, on a throwaway optimizer (its length taken from the
-    checkpoint where the run's length would be filled in); None where it cannot be built
-    here (its own error comes when the Trainer builds it)."""
+def _scheduler(
+    model: pl.LightningModule, optimizer: torch.optim.Optimizer, saved: dict[str, Any]
+) -> Any:
+    """The scheduler this config builds on ``optimizer`` (the checks' throwaway one; its
+    length taken from the checkpoint where the run's length would be filled in); None where
+    it cannot be built here (its own error comes when the Trainer builds it)."""
     factory = model.scheduler_factory
-    optimizer = _optimizer(model)
-    if optimizer is None:
-        return None
     target = getattr(factory, "func", None)
     length = {}
     takes_length = target is not None and "total_steps" in inspect.signature(target).parameters
@@ -375,15 +380,16 @@ def _bad_scheduler_value(node: Any, where: str, depth: int = 0) -> tuple[str, An
     return None if isinstance(node, PLAIN) else (where, node)
 
 
-def check_resumed_test_checkpoint(cfg: DictConfig) -> None:
+def _check_resumed_test_checkpoint(checkpoint: dict[str, Any], cfg: DictConfig) -> None:
     """Refuse a resume whose test would need a best checkpoint that is gone (before training).
 
     ``last.ckpt`` records the best checkpoint's path; the file is looked for in this folder.
     """
-    if not cfg.get("resume") or cfg.get("test_ckpt") != "best":
+    if cfg.get("test_ckpt") != "best":
         return
     folder = Path(cfg.resume) / "checkpoints"
-    states = load_checkpoint(folder / "last.ckpt", Path(cfg.resume)).get("callbacks") or {}
+    states = checkpoint.get("callbacks")
+    states = states if isinstance(states, dict) else {}
     for state in states.values():
         best = state.get("best_model_path") if isinstance(state, dict) else None
         name = Path(str(best)).name if best else ""

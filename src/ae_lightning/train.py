@@ -42,7 +42,6 @@ from ae_lightning.record import (
     write_json,
 )
 from ae_lightning.resume import (
-    check_resumed_test_checkpoint,
     rerun_command,
     resume_checkpoint,
     resume_command,
@@ -78,7 +77,6 @@ def _train(cfg: DictConfig, guard: SigtermGuard, progress: _Progress) -> dict[st
     model = build_model(cfg, datamodule.image_shape)
     ckpt_path = resume_checkpoint(cfg, model)  # refusals come before the Trainer's chatter
     classifier = sample_quality_classifier(cfg, datamodule)
-    check_resumed_test_checkpoint(cfg)
     check_monitors(cfg, model)
     log.info("Run folder: %s", run_dir.resolve())  # every refusal before it: a folder kept
     on_sigterm = progress.on_sigterm = CheckpointOnSigterm(run_dir / "checkpoints")
