@@ -43,7 +43,10 @@ experiment's own schedule is 150).
 
 ``sample_quality``: the floor of ``test/fd_*``, the Fréchet distance of the test images to
 as many official training images in the sample-quality CNN's features (trained, or read
-from its cache beside the data, as a run would), and the CNN's test accuracy.
+from its cache beside the data, as a run would), and the CNN's test accuracy; beside them
+the test images against their own static binary draw (``data.binarize=static``): what
+perfect Bernoulli means would score had ``test/fd_*`` of binarised runs kept the draws as
+their reference instead of the grey images.
 
 ``evaluators``: images per second of the evaluators, batched on ``--device`` as runs use
 them, beside a loop of the same maths one image at a time: the CNN's features (for the
@@ -702,16 +705,22 @@ def sample_quality_floor(args: argparse.Namespace, datamodule: MNISTDataModule) 
     epochs = compose_config().eval.classifier_epochs  # the runs' own classifier and cache
     train_set = datamodule.official_train_split()
     classifier = prepare_classifier(datamodule.cache_dir, train_set, epochs).to(device)
-    test_images, test_labels = datamodule.split("test")
+    test_images, test_labels = datamodule.grey_split("test")
     train_images = train_set[0][: len(test_images)]
     test, predicted = embed(classifier, pixel_batches(test_images, device))
     train, _ = embed(classifier, pixel_batches(train_images, device))
+    # What perfect Bernoulli means would score against a binarised run's test draws, had
+    # test/fd_* kept those draws as their reference (they use the grey images).
+    binary = MNISTDataModule(root=datamodule.root, download=False, val_size=datamodule.val_size,
+                             binarize="static")  # fmt: skip
+    draws, _ = embed(classifier, pixel_batches(binary.split("test")[0], device))
     return {
         "images": len(test_images),
         "classifier_epochs": epochs,
         "classifier_test_acc": round(float((predicted.cpu() == test_labels).float().mean()), 4),
         "fd_test_vs_train": round(frechet_distance(test, train), 4),
         "fd_test_vs_itself": round(frechet_distance(test, test), 6) + 0.0,  # no "-0"
+        "fd_test_vs_its_binary_draw": round(frechet_distance(test, draws), 4),
     }
 
 
@@ -880,9 +889,10 @@ def extra_tables(results: dict) -> str:
         r = results["sample_quality"]
         lines += ["", f"Sample quality floor: {r['images']} test images against as many "
                   f"training images, in the features of the CNN ({r['classifier_epochs']} "
-                  "epochs)", "", "| Fréchet distance test vs train | test vs itself | CNN "
-                  "test accuracy |", "|---|---|---|",
+                  "epochs)", "", "| Fréchet distance test vs train | test vs itself | test "
+                  "vs its static binary draw | CNN test accuracy |", "|---|---|---|---|",
                   f"| {r['fd_test_vs_train']:.4f} | {r['fd_test_vs_itself']:.2g} | "
+                  f"{r['fd_test_vs_its_binary_draw']:.4f} | "
                   f"{r['classifier_test_acc']:.4f} |"]  # fmt: skip
     if results.get("evaluators"):
         r = results["evaluators"]

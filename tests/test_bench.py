@@ -193,6 +193,7 @@ def test_quality_benchmark_measures_the_sample_quality_floor_and_the_evaluators(
     floor = results["sample_quality"]
     assert floor["images"] == 200 and 0 <= floor["classifier_test_acc"] <= 1
     assert abs(floor["fd_test_vs_itself"]) < 1e-4 < floor["fd_test_vs_train"]
+    assert floor["fd_test_vs_its_binary_draw"] > 1e-4  # the noise binarised runs no longer score
     speed = results["evaluators"]
     assert (speed["batched_images"], speed["loop_images"]) == (200, 20)
     for name in ("features", "active_units"):

@@ -16,8 +16,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ae_lightning import markdown
+from ae_lightning.api import load_run
 from ae_lightning.compare import compare
-from ae_lightning.data import MNISTDataModule
+from ae_lightning.data import MNISTDataModule, to_unit_float
 from ae_lightning.errors import UserError
 from ae_lightning.latent import active_units, encode_images
 from ae_lightning.models import families
@@ -29,6 +30,7 @@ from ae_lightning.sample_quality import (
     load_classifier,
     prepare_classifier,
     sample_quality,
+    train_classifier,
 )
 from conftest import PROJECT, compose_cfg, run_train_cli, tiny_overrides, write_tiny_mnist
 
@@ -134,6 +136,76 @@ def test_every_family_gets_finite_sample_quality(family, tiny_root):
     assert set(metrics) == set(NEW_METRICS) - {"test/active_units"}
     assert all(math.isfinite(value) for value in metrics.values())
     assert 0 <= metrics["test/sample_class_entropy"] <= 1
+
+
+class MeanOracle(families()["ae"]):
+    """A plain AE whose reconstructions are the grey test images a binarised test set was
+    drawn from, in order: the Bernoulli means a perfect model would give."""
+
+    def __init__(self, grey: torch.Tensor) -> None:
+        super().__init__(bottleneck=2, hidden=[8])
+        self.grey, self.given = to_unit_float(grey), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        means = self.grey[self.given : self.given + len(x)]
+        self.given += len(x)
+        return means
+
+
+@pytest.mark.parametrize("binarize", ["static", "dynamic"])
+def test_binarised_outputs_are_measured_against_the_grey_test_images(binarize, tiny_root):
+    torch.manual_seed(0)
+    datamodule = MNISTDataModule(root=str(tiny_root), download=False, val_size=100,
+                                 binarize=binarize)  # fmt: skip
+    (binary, labels), (grey, grey_labels) = datamodule.split("test"), datamodule.grey_split("test")
+    plain = MNISTDataModule(root=str(tiny_root), download=False, val_size=100)
+    assert torch.equal(grey, plain.split("test")[0]) and torch.equal(labels, grey_labels)
+    assert set(binary.unique().tolist()) == {0, 255} and not torch.equal(binary, grey)
+    assert plain.grey_split("test")[0] is plain.split("test")[0]
+
+    classifier = train_classifier(*plain.official_train_split(), 1, 0, torch.device("cpu"))
+    train_images = datamodule.split("train")[0]
+
+    def measured(reference):
+        model = MeanOracle(grey).eval()
+        return sample_quality(
+            model, classifier, (binary, labels), lambda: encode_images(model.encode, train_images),
+            reference=reference,
+        )  # fmt: skip
+
+    against_grey, against_draws = measured(grey), measured(None)
+    assert against_grey["test/fd_recon"] == pytest.approx(0, abs=1e-6)  # perfect means
+    assert against_draws["test/fd_recon"] > 1e-3  # the binarisation noise, scored as error
+    with torch.no_grad():
+        accuracy = (classifier(to_unit_float(grey)).argmax(1) == labels).float().mean()
+    assert against_grey["test/classifier_acc"] == pytest.approx(float(accuracy))
+
+
+def test_a_binarised_run_records_its_frechet_distances_against_the_grey_test_images(tmp_path):
+    root = write_tiny_mnist(tmp_path / "data")
+    result = run_train_cli(
+        ["model=vae", "data.binarize=static", *tiny_overrides(root), "callbacks=minimal",
+         "eval.classifier_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
+        logs=tmp_path / "logs",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    run = load_run(tmp_path / "run", device="cpu", data_root=root)
+    datamodule = run._datamodule()
+    classifier = load_classifier(cache_file(root))
+    train_images = datamodule.split("train")[0]
+
+    def measured(reference):
+        return sample_quality(
+            run.model, classifier, datamodule.split("test"),
+            lambda: encode_images(run.model.encode, train_images), seed=run.config.seed,
+            reference=reference,
+        )  # fmt: skip
+
+    against_grey = measured(datamodule.grey_split("test")[0])
+    for key in ("test/fd_recon", "test/fd_samples", "test/classifier_acc"):
+        assert recorded[key] == pytest.approx(against_grey[key], rel=1e-4), key
+    assert recorded["test/fd_recon"] != pytest.approx(measured(None)["test/fd_recon"], rel=1e-2)
 
 
 def test_the_cached_classifier_is_reused_not_retrained(tiny_root, tmp_path, caplog):

@@ -440,6 +440,7 @@ class MNISTDataModule(pl.LightningDataModule):
         # Training minibatches per Lightning step; must match the module's (one config key).
         self.steps_per_call = steps_per_call
         self._splits: dict[str, Batch] = {}
+        self._grey_splits: dict[str, Batch] = {}
 
     # --- Lightning hooks -----------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -471,6 +472,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self._splits["train"] = images[train], labels[train]
         self._splits["val"] = images[val], labels[val]
         self._splits["test"] = self._load(train=False)
+        self._grey_splits = dict(self._splits)  # the same tensors unless binarised below
         if self.binarize != "none":
             fixed = ("val", "test") if self.binarize == "dynamic" else ("train", "val", "test")
             for offset, name in enumerate(fixed):
@@ -552,6 +554,15 @@ class MNISTDataModule(pl.LightningDataModule):
         if name == "train" and self._evaluation_train is not None:
             return self._evaluation_train
         return self._splits[name]
+
+    def grey_split(self, name: str) -> Batch:
+        """A split as its files hold it, before any ``binarize``: what a model's outputs are
+        compared with. A binarised pixel is 1 with probability intensity/255, so a decoder's
+        mean estimates the grey pixel, not the draw (the same as :meth:`split` when not
+        binarised)."""
+        if not self._splits:
+            self.setup()
+        return self._grey_splits[name]
 
     def official_train_split(self) -> Batch:
         """All official training images in file order (validation's too), whatever the run's

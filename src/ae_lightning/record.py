@@ -63,9 +63,11 @@ def record_run(
             return encode_images(model.encode, datamodule.split("train")[0][:10_000],
                                  device=model.device)  # fmt: skip
 
-        test_set = datamodule.split("test")
+        test_set, (grey, _) = datamodule.split("test"), datamodule.grey_split("test")
         metrics.update(
-            sample_quality(model, classifier, test_set, train_codes, cfg.seed, model.device)
+            sample_quality(
+                model, classifier, test_set, train_codes, cfg.seed, model.device, reference=grey
+            )
         )
     if trainer.is_global_zero:
         nll = test_nll(cfg, model, datamodule)

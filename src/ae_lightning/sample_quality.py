@@ -306,17 +306,25 @@ def sample_quality(
     train_codes: Callable[[], torch.Tensor],
     seed: int = 0,
     device: torch.device | str = "cpu",
+    reference: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Fréchet distances of samples and reconstructions to the test set, and sample coverage.
 
     ``model`` keeps the family contract (``encode``/``decode``, ``prior_sample``); the samples
     are as many as the test images, drawn as ``samples.png`` draws them by default (the
-    family's prior, else a Gaussian fitted to ``train_codes()``).
+    family's prior, else a Gaussian fitted to ``train_codes()``). ``reference``: the uint8
+    images, in the test set's order, that the outputs are measured against, when not the
+    test images themselves: under binarisation the grey ones, which a decoder's means
+    estimate (against the binary draws even a perfect model's means would score the
+    binarisation noise, in features the CNN learnt from grey digits).
     """
     device = torch.device(device)
     classifier = classifier.to(device).eval()
     test_images, test_labels = test_set
-    real, real_classes = embed(classifier, pixel_batches(test_images, device))
+    reference = test_images if reference is None else reference
+    if reference.shape != test_images.shape:
+        raise ValueError(f"reference {tuple(reference.shape)} is not {tuple(test_images.shape)}")
+    real, real_classes = embed(classifier, pixel_batches(reference, device))
     recon, _ = embed(classifier, (model(x) for x in pixel_batches(test_images, device)))
     codes, _ = default_codes(model, len(test_images), seed, train_codes)
     drawn = (
