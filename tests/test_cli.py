@@ -52,7 +52,12 @@ def test_documented_command_on_real_mnist(mnist_root, tmp_path):
 
 
 def test_multirun_leaves_one_folder_per_job(tiny_root, tmp_path):
-    result = run_train_cli(["-m", "bottleneck=2,3", *tiny_overrides(tiny_root)], logs=tmp_path)
+    # $AE_DATA_ROOT names an empty folder: the comparison must read the data.root= the sweep
+    # was given, as its jobs did (CI's $AE_DATA_ROOT holds real MNIST, which would hide that).
+    env = {"AE_DATA_ROOT": str(tmp_path / "no-data-here")}
+    result = run_train_cli(
+        ["-m", "bottleneck=2,3", *tiny_overrides(tiny_root)], logs=tmp_path, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = only_child(tmp_path / "multiruns")
     jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
@@ -63,6 +68,7 @@ def test_multirun_leaves_one_folder_per_job(tiny_root, tmp_path):
     assert "| z=2 | ok |" in summary and "| z=3 | ok |" in summary
     for name in ("scatter", "reconstructions", "interpolation", "samples"):
         assert (sweep / "comparison" / f"{name}.png").is_file()
+    assert "sweep summary failed" not in result.stderr + result.stdout
 
 
 def test_a_sweep_reading_its_data_from_ae_data_root_is_compared_too(tiny_root, tmp_path):

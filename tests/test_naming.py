@@ -8,6 +8,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from ae_lightning.naming import (
     NAME_LIMIT,
     job_dirname,
+    named_pairs,
     quote_path_overrides,
     short_name,
     varying_keys,
@@ -28,6 +29,18 @@ def test_names_keep_lists_readable_and_cap_long_command_lines():
     long_a = short_name([("model.optimizer.lr", "0.001"), ("+note", "x" * 300)])
     long_b = short_name([("model.optimizer.lr", "0.001"), ("+note", "y" * 300)])
     assert len(long_a) <= NAME_LIMIT and long_a != long_b and SAFE_NAME.fullmatch(long_a)
+
+
+def test_a_key_given_twice_is_named_by_the_value_hydra_applies(tiny_root, tmp_path):
+    assert named_pairs(["bottleneck=3", "model=linear", "+bottleneck=5"]) == [
+        ("model", "linear"), ("bottleneck", "5"),
+    ]  # fmt: skip
+    overrides = [*tiny_overrides(tiny_root), "callbacks=none", "logger=none"]
+    result = run_train_cli(["bottleneck=3", "bottleneck=5", *overrides], logs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "z=5" in run_dir.name and "z=3" not in run_dir.name, run_dir.name
+    assert json.loads((run_dir / "metrics.json").read_text())["bottleneck"] == 5
 
 
 def test_varying_keys_are_the_swept_ones_in_command_line_order():

@@ -137,12 +137,14 @@ def _figures(
     originals, _ = datamodule.probe_images(64)
     with torch.no_grad():
         reconstructions = [model(originals) for _, model in models]
+    shown = len(originals)  # the run's test/mse is over the whole test set; this, over these
     headers = [
-        f"{_wrap(name, 28)}\nMSE {float(((r - originals) ** 2).mean()):.4f}"
+        f"{_wrap(name, 28)}\nMSE {float(((r - originals) ** 2).mean()):.4f} on these {shown}"
         for name, r in zip(names, reconstructions, strict=True)
     ]
     figures["reconstructions"] = reconstructions_figure(
-        originals, reconstructions, "First 64 test images and each model's reconstructions",
+        originals, reconstructions,
+        f"First {shown} test images and each model's reconstructions",
         names=headers,
     )  # fmt: skip
 

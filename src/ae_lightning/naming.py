@@ -105,13 +105,18 @@ def named_pairs(
     keys: Iterable[str] | None = None,
     left_out: tuple[str, ...] = NOT_IN_NAMES,
 ) -> list[tuple[str, str]]:
-    """The pairs worth a name: those of ``keys`` (all by default), none of ``left_out``."""
+    """The pairs worth a name: those of ``keys`` (all by default), none of ``left_out``.
+
+    A key given twice (``bottleneck=3 ... bottleneck=5``, an edited shell history) is named
+    once, by its last value: the one Hydra applies, so the folder names what the run trained.
+    """
     wanted = None if keys is None else set(keys)
-    return [
-        (key, value)
-        for key, value in override_pairs(overrides)
-        if not key.startswith(left_out) and (wanted is None or key in wanted)
-    ]
+    last: dict[str, str] = {}
+    for key, value in override_pairs(overrides):
+        if not key.startswith(left_out) and (wanted is None or key in wanted):
+            last.pop(key, None)  # where it was last given, as the run's config has it
+            last[key] = value
+    return list(last.items())
 
 
 def varying_keys(overrides: Iterable[str], sweeper_params: Any = None) -> list[str]:
