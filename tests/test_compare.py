@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -9,6 +10,7 @@ import sys
 
 import matplotlib.image
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ae_lightning.compare import compare
@@ -79,8 +81,10 @@ def test_a_folder_without_runs_is_one_sentence(tmp_path):
 def test_eval_retests_a_checkpoint_into_a_new_run_folder(two_runs, tiny_root, tmp_path):
     run = two_runs[1]
     expected = json.loads((run / "metrics.json").read_text())
+    # eval's own batch size, epochs and seed are not the run's: its record must say the run's
+    eval_settings = [*tiny_overrides(tiny_root), "data.batch_size=25", "seed=7"]
     result = run_train_cli(
-        [f"ckpt_path={run}/checkpoints/best.ckpt", *tiny_overrides(tiny_root)],
+        [f"ckpt_path={run}/checkpoints/best.ckpt", *eval_settings],
         logs=tmp_path, script="eval.py",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -88,7 +92,27 @@ def test_eval_retests_a_checkpoint_into_a_new_run_folder(two_runs, tiny_root, tm
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["test/mse"] == pytest.approx(expected["test/mse"], abs=1e-7)
     assert metrics["bottleneck"] == expected["bottleneck"] == 3 and metrics["epochs"] == 2
+    assert metrics["recipe"] == expected["recipe"] == "adam lr=0.003, batch 50"
     assert {p.stem for p in (eval_dir / "figures").glob("*.png")} == set(FIGURES)
+    knobs = yaml.safe_load((eval_dir / "hparams.yaml").read_text())  # the HParams tab's row
+    assert (knobs["lr"], knobs["batch_size"], knobs["max_epochs"], knobs["seed"]) == (
+        0.003, 50, 2, 0,
+    )  # fmt: skip
+
+
+def test_eval_of_a_lone_checkpoint_records_its_recipe_as_unknown(two_runs, tiny_root, tmp_path):
+    lone = tmp_path / "received.ckpt"  # a colleague's file, without its run folder
+    shutil.copy(two_runs[0] / "checkpoints" / "best.ckpt", lone)
+    result = run_train_cli(
+        [f"ckpt_path={lone}", *tiny_overrides(tiny_root), "callbacks=none"],
+        logs=tmp_path, script="eval.py",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (eval_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["recipe"].startswith("training settings unknown"), metrics["recipe"]
+    knobs = yaml.safe_load((eval_dir / "hparams.yaml").read_text())
+    assert all(math.isnan(knobs[key]) for key in ("lr", "batch_size", "max_epochs", "seed"))
 
 
 def test_eval_refuses_a_missing_or_foreign_checkpoint(tiny_root, tmp_path):

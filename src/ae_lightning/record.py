@@ -44,8 +44,13 @@ def record_run(
     datamodule: pl.LightningDataModule,
     metrics: dict[str, Any],
     classifier: Any = None,
+    trained: DictConfig | None = None,
 ) -> dict[str, Any]:
-    """Add the latent- and sample-quality metrics, write metrics.json and the HParams record."""
+    """Add the latent- and sample-quality metrics, write metrics.json and the HParams record.
+
+    ``trained``: the settings that trained the model where they are not ``cfg``'s (an
+    evaluation's are its own defaults): its recipe, lr, batch size, epochs and seed.
+    """
     if trainer.is_global_zero and cfg.get("latent_metrics", True):
         if datamodule.has_labels:
             model.eval()
@@ -74,12 +79,12 @@ def record_run(
         if nll is not None:
             metrics["test/nll"] = nll
     metrics.update(num_parameters=model.num_parameters, bottleneck=model.bottleneck)
-    metrics.update(describe_run(cfg, model))
+    metrics.update(describe_run(cfg, model, trained))
     if trainer.is_global_zero:  # under DDP every rank returns the same metrics
         write_json(run_dir / "metrics.json", metrics)
     # Once, at the final step: the test metrics Lightning logged are there already.
     final = tb.final_scalars(metrics, logged=trainer.logged_metrics)
-    knobs = flat_hyperparameters(cfg, model, sweep_varying())
+    knobs = flat_hyperparameters(cfg, model, sweep_varying(), trained)
     for logger in trainer.loggers:
         logger.log_metrics(final, step=trainer.global_step)
         if isinstance(logger, TensorBoardLogger):  # written empty at the start; save() keeps
@@ -133,25 +138,33 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
-def describe_run(cfg: DictConfig, model: Autoencoder) -> dict[str, str]:
+def describe_run(
+    cfg: DictConfig, model: Autoencoder, trained: DictConfig | None = None
+) -> dict[str, str]:
     """Model family, dataset and training recipe in words, for summaries and comparisons.
 
     ``recipe`` is e.g. ``adamw lr=0.001 wd=0.01, cosine, elu, batch 64, mask 0.2, dropout
-    0.1``: what differs from the defaults (ReLU units, batch 128) is named.
+    0.1``: what differs from the defaults (ReLU units, batch 128) is named. It is read from
+    ``trained`` where given (the run that trained an evaluated checkpoint; empty: unknown),
+    the dataset from ``cfg``, the data the metrics beside it were measured on.
     """
-    optimizer = cfg.model.get("optimizer") or {}
-    parts = [
-        str(optimizer.get("_target_", "adam")).rsplit(".", 1)[-1].lower()
-        + f" lr={optimizer.get('lr', 'default')}"
-        + (f" wd={optimizer.weight_decay}" if optimizer.get("weight_decay") else "")
-    ]
-    scheduler = cfg.model.get("scheduler") or {}
+    recipe = cfg if trained is None else trained
+    optimizer = (recipe.get("model") or {}).get("optimizer") or {}
+    if optimizer:
+        parts = [
+            str(optimizer.get("_target_", "adam")).rsplit(".", 1)[-1].lower()
+            + f" lr={optimizer.get('lr', 'default')}"
+            + (f" wd={optimizer.weight_decay}" if optimizer.get("weight_decay") else "")
+        ]
+    else:  # a checkpoint without its run folder: its optimiser was never recorded in it
+        parts = ["training settings unknown (no run folder beside the checkpoint)"]
+    scheduler = (recipe.get("model") or {}).get("scheduler") or {}
     if scheduler.get("_target_"):
         parts.append(SCHEDULER_NAMES.get(scheduler._target_.rsplit(".", 1)[-1], "scheduler"))
     hparams = model.hparams
     if hparams.get("hidden") and hparams.get("activation", "relu") != "relu":
         parts.append(str(hparams["activation"]))
-    batch_size = cfg.data.get("batch_size")
+    batch_size = (recipe.get("data") or {}).get("batch_size")
     if batch_size and batch_size != DEFAULT_BATCH_SIZE:
         parts.append(f"batch {batch_size}")
     if hparams.get("corruption", "none") != "none":
@@ -175,15 +188,20 @@ SCHEDULER_NAMES = {
 
 
 def flat_hyperparameters(
-    cfg: DictConfig, model: Autoencoder, varying: list[str] | None = None
+    cfg: DictConfig,
+    model: Autoencoder,
+    varying: list[str] | None = None,
+    trained: DictConfig | None = None,
 ) -> dict[str, Any]:
     """The knobs worth comparing across runs, flattened for TensorBoard's HParams tab.
 
-    The architecture is read off the model, so an evaluated checkpoint reports its own.
+    The architecture is read off the model, so an evaluated checkpoint reports its own, and
+    its training settings off ``trained`` (``describe_run``): NaN where they are unknown.
     A varied override that is no knob of its own (``data.val_size``) becomes one.
     """
     hidden = list(model.hparams.get("hidden") or [])
-    optimizer = cfg.model.get("optimizer") or {}
+    recipe = cfg if trained is None else trained
+    optimizer = (recipe.get("model") or {}).get("optimizer") or {}
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     # The config group's name (`hidden1024`), unless an evaluated checkpoint differs from it.
     same = list(cfg.model.get("hidden") or []) == hidden and cfg.bottleneck == model.bottleneck
@@ -192,20 +210,33 @@ def flat_hyperparameters(
         "architecture": "-".join(
             str(size) for size in [math.prod(model.image_shape), *hidden, model.bottleneck]
         ),
-        **describe_run(cfg, model),
+        **describe_run(cfg, model, trained),
         "bottleneck": int(model.bottleneck),
         "hidden": str(hidden),
         "activation": str(model.hparams.get("activation")),
-        "lr": float(optimizer.get("lr", float("nan"))),
-        "weight_decay": float(optimizer.get("weight_decay") or 0.0),
-        "batch_size": int(cfg.data.batch_size),
-        "max_epochs": int(cfg.trainer.max_epochs),
-        "seed": int(cfg.seed),
+        "lr": _number(optimizer.get("lr")),
+        "weight_decay": _number(optimizer.get("weight_decay") or 0.0) if optimizer else math.nan,
+        "batch_size": _number((recipe.get("data") or {}).get("batch_size")),
+        "max_epochs": _number((recipe.get("trainer") or {}).get("max_epochs")),
+        "seed": _number(recipe.get("seed")),
     }
     for key in tb.varied_knobs(varying or []):
         if key not in knobs:
             knobs[key] = str(OmegaConf.select(cfg, key, default=""))
     return knobs
+
+
+def _number(value: Any) -> float | int:
+    """A knob's number for the HParams tab: NaN where it is unknown or not a number (a saved
+    ``1e-3`` reads back as a string: YAML 1.1 floats need a dot)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return value
 
 
 def _record_tensorboard(

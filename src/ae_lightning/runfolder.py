@@ -13,6 +13,7 @@ folders (``ae-compare``, ``eval.py``, ``ae-export``, the notebook API) goes thro
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -33,6 +34,8 @@ from ae_lightning.limits import MAX_WIDTH, check_model_size, max_parameters
 from ae_lightning.models import checkpoint_family, families, family_class, init_parameters
 from ae_lightning.models.ae import Autoencoder
 from ae_lightning.nets import IMAGE_SHAPE
+
+log = logging.getLogger(__name__)
 
 # Far above what train.py writes (a config is a few kB, metrics.json grows by one number an
 # epoch); a received file past it is refused before it is read into memory.
@@ -807,6 +810,31 @@ def saved_config(folder: Path | None) -> dict[str, Any]:
         if (folder / ".hydra" / name).is_file():
             return plain_values(read_config(folder, name))
     return {}
+
+
+TRAINED_KEYS = {  # what describes how a model was trained: record.describe_run's words
+    "model": ("optimizer", "scheduler"), "data": ("batch_size",), "trainer": ("max_epochs",),
+}  # fmt: skip
+
+
+def training_settings(checkpoint: Path) -> dict[str, Any]:
+    """How the run that wrote ``checkpoint`` trained it (optimiser, schedule, batch size,
+    epochs, seed), from that run's saved config, for an evaluation to report: empty for a
+    checkpoint outside a run's ``checkpoints/`` folder or beside an unreadable config."""
+    folder = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    try:
+        config = saved_config(folder)
+    except UserError as err:  # the evaluation goes on; only its recipe is unknown
+        log.warning("%s The recipe of %s is recorded as unknown.", err, checkpoint)
+        return {}
+    settings: dict[str, Any] = {
+        group: {key: node[key] for key in keys if key in node}
+        for group, keys in TRAINED_KEYS.items()
+        if isinstance(node := config.get(group), dict)
+    }
+    if "seed" in config:
+        settings["seed"] = config["seed"]
+    return settings
 
 
 def saved_data_settings(folder: Path | None) -> dict[str, Any]:

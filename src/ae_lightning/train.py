@@ -24,7 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -46,7 +46,7 @@ from ae_lightning.resume import (
     resume_checkpoint,
     resume_command,
 )
-from ae_lightning.runfolder import load_autoencoder
+from ae_lightning.runfolder import load_autoencoder, training_settings
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "checkpoints/ folder, e.g. <run>/checkpoints/best.ckpt."
         )
     model = load_autoencoder(path)  # before the run folder: a refused file leaves none
+    trained = OmegaConf.create(training_settings(path))  # its recipe is its run's, not ours
     classifier = None
     trainer = None
     with SigtermGuard() as guard:
@@ -176,7 +177,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 raise Terminated
             metrics: dict[str, Any] = {key: float(value) for key, value in test_metrics.items()}
             metrics.update(epochs=model.trained_epochs, test_checkpoint=str(path))
-            return record_run(cfg, run_dir, trainer, model, datamodule, metrics, classifier)
+            return record_run(
+                cfg, run_dir, trainer, model, datamodule, metrics, classifier, trained
+            )
         except (SIGTERMException, Terminated):
             command = rerun_command()  # nothing to keep: the checkpoint is unchanged
             raise RunInterrupted(
