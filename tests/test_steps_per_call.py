@@ -55,7 +55,7 @@ def test_a_list_batch_becomes_unit_floats(tiny_root):
 def test_k_steps_per_call_train_exactly_like_one(tiny_root, tmp_path):
     """Same weights, step count, learning-rate schedule and TensorBoard curves as K=1."""
     runs = {}
-    for k in (1, 3):
+    for k in (1, 3, 10):
         run_dir = tmp_path / f"k{k}"
         cfg = compose_cfg(
             [*tiny_overrides(tiny_root), f"engine.steps_per_call={k}", "callbacks=minimal",
@@ -65,7 +65,7 @@ def test_k_steps_per_call_train_exactly_like_one(tiny_root, tmp_path):
         metrics = train(cfg)
         checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
         runs[k] = metrics, checkpoint, run_dir
-    (m1, c1, d1), (m3, c3, d3) = runs[1], runs[3]
+    (m1, c1, d1), (m3, c3, d3), (m10, _, _) = runs[1], runs[3], runs[10]
     assert m1["global_step"] == m3["global_step"] == c3["global_step"] == 20  # 2 x 500/50
     for name, weight in c1["state_dict"].items():
         assert torch.equal(weight, c3["state_dict"][name]), name
@@ -77,6 +77,13 @@ def test_k_steps_per_call_train_exactly_like_one(tiny_root, tmp_path):
         assert [s for s, _ in one] == [s for s, _ in three], tag
         assert [v for _, v in one] == pytest.approx([v for _, v in three], rel=1e-6), tag
     assert [s for s, _ in scalars(d3, "train/mse")] == [4, 9, 14, 19]  # every 5 steps
+    # metrics.json's history: each epoch's mean of its logging steps' terms, also where one
+    # call of 10 steps holds both of an epoch's logging steps
+    columns = [[row["train/mse"] for row in m["history"]] for m in (m1, m3, m10)]
+    logged = [v for _, v in scalars(d1, "train/mse")]
+    assert columns[0] == pytest.approx([sum(logged[:2]) / 2, sum(logged[2:]) / 2], rel=1e-6)
+    assert columns[1] == pytest.approx(columns[0], rel=1e-6)
+    assert columns[2] == pytest.approx(columns[0], rel=1e-6)
 
 
 def test_max_steps_stops_inside_a_call(tiny_root, tmp_path):

@@ -240,8 +240,9 @@ class EpochHistory(Callback):
     """Per-epoch train and val terms, learning rate and epoch time, for ``metrics.json``.
 
     The train terms are the mean of the values the module read at its logging steps during
-    the epoch (it reads them only there, to keep host syncs off the other steps); val terms
-    are the epoch's. The rows travel in checkpoints, so a resumed run keeps its history.
+    the epoch (it reads them only there, to keep host syncs off the other steps; a call of
+    ``steps_per_call`` steps may hold several); val terms are the epoch's. The rows travel
+    in checkpoints, so a resumed run keeps its history.
     ``figures/curves.png`` draws them when training ends.
     """
 
@@ -250,25 +251,22 @@ class EpochHistory(Callback):
         self._trained = False  # whether this process fitted: a test then keeps its rows
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
-        self._seen: dict[str, float] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a resumed run's rows arrive later, through load_state_dict
-            self.rows, self._sums, self._counts, self._seen = [], {}, {}, {}
+            self.rows, self._sums, self._counts = [], {}, {}
             self._trained = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        for name, value in trainer.callback_metrics.items():
-            if not name.startswith("train/"):
-                continue
-            value = float(value)  # a float the module already read: no device sync
-            if self._seen.get(name) != value:  # a new logging step's value
-                self._seen[name] = value
+        read = pl_module.train_terms_read  # floats the module already read: no device sync
+        for values in read:
+            for name, value in values.items():
                 self._sums[name] = self._sums.get(name, 0.0) + value
                 self._counts[name] = self._counts.get(name, 0) + 1
+        read.clear()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -113,6 +113,9 @@ class TrainingSystem(pl.LightningModule):
         self._accumulated = 0  # minibatches whose gradients wait for the next step
         self._plain_backward = False  # loss.backward() suffices (see `_backward_needs_lightning`)
         self.trained_epochs = 0  # epochs behind the weights, restored from checkpoints
+        # The train terms read at each logging step, until a callback takes them (the
+        # epoch history): a call of K steps can hold several logging steps.
+        self.train_terms_read: list[dict[str, float]] = []
 
     @property
     def num_parameters(self) -> int:
@@ -210,6 +213,7 @@ class TrainingSystem(pl.LightningModule):
     def _log_train_terms(self, terms: dict[str, torch.Tensor], step: int) -> None:
         """``train/<name>`` at exactly the steps and x values of one step per call."""
         values = {f"train/{name}": float(value.detach()) for name, value in terms.items()}  # sync
+        self.train_terms_read.append(values)
         for logger in self.loggers:
             logger.log_metrics({**values, "epoch": self.current_epoch}, step=step)
         for name, value in values.items():  # for the progress display only
@@ -421,6 +425,7 @@ class TrainingSystem(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.trained_epochs = self.current_epoch + 1
         self._step_schedulers("epoch")
+        self.train_terms_read.clear()  # taken by now, if anyone wanted them: stays bounded
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["model_family"] = self.family
