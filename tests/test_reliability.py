@@ -169,6 +169,23 @@ def test_resume_refuses_a_folder_without_checkpoint_or_another_architecture(tiny
         assert f"ckpt_path={run_dir} is a folder: point it at a .ckpt" in folder.stderr
 
 
+def test_resume_null_trains_a_new_run_and_the_last_resume_given_is_the_one_checked(
+    tiny_root, tmp_path
+):
+    """``resume=null`` is the config's own default (no resume), yet it was refused as a
+    folder named ``null``; with ``resume=`` twice, Hydra applies the last, so that is the
+    one the checks before Hydra read."""
+    common = [*tiny_overrides(tiny_root), "callbacks=none", "logger=none"]
+    typo = tmp_path / "typo_run"
+    result = run_train_cli([*common, f"resume={typo}", "resume=NULL"], logs=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "metrics.json").is_file() and not typo.exists()
+    again = run_train_cli([*common, "resume=null", f"resume={typo}"], logs=tmp_path)
+    assert again.returncode == 2 and f"resume={typo} does not exist" in again.stderr
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
 def test_a_finished_run_is_never_written_by_eval_resume_or_a_reused_run_dir(tiny_root, tmp_path):
     """eval.py resume=<run> and hydra.run.dir=<run> used to replace the run's metrics.json,
     .hydra/ config and checkpoints, exit 0."""

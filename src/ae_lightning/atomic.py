@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -96,31 +95,6 @@ def check_no_links_out(folder: str | os.PathLike, what: str) -> None:
                     )
             elif entry.is_dir(follow_symlinks=False):
                 pending.append(Path(entry.path))
-
-
-def refuse_bad_resume(argv: list[str] | None = None) -> None:
-    """Exit 2 with one sentence if ``resume=`` is not a run folder to continue (missing, a
-    checkpoint file, a folder with no ``checkpoints/last.ckpt``) or holds a link out.
-
-    Hydra creates the folder and writes ``.hydra-resumed/`` and ``train.log`` into it before
-    any task code runs, so this reads ``resume=`` off the command line itself.
-    """
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, _, value = arg.partition("=")
-        value = value.strip().strip("'\"")
-        if key.lstrip("+") != "resume" or not value:
-            continue
-        try:
-            if "${" in value:  # Hydra would resolve it to a folder this walk never saw
-                raise UserError(
-                    f"resume={value} is an interpolation, and the folder it names cannot be "
-                    "checked before Hydra writes into it: write the folder itself "
-                    "(resume=/path/to/run)."
-                )
-            check_run_to_resume(value)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
 
 
 def check_run_to_resume(value: str | os.PathLike) -> None:

@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from ae_lightning.atomic import write_atomic
+from ae_lightning.atomic import check_run_to_resume, write_atomic
 from ae_lightning.errors import UserError
 from ae_lightning.extras import check_command_line
 from ae_lightning.interrupts import INTERRUPTED
@@ -158,21 +158,24 @@ def refuse_sweep_without_multirun(argv: list[str] | None = None) -> None:
             )
 
 
-def _command_line_value(args: list[str], key: str) -> str | None:
-    """The last ``key=value`` (or ``+key=``/``++key=``) of ``args``, unquoted; Hydra takes
-    the last one too. None when absent or null."""
+def command_line_value(args: list[str], key: str) -> str | None:
+    """The value Hydra will give ``key``: the last ``key=``/``+key=``/``++key=`` of ``args``,
+    unquoted. None when absent, empty or ``null`` (Hydra's keyword, in any case; a quoted
+    ``'null'`` is the word itself). The checks that must run before Hydra read it here."""
     found = None
     for arg in args:
         name, equals, value = arg.partition("=")
         if equals and name.lstrip("+") == key:
-            found = value.strip().strip("'\"")
-    return None if found in (None, "", "null") else found
+            found = value.strip()
+    if found is None or found.lower() == "null":
+        return None
+    return found.strip("'\"") or None
 
 
 def refuse_eval_resume(argv: list[str] | None = None) -> None:
     """``eval.py ... resume=<run>``: exit 2, or the test would write its metrics.json, config
     and log into that training run's folder, over the training's own."""
-    run = _command_line_value(sys.argv[1:] if argv is None else argv, "resume")
+    run = command_line_value(sys.argv[1:] if argv is None else argv, "resume")
     if run is not None:
         _exit_bad_input(
             f"resume={run} continues a training run, which eval.py does not: it tests a "
@@ -184,8 +187,8 @@ def refuse_a_used_run_folder(argv: list[str] | None = None) -> None:
     """``hydra.run.dir=`` a folder that already holds a run: exit 2 before Hydra writes its
     config and log there and the run replaces the other's checkpoints and metrics."""
     args = sys.argv[1:] if argv is None else argv
-    folder = _command_line_value(args, "hydra.run.dir")
-    if folder is None or "${" in folder or _command_line_value(args, "resume") is not None:
+    folder = command_line_value(args, "hydra.run.dir")
+    if folder is None or "${" in folder or command_line_value(args, "resume") is not None:
         return  # resume= continues a run in place: its own checks apply
     used = [name for name in ("metrics.json", "checkpoints") if (Path(folder) / name).exists()]
     if used:
@@ -193,6 +196,28 @@ def refuse_a_used_run_folder(argv: list[str] | None = None) -> None:
             f"hydra.run.dir={folder} already holds a run ({' and '.join(used)}): choose a new "
             f"folder, or continue that run with resume={folder}."
         )
+
+
+def refuse_bad_resume(argv: list[str] | None = None) -> None:
+    """Exit 2 with one sentence if ``resume=`` is not a run folder to continue (missing, a
+    checkpoint file, a folder with no ``checkpoints/last.ckpt``) or holds a link out.
+
+    Hydra creates the folder and writes ``.hydra-resumed/`` and ``train.log`` into it before
+    any task code runs, so this reads ``resume=`` off the command line itself.
+    """
+    run = command_line_value(sys.argv[1:] if argv is None else argv, "resume")
+    if run is None:
+        return
+    try:
+        if "${" in run:  # Hydra would resolve it to a folder this walk never saw
+            raise UserError(
+                f"resume={run} is an interpolation, and the folder it names cannot be "
+                "checked before Hydra writes into it: write the folder itself "
+                "(resume=/path/to/run)."
+            )
+        check_run_to_resume(run)
+    except UserError as err:
+        _exit_bad_input(str(err))
 
 
 def refuse_finished_resume(argv: list[str] | None = None) -> None:
@@ -204,28 +229,27 @@ def refuse_finished_resume(argv: list[str] | None = None) -> None:
     Nothing in the folder changes.
     """
     args = sys.argv[1:] if argv is None else argv
-    wanted = dict(arg.lstrip("+").split("=", 1) for arg in args if "=" in arg)
-    for key, raw in wanted.items():
-        if key != "resume" or raw in ("", "null"):
-            continue
-        run = Path(raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" else raw)
-        if not (run / "metrics.json").is_file() or (run / INTERRUPTED).exists():
-            return
-        try:
-            with open(run / "metrics.json", "rb") as f:  # a received folder's: bounded
-                trained = int(json.loads(f.read(METRICS_READ_LIMIT))["epochs"])
-            more = int(wanted.get("trainer.max_epochs", 0))
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            return  # an odd metrics.json or value: the checks after Hydra say what is wrong
-        if more == -1 or more > trained:
-            return
-        print(
-            f"{run} has finished (its metrics.json is complete after {trained} "
-            f"epoch{'' if trained == 1 else 's'}): nothing "
-            f"to resume; to train it further, add trainer.max_epochs={trained + 1} or more.",
-            flush=True,
-        )
-        sys.exit(0)
+    resume = command_line_value(args, "resume")
+    if resume is None:
+        return
+    run = Path(resume)
+    if not (run / "metrics.json").is_file() or (run / INTERRUPTED).exists():
+        return
+    try:
+        with open(run / "metrics.json", "rb") as f:  # a received folder's: bounded
+            trained = int(json.loads(f.read(METRICS_READ_LIMIT))["epochs"])
+        more = int(command_line_value(args, "trainer.max_epochs") or 0)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return  # an odd metrics.json or value: the checks after Hydra say what is wrong
+    if more == -1 or more > trained:
+        return
+    print(
+        f"{run} has finished (its metrics.json is complete after {trained} "
+        f"epoch{'' if trained == 1 else 's'}): nothing "
+        f"to resume; to train it further, add trainer.max_epochs={trained + 1} or more.",
+        flush=True,
+    )
+    sys.exit(0)
 
 
 def freeze_start_up_objects() -> None:

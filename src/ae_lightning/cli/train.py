@@ -9,7 +9,6 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ae_lightning.atomic import refuse_bad_resume
 from ae_lightning.cli import (
     check_extras,
     ensure_writable_logs,
@@ -17,6 +16,7 @@ from ae_lightning.cli import (
     quiet_console,
     record_config,
     refuse_a_used_run_folder,
+    refuse_bad_resume,
     refuse_finished_resume,
     refuse_sweep_without_multirun,
 )
