@@ -127,6 +127,15 @@ def test_terminal_bar_counts_optimizer_steps_and_hides_every_run_notices(tiny_ro
     (run_dir,) = (tmp_path / "runs").iterdir()
     log = (run_dir / "train.log").read_text()
     assert "TPU available" in log and "the device is cpu" in log  # kept for the record
+    # Accumulating 4 minibatches a step: 3 optimizer steps an epoch (4, 4, and the last 2),
+    # and the bar fills to them (it counted minibatches and stopped at 3/10).
+    code, screen = run_on_a_terminal(
+        [*tiny_overrides(tiny_root), "+trainer.accumulate_grad_batches=4", "callbacks=minimal",
+         "logger=none"], tmp_path / "accumulating",
+    )  # fmt: skip
+    assert code == 0, screen[-3000:]
+    bars = [line for line in re.split(r"[\r\n]", screen) if line.startswith("Epoch 1/1")]
+    assert bars and "3/3" in bars[-1] and "/10" not in "".join(bars), bars
 
 
 def test_run_folder_holds_history_curves_and_provenance(tiny_root, tmp_path):

@@ -125,8 +125,9 @@ class StepProgressBar(ProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._progress is None and self._enabled:  # resumed mid-epoch: no epoch start
             self.on_train_epoch_start(trainer, pl_module)
-            done = trainer.global_step - trainer.current_epoch * self._steps_in_epoch()
-            self._first_step = trainer.global_step - max(0, int(done))
+            steps = self._steps_in_epoch()
+            done = 0 if steps is None else trainer.global_step - trainer.current_epoch * steps
+            self._first_step = trainer.global_step - max(0, done)
         if self._progress is None:
             return
         step = trainer.global_step
@@ -144,12 +145,12 @@ class StepProgressBar(ProgressBar):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._close()
 
-    def _steps_in_epoch(self) -> int | float:
-        """Optimizer steps this epoch: the loader's minibatches, within Lightning's limits."""
-        calls = self.total_train_batches
-        loader = self.trainer.train_dataloader
-        per_call = getattr(loader, "steps_per_call", 1)
-        return min(getattr(loader, "num_minibatches", calls * per_call), calls * per_call)
+    def _steps_in_epoch(self) -> int | None:
+        """Optimizer steps this epoch, as the module counts them (its calls of K minibatches,
+        gradient accumulation), else Lightning's batch count; None: of unknown length."""
+        count = getattr(self.trainer.lightning_module, "optimizer_steps_per_epoch", None)
+        steps = count() if callable(count) else self.total_train_batches
+        return None if steps is None or math.isinf(steps) else int(steps)
 
     def _show(self, trainer: pl.Trainer, step: int) -> None:
         terms = "  ".join(

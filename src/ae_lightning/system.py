@@ -299,16 +299,25 @@ class TrainingSystem(pl.LightningModule):
         estimate = trainer.estimated_stepping_batches  # sets the training data up
         if trainer.max_epochs is None or trainer.max_epochs < 0:  # max_steps, or unbounded
             return None if math.isinf(estimate) else int(estimate)
+        per_epoch = self.optimizer_steps_per_epoch()
+        if per_epoch is None:
+            return None
+        total = per_epoch * trainer.max_epochs
+        if trainer.max_steps > 0:
+            total = min(total, trainer.max_steps)
+        return total
+
+    def optimizer_steps_per_epoch(self) -> int | None:
+        """Optimizer steps in one epoch (None: an epoch of unknown length), once the training
+        data is set up: a call of K minibatches is K steps, though Lightning counts one batch,
+        and accumulating takes a step every ``accumulate_grad_batches`` and at the end."""
+        trainer = self.trainer
         loader, calls = trainer.train_dataloader, trainer.num_training_batches
         if math.isinf(calls):
             return None
         per_call = getattr(loader, "steps_per_call", 1)  # a DataLoader sends one minibatch
-        per_epoch = min(getattr(loader, "num_minibatches", calls * per_call), calls * per_call)
-        every = self.engine.accumulate_grad_batches
-        total = math.ceil(per_epoch / every) * trainer.max_epochs
-        if trainer.max_steps > 0:
-            total = min(total, trainer.max_steps)
-        return total
+        minibatches = min(getattr(loader, "num_minibatches", calls * per_call), calls * per_call)
+        return math.ceil(minibatches / self.engine.accumulate_grad_batches)
 
     def _refuse_a_short_one_cycle(self) -> None:
         """torch ends a one-cycle schedule with a ValueError at the first step past its
