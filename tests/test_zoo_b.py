@@ -330,6 +330,41 @@ def test_iwae_paper_composes_with_its_schedule_shortened():
     assert lrs == pytest.approx(expected, rel=1e-9)
 
 
+def test_a_resumed_geometric_schedule_keeps_the_stages_it_started_with():
+    """A resume that trains on (twice the epochs) builds its schedule over the longer run;
+    the restored state's stages decide, so the lr never jumps back up to an earlier stage's."""
+    from ae_lightning.system import GeometricStagesLR
+
+    def stepped(total_steps, steps, state=None):
+        optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        scheduler = GeometricStagesLR(optimizer, total_steps=total_steps, stages=3, growth=3.0,
+                                      decay=0.5)  # fmt: skip
+        if state is not None:
+            scheduler.load_state_dict(state)
+        lrs = []
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+        return scheduler, lrs
+
+    # 13 steps: stages end at 1, 4 and 13 steps (1:3:9), at lr 1e-3, 5e-4, 2.5e-4
+    first, before = stepped(13, 6)
+    state = torch.load(_saved(first.state_dict()), weights_only=True)  # as a checkpoint holds it
+    _, after = stepped(26, 20, state)  # over 26 steps, step 6 would be back in stage 1
+    assert before[-1] == pytest.approx(2.5e-4)
+    assert after == pytest.approx([2.5e-4] * 20)
+
+
+def _saved(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
 @pytest.mark.parametrize(
     ("family", "extra"),
     [

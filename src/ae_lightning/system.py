@@ -497,7 +497,9 @@ class GeometricStagesLR(torch.optim.lr_scheduler.LambdaLR):
     Burda et al. 2016's schedule is stages=8, growth=3, decay=10**(-1/7): 3^i passes over
     the data at 1e-3 * 10^(-i/7) for i = 0..7, 3280 passes in all. Stepped every optimizer
     step over ``total_steps`` (the run's length, filled in by ``TrainingSystem``), so a
-    shorter run keeps the same stages in proportion.
+    shorter run keeps the same stages in proportion. A resumed run keeps the stages it
+    started with (``stage_ends`` travels in the state): trained past their end, it stays at
+    the last stage's lr instead of jumping back to an earlier stage's higher one.
     """
 
     def __init__(
@@ -514,10 +516,10 @@ class GeometricStagesLR(torch.optim.lr_scheduler.LambdaLR):
         for part in parts:
             done += part
             ends.append(done / sum(parts) * total_steps)
-        self.stage_ends = ends  # the step at which each stage ends
+        self.stage_ends = ends  # the step at which each stage ends; restored on a resume
 
-        def factor(step: int) -> float:
-            stage = next((i for i, end in enumerate(ends) if step < end), stages - 1)
+        def factor(step: int) -> float:  # the restored ends, not those built above
+            stage = next((i for i, end in enumerate(self.stage_ends) if step < end), stages - 1)
             return decay**stage
 
         super().__init__(optimizer, factor, last_epoch)
