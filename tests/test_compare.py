@@ -100,6 +100,29 @@ def test_eval_retests_a_checkpoint_into_a_new_run_folder(two_runs, tiny_root, tm
     )  # fmt: skip
 
 
+def test_eval_reads_a_received_runs_odd_config_as_plain_values(two_runs, tiny_root, tmp_path):
+    """The training run's config is a received file: values of the wrong type are left out,
+    never called nor resolved, and the evaluation still records its test metrics."""
+    received = tmp_path / "received_run"
+    shutil.copytree(two_runs[0], received)
+    odd = (
+        "model:\n  optimizer: adam\n  scheduler: {_target_: 5, step_size: [1]}\n"
+        "data: {batch_size: '${oc.env:HOME}'}\ntrainer: {max_epochs: true}\nseed: [1, 2]\n"
+    )
+    for name in ("config.yaml", "config_resolved.yaml"):
+        (received / ".hydra" / name).write_text(odd)
+    result = run_train_cli(
+        [f"ckpt_path={received}/checkpoints/best.ckpt", *tiny_overrides(tiny_root),
+         "callbacks=none"], logs=tmp_path / "logs", script="eval.py",
+    )  # fmt: skip
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (eval_dir,) = (tmp_path / "logs" / "runs").iterdir()
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["recipe"].startswith("training settings unknown") and "test/mse" in metrics
+    knobs = yaml.safe_load((eval_dir / "hparams.yaml").read_text())
+    assert all(math.isnan(knobs[key]) for key in ("lr", "batch_size", "max_epochs", "seed"))
+
+
 def test_eval_of_a_lone_checkpoint_records_its_recipe_as_unknown(two_runs, tiny_root, tmp_path):
     lone = tmp_path / "received.ckpt"  # a colleague's file, without its run folder
     shutil.copy(two_runs[0] / "checkpoints" / "best.ckpt", lone)

@@ -812,27 +812,39 @@ def saved_config(folder: Path | None) -> dict[str, Any]:
     return {}
 
 
-TRAINED_KEYS = {  # what describes how a model was trained: record.describe_run's words
-    "model": ("optimizer", "scheduler"), "data": ("batch_size",), "trainer": ("max_epochs",),
-}  # fmt: skip
-
-
 def training_settings(checkpoint: Path) -> dict[str, Any]:
-    """How the run that wrote ``checkpoint`` trained it (optimiser, schedule, batch size,
-    epochs, seed), from that run's saved config, for an evaluation to report: empty for a
-    checkpoint outside a run's ``checkpoints/`` folder or beside an unreadable config."""
+    """How the run that wrote ``checkpoint`` trained it, for an evaluation to report: the
+    optimiser's and schedule's class names, lr and weight decay, the batch size, epochs and
+    seed of that run's saved config, each kept only if of its type. Empty for a checkpoint
+    outside a run's ``checkpoints/`` folder or beside an unreadable config."""
     folder = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     try:
         config = saved_config(folder)
     except UserError as err:  # the evaluation goes on; only its recipe is unknown
         log.warning("%s The recipe of %s is recorded as unknown.", err, checkpoint)
         return {}
-    settings: dict[str, Any] = {
-        group: {key: node[key] for key in keys if key in node}
-        for group, keys in TRAINED_KEYS.items()
-        if isinstance(node := config.get(group), dict)
-    }
-    if "seed" in config:
+
+    def node(*keys: str) -> dict[str, Any]:
+        found: Any = config
+        for key in keys:
+            found = found.get(key) if isinstance(found, dict) else None
+        return found if isinstance(found, dict) else {}
+
+    def number(value: Any, kind: type | tuple[type, ...]) -> bool:
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    model: dict[str, Any] = {}
+    for part in ("optimizer", "scheduler"):
+        kept = {k: v for k, v in node("model", part).items()
+                if (k == "_target_" and isinstance(v, str))
+                or (k in ("lr", "weight_decay") and number(v, (int, float)))}  # fmt: skip
+        if kept:
+            model[part] = kept
+    settings: dict[str, Any] = {"model": model} if model else {}
+    for group, key in (("data", "batch_size"), ("trainer", "max_epochs")):
+        if number(node(group).get(key), int):
+            settings[group] = {key: node(group)[key]}
+    if number(config.get("seed"), int):
         settings["seed"] = config["seed"]
     return settings
 
