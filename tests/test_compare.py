@@ -107,7 +107,8 @@ def test_eval_reads_a_received_runs_odd_config_as_plain_values(two_runs, tiny_ro
     shutil.copytree(two_runs[0], received)
     odd = (
         "model:\n  optimizer: adam\n  scheduler: {_target_: 5, step_size: [1]}\n"
-        "data: {batch_size: '${oc.env:HOME}'}\ntrainer: {max_epochs: true}\nseed: [1, 2]\n"
+        "data: {batch_size: '${oc.env:HOME}'}\ntrainer: {max_epochs: true}\n"
+        f"seed: {10**400}\n"  # an int no float holds: the HParams tab's writer overflows
     )
     for name in ("config.yaml", "config_resolved.yaml"):
         (received / ".hydra" / name).write_text(odd)

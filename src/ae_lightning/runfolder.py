@@ -830,8 +830,8 @@ def training_settings(checkpoint: Path) -> dict[str, Any]:
             found = found.get(key) if isinstance(found, dict) else None
         return found if isinstance(found, dict) else {}
 
-    def number(value: Any, kind: type | tuple[type, ...]) -> bool:
-        return isinstance(value, kind) and not isinstance(value, bool)
+    def number(value: Any, kind: type | tuple[type, ...]) -> bool:  # finite, a float holds it
+        return isinstance(value, kind) and _is_number(value)
 
     model: dict[str, Any] = {}
     for part in ("optimizer", "scheduler"):
