@@ -93,6 +93,7 @@ def test_eval_retests_a_checkpoint_into_a_new_run_folder(two_runs, tiny_root, tm
     assert metrics["test/mse"] == pytest.approx(expected["test/mse"], abs=1e-7)
     assert metrics["bottleneck"] == expected["bottleneck"] == 3 and metrics["epochs"] == 2
     assert metrics["recipe"] == expected["recipe"] == "adam lr=0.003, batch 50"
+    assert "(a checkpoint of 2 epochs, tested)  -> " in result.stdout  # it trained nothing
     assert {p.stem for p in (eval_dir / "figures").glob("*.png")} == set(FIGURES)
     knobs = yaml.safe_load((eval_dir / "hparams.yaml").read_text())  # the HParams tab's row
     assert (knobs["lr"], knobs["batch_size"], knobs["max_epochs"], knobs["seed"]) == (

@@ -85,16 +85,13 @@ def run_cli(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]] = trai
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     if rank_zero_only.rank == 0:
-        print(
-            "test/mse {:.5f}  ({} epoch{}, {:.1f} s)  -> {}".format(
-                metrics["test/mse"],
-                metrics["epochs"],
-                "" if metrics["epochs"] == 1 else "s",
-                metrics.get("train_time_s", 0.0),
-                cfg.run_dir,
-            ),
-            flush=True,
+        epochs = f"{metrics['epochs']} epoch{'' if metrics['epochs'] == 1 else 's'}"
+        trained = (  # an evaluation trained nothing: its checkpoint's epochs, no time
+            f"{epochs}, {metrics['train_time_s']:.1f} s"
+            if "train_time_s" in metrics
+            else f"a checkpoint of {epochs}, tested"
         )
+        print(f"test/mse {metrics['test/mse']:.5f}  ({trained})  -> {cfg.run_dir}", flush=True)
     return sweep_objective(metrics)
 
 
