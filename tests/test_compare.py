@@ -89,6 +89,9 @@ def test_eval_retests_a_checkpoint_into_a_new_run_folder(two_runs, tiny_root, tm
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     (eval_dir,) = (tmp_path / "runs").iterdir()
+    # TensorBoard's name for it says which run it tested, in that run's own first words
+    first_word = run.name.split("_", 2)[2].split(",")[0].replace("=", "-")
+    assert f"_from={first_word}" in eval_dir.name, (eval_dir.name, run.name)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["test/mse"] == pytest.approx(expected["test/mse"], abs=1e-7)
     assert metrics["bottleneck"] == expected["bottleneck"] == 3 and metrics["epochs"] == 2

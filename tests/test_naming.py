@@ -10,6 +10,7 @@ from ae_lightning.naming import (
     job_dirname,
     named_pairs,
     quote_path_overrides,
+    run_suffix,
     short_name,
     varying_keys,
 )
@@ -41,6 +42,18 @@ def test_a_key_given_twice_is_named_by_the_value_hydra_applies(tiny_root, tmp_pa
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert "z=5" in run_dir.name and "z=3" not in run_dir.name, run_dir.name
     assert json.loads((run_dir / "metrics.json").read_text())["bottleneck"] == 5
+
+
+def test_a_run_from_a_checkpoint_is_named_by_the_run_it_came_from():
+    source = "logs/runs/2026-12-07_23-37-42-2703_hidden1024,lr=0.002+2e123658"
+    assert run_suffix([f"ckpt_path={source}/checkpoints/best.ckpt", "data.val_size=100"]) == (
+        "_from=hidden1024-lr-0.002,val_size=100"
+    )  # the source's start time and capped-name hash left out: room for this run's words
+    job = "logs/multiruns/2026-12-07_23-37-42-2703/z=2/checkpoints/last.ckpt"
+    assert run_suffix([f"ckpt_path='{job}'", "trainer.max_epochs=5"]) == "_from=z-2,epochs=5"
+    assert run_suffix(["ckpt_path=/tmp/received.ckpt"]) == "_from=received"
+    assert run_suffix(["ckpt_path=null", "bottleneck=3"]) == "_z=3"
+    assert SAFE_NAME.fullmatch(run_suffix([f"ckpt_path={source}/checkpoints/best.ckpt"])[1:])
 
 
 def test_varying_keys_are_the_swept_ones_in_command_line_order():

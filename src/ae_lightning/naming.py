@@ -171,9 +171,32 @@ def job_dirname(sweep_dir: str, job_num: int, overrides: Sequence[str]) -> str:
     return _job_names[key]
 
 
+_START_OF_NAME = re.compile(r"^\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d+_?")  # a run folder's start time
+_CAPPED_END = re.compile(r"\+[0-9a-f]{8}$")  # what short_name ends a cut name with
+
+
+def checkpoint_source(overrides: Iterable[str]) -> str | None:
+    """The run a ``ckpt_path=`` checkpoint came from, by its folder's name less its start
+    time (``hidden1024,lr=0.002``), else the file's own name; None without one."""
+    given = [value for key, value in override_pairs(overrides) if key == "ckpt_path"]
+    value = given[-1].strip().strip("'\"") if given else ""
+    if not value or value.lower() == "null":
+        return None
+    path = Path(value)
+    if path.parent.name == "checkpoints":
+        folder = path.parent.parent.name
+        # its words, less the start time and the hash of a capped name: room for this run's
+        return _CAPPED_END.sub("", _START_OF_NAME.sub("", folder)) or folder
+    return path.stem or None
+
+
 def run_suffix(overrides: Sequence[str]) -> str:
-    """``_bottleneck=10,model=hidden1024`` after a single run's start time (or nothing)."""
-    name = short_name(named_pairs(overrides))
+    """``_bottleneck=10,model=hidden1024`` after a single run's start time (or nothing); a
+    run from a checkpoint (an evaluation, a fine-tune) first names where its weights came
+    from (``from=hidden1024-z-10``), so TensorBoard and ae-compare tell it apart."""
+    pairs = named_pairs(overrides)
+    source = checkpoint_source(overrides)
+    name = short_name([("from", source), *pairs] if source else pairs)
     return f"_{name}" if name else ""
 
 
