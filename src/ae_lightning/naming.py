@@ -100,6 +100,16 @@ def short_name(pairs: Sequence[tuple[str, str]], limit: int = NAME_LIMIT) -> str
     return f"{kept or items[0][:room]}+{digest}"
 
 
+def command_line_value(args: Iterable[str], key: str) -> str | None:
+    """The value Hydra will give ``key``: the last ``key=``/``+key=``/``++key=`` of ``args``,
+    unquoted. None when absent, empty or ``null`` (Hydra's keyword, in any case; a quoted
+    ``'null'`` is the word itself). The checks that must run before Hydra read it here."""
+    given = [value.strip() for name, value in override_pairs(args) if name == key]
+    if not given or given[-1].lower() == "null":
+        return None
+    return given[-1].strip("'\"") or None
+
+
 def named_pairs(
     overrides: Iterable[str],
     keys: Iterable[str] | None = None,
@@ -178,9 +188,8 @@ _CAPPED_END = re.compile(r"\+[0-9a-f]{8}$")  # what short_name ends a cut name w
 def checkpoint_source(overrides: Iterable[str]) -> str | None:
     """The run a ``ckpt_path=`` checkpoint came from, by its folder's name less its start
     time (``hidden1024,lr=0.002``), else the file's own name; None without one."""
-    given = [value for key, value in override_pairs(overrides) if key == "ckpt_path"]
-    value = given[-1].strip().strip("'\"") if given else ""
-    if not value or value.lower() == "null":
+    value = command_line_value(overrides, "ckpt_path")
+    if value is None:
         return None
     path = Path(value)
     if path.parent.name == "checkpoints":

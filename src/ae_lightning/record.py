@@ -227,13 +227,8 @@ def flat_hyperparameters(
 
 
 def _number(value: Any) -> float | int:
-    """A knob's number for the HParams tab: NaN where it is unknown or not a number (a saved
-    ``1e-3`` reads back as a string: YAML 1.1 floats need a dot)."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return math.nan
+    """A knob's number for the HParams tab: NaN where it is unknown (``training_settings``
+    keeps only numbers, so anything else means absent)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return math.nan
     return value

@@ -25,6 +25,7 @@ from ae_lightning.atomic import check_run_to_resume, write_atomic
 from ae_lightning.errors import UserError
 from ae_lightning.extras import check_command_line
 from ae_lightning.interrupts import INTERRUPTED
+from ae_lightning.naming import command_line_value
 
 # Third-party noise on every run that tells the user nothing about their run.
 NOISY_WARNINGS = (
@@ -156,20 +157,6 @@ def refuse_sweep_without_multirun(argv: list[str] | None = None) -> None:
                 f"{arg} is a sweep (it sets hydra.sweeper): run it with -m, as in "
                 f"python train.py -m {arg}."
             )
-
-
-def command_line_value(args: list[str], key: str) -> str | None:
-    """The value Hydra will give ``key``: the last ``key=``/``+key=``/``++key=`` of ``args``,
-    unquoted. None when absent, empty or ``null`` (Hydra's keyword, in any case; a quoted
-    ``'null'`` is the word itself). The checks that must run before Hydra read it here."""
-    found = None
-    for arg in args:
-        name, equals, value = arg.partition("=")
-        if equals and name.lstrip("+") == key:
-            found = value.strip()
-    if found is None or found.lower() == "null":
-        return None
-    return found.strip("'\"") or None
 
 
 def refuse_eval_resume(argv: list[str] | None = None) -> None:
